@@ -1,0 +1,123 @@
+//! Schema migrations and the consistency check run at every open (startup and crash recovery alike).
+
+use std::collections::BTreeMap;
+
+use rusqlite::Connection;
+
+use crate::{QueueStats, StoreError};
+
+/// Migrations in order; `MIGRATIONS[i]` brings the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: queues, messages, idempotency keys, reader cursors, central dedup positions.
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE queues (
+         queue_id INTEGER PRIMARY KEY,
+         name TEXT NOT NULL UNIQUE,
+         last_seq INTEGER NOT NULL
+     );
+     CREATE TABLE messages (
+         queue_id INTEGER NOT NULL,
+         seq INTEGER NOT NULL,
+         id TEXT NOT NULL,
+         origin TEXT NOT NULL,
+         origin_seq INTEGER NOT NULL,
+         content_type TEXT NOT NULL,
+         accepted_at_ms INTEGER NOT NULL,
+         payload BLOB NOT NULL,
+         PRIMARY KEY (queue_id, seq)
+     );
+     CREATE TABLE idempotency_keys (
+         queue_id INTEGER NOT NULL,
+         key TEXT NOT NULL,
+         seq INTEGER NOT NULL,
+         id TEXT NOT NULL,
+         created_at_ms INTEGER NOT NULL,
+         PRIMARY KEY (queue_id, key)
+     ) WITHOUT ROWID;
+     CREATE TABLE cursors (
+         queue_id INTEGER NOT NULL,
+         reader TEXT NOT NULL,
+         acked_seq INTEGER NOT NULL,
+         PRIMARY KEY (queue_id, reader)
+     ) WITHOUT ROWID;
+     CREATE TABLE origin_positions (
+         origin TEXT NOT NULL,
+         queue_id INTEGER NOT NULL,
+         last_origin_seq INTEGER NOT NULL,
+         PRIMARY KEY (origin, queue_id)
+     ) WITHOUT ROWID;",
+];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Applies every migration the database has not seen yet, each in its own transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let has_meta: bool = conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    let mut version: i64 = if has_meta {
+        conn.query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))?
+    } else {
+        0
+    };
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::SchemaTooNew { found: version, supported: SCHEMA_VERSION });
+    }
+    while version < SCHEMA_VERSION {
+        let tx = conn.transaction()?;
+        tx.execute_batch(MIGRATIONS[version as usize])?;
+        version += 1;
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [version.to_string()],
+        )?;
+        if version == 1 {
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('created_at_ms', ?1)",
+                [outpost_core::time::now_unix_ms().to_string()],
+            )?;
+        }
+        tx.commit()?;
+        tracing::info!(version, "store schema migrated");
+    }
+    Ok(())
+}
+
+/// Rebuilds every queue's statistics from disk and checks that each queue's stored messages are a
+/// contiguous run ending at or below its `last_seq`. A gap is a broken invariant: refuse to start.
+pub fn load_stats(conn: &Connection) -> Result<BTreeMap<String, QueueStats>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT q.name, q.last_seq, count(m.seq), coalesce(sum(length(m.payload)), 0), min(m.seq), max(m.seq),
+                (SELECT accepted_at_ms FROM messages WHERE queue_id = q.queue_id ORDER BY seq LIMIT 1)
+         FROM queues q LEFT JOIN messages m ON m.queue_id = q.queue_id
+         GROUP BY q.queue_id",
+    )?;
+    let mut stats = BTreeMap::new();
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let name: String = row.get(0)?;
+        let last_seq = row.get::<_, i64>(1)? as u64;
+        let messages = row.get::<_, i64>(2)? as u64;
+        let bytes = row.get::<_, i64>(3)? as u64;
+        let min_seq: Option<i64> = row.get(4)?;
+        let max_seq: Option<i64> = row.get(5)?;
+        if let (Some(min), Some(max)) = (min_seq, max_seq) {
+            let (min, max) = (min as u64, max as u64);
+            if max > last_seq || max - min + 1 != messages {
+                return Err(StoreError::Corrupt(format!(
+                    "queue {name:?} holds {messages} messages with seqs {min}..={max} but its last_seq is \
+                     {last_seq}: a sequence gap or an overrun. Stop writing to this data directory and \
+                     keep a copy of it for analysis"
+                )));
+            }
+        }
+        let first_seq = min_seq.map(|s| s as u64).unwrap_or(last_seq + 1);
+        let oldest_accepted_at_ms: Option<i64> = row.get(6)?;
+        stats.insert(name.clone(), QueueStats { name, messages, bytes, first_seq, last_seq, oldest_accepted_at_ms });
+    }
+    Ok(stats)
+}
