@@ -1,1 +1,119 @@
-//! placeholder
+//! The HTTP surface of a node: ingest, reads, status, health, metrics and the console. The only
+//! crate that knows HTTP and JSON shapes; everything else it calls through typed handles.
+
+pub mod auth;
+mod console;
+pub mod error;
+mod messages;
+mod status;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use outpost_core::metrics::Metrics;
+use outpost_core::status::LinkStatus;
+use outpost_core::Config;
+use outpost_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+
+pub use error::ApiError;
+
+/// How many write requests may be reading their bodies or waiting for their commit at once. Bounds
+/// the memory held by request bodies; further writers wait for a permit.
+pub const MAX_CONCURRENT_WRITES: usize = 1024;
+
+/// Everything the handlers reach. Cloned per request (all fields are shared handles).
+#[derive(Clone)]
+pub struct ApiState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+    pub link: watch::Receiver<LinkStatus>,
+    /// Set once the listener serves; cleared when shutdown begins.
+    pub ready: Arc<AtomicBool>,
+    pub write_permits: Arc<Semaphore>,
+}
+
+impl ApiState {
+    pub fn new(config: Arc<Config>, store: Store, metrics: Arc<Metrics>, link: watch::Receiver<LinkStatus>) -> ApiState {
+        ApiState {
+            config,
+            store,
+            metrics,
+            link,
+            ready: Arc::new(AtomicBool::new(false)),
+            write_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
+        }
+    }
+}
+
+/// The node's routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/", get(console::page))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/status", get(status::status))
+        .route("/v1/queues", get(messages::list_queues))
+        .route("/v1/queues/{queue}/messages", post(messages::post_message).get(messages::read_messages))
+        .route("/v1/queues/{queue}/batch", post(messages::post_batch))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight
+/// requests finish.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ready = state.ready.clone();
+    let app = router(state);
+    ready.store(true, Ordering::SeqCst);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            ready.store(false, Ordering::SeqCst);
+        })
+        .await;
+    result
+}
+
+async fn healthz() -> Response {
+    (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
+}
+
+async fn readyz(State(state): State<ApiState>) -> Response {
+    if state.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
+    } else {
+        ApiError::unavailable("not ready: starting or shutting down", 1).into_response()
+    }
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    status::refresh_backlog_metrics(&state);
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see CONTRACT section 3 for the API")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+}

@@ -2,7 +2,9 @@
 //! No I/O beyond reading the configuration file; no async.
 
 pub mod config;
+pub mod metrics;
 pub mod names;
+pub mod status;
 pub mod time;
 pub mod units;
 

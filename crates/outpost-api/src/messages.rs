@@ -1,0 +1,254 @@
+//! Ingest (`POST …/messages`, `POST …/batch`) and reads (`GET /v1/queues`, `GET …/messages`).
+
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use outpost_core::metrics::QueueLabel;
+use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
+use outpost_store::NewMessage;
+use serde_json::json;
+
+use crate::auth::{authorize, Access};
+use crate::error::ApiError;
+use crate::ApiState;
+
+/// The longest `Idempotency-Key` accepted.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// The default and the largest `limit` of a message read.
+pub const DEFAULT_READ_LIMIT: usize = 100;
+pub const MAX_READ_LIMIT: usize = 1000;
+
+const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+
+fn queue_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let Path(queue) = path.map_err(|e| ApiError::invalid_name(format!("bad queue name in path: {e}")))?;
+    outpost_core::validate_name(&queue).map_err(|e| ApiError::invalid_name(format!("queue {e}")))?;
+    Ok(queue)
+}
+
+fn check_writes_allowed(state: &ApiState) -> Result<(), ApiError> {
+    if let Some(seconds) = state.link.borrow().writes_blocked_retry_after_seconds {
+        return Err(ApiError::unavailable(
+            "writes are blocked while this edge changes its online state (block_during_transition = true); retry shortly",
+            seconds,
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a body of at most `limit_bytes`, refusing early when `Content-Length` already says more.
+async fn read_body(headers: &HeaderMap, body: Body, limit_bytes: u64, what: &str) -> Result<Bytes, ApiError> {
+    let too_large = || ApiError::too_large(format!("{what} is larger than the limit of {limit_bytes} bytes"));
+    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+        if length > limit_bytes {
+            return Err(too_large());
+        }
+    }
+    match http_body_util::Limited::new(body, limit_bytes as usize).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?
+        .trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters"
+        )));
+    }
+    Ok(Some(key.to_string()))
+}
+
+fn content_type(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(header::CONTENT_TYPE) {
+        None => Ok(DEFAULT_CONTENT_TYPE.to_string()),
+        Some(v) => v
+            .to_str()
+            .map(str::to_string)
+            .map_err(|_| ApiError::bad_request("Content-Type must be visible ASCII")),
+    }
+}
+
+pub async fn post_message(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Client)?;
+    let queue = queue_name(path)?;
+    check_writes_allowed(&state)?;
+    let key = idempotency_key(&headers)?;
+    let content_type = content_type(&headers)?;
+    let _permit = state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
+    let payload = read_body(&headers, body, state.config.limits.max_message_bytes, "the message").await?;
+
+    let message = NewMessage { payload, content_type, origin: None, id: None };
+    let appended = state.store.append(&queue, vec![message], key).await?;
+    let body = json!({ "id": appended.ids[0], "queue": queue, "seq": appended.first_seq });
+    if appended.duplicate {
+        return Ok((StatusCode::OK, Json(body)).into_response());
+    }
+    state.metrics.messages_accepted.get_or_create(&QueueLabel { queue }).inc();
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+pub async fn post_batch(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Client)?;
+    let queue = queue_name(path)?;
+    check_writes_allowed(&state)?;
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.trim_start().starts_with("application/x-ndjson") {
+        return Err(ApiError::bad_request(format!(
+            "a batch needs `Content-Type: application/x-ndjson` (one message per line), got {content_type:?}"
+        )));
+    }
+    let limits = &state.config.limits;
+    let _permit = state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
+    let body = read_body(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
+
+    let mut messages = Vec::new();
+    for line in split_lines(&body) {
+        if messages.len() as u64 >= u64::from(limits.max_batch_messages) {
+            return Err(ApiError::too_large(format!(
+                "the batch has more than limits.max_batch_messages = {} messages",
+                limits.max_batch_messages
+            )));
+        }
+        if line.len() as u64 > limits.max_message_bytes {
+            return Err(ApiError::too_large(format!(
+                "message {} of the batch is {} bytes, over limits.max_message_bytes = {}",
+                messages.len() + 1,
+                line.len(),
+                limits.max_message_bytes
+            )));
+        }
+        messages.push(NewMessage { payload: line, content_type: "application/json".into(), origin: None, id: None });
+    }
+    if messages.is_empty() {
+        return Err(ApiError::bad_request("the batch holds no message: send one payload per non-empty line"));
+    }
+    let count = messages.len();
+    let appended = state.store.append(&queue, messages, None).await?;
+    state.metrics.messages_accepted.get_or_create(&QueueLabel { queue: queue.clone() }).inc_by(count as u64);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "queue": queue, "count": count, "first_seq": appended.first_seq, "last_seq": appended.last_seq })),
+    )
+        .into_response())
+}
+
+/// Splits an NDJSON body into its non-blank lines without copying (`\r\n` endings allowed).
+fn split_lines(body: &Bytes) -> Vec<Bytes> {
+    let mut lines = Vec::new();
+    let mut start = 0;
+    while start < body.len() {
+        let end = body[start..].iter().position(|b| *b == b'\n').map_or(body.len(), |p| start + p);
+        let line_end = if end > start && body[end - 1] == b'\r' { end - 1 } else { end };
+        if !body[start..line_end].iter().all(u8::is_ascii_whitespace) {
+            lines.push(body.slice(start..line_end));
+        }
+        start = end + 1;
+    }
+    lines
+}
+
+pub async fn list_queues(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
+    let now_ms = now_unix_ms();
+    let queues: Vec<_> = state
+        .store
+        .queue_stats()
+        .into_iter()
+        .map(|q| {
+            json!({
+                "name": q.name,
+                "messages": q.messages,
+                "bytes": q.bytes,
+                "oldest_age_seconds": q.oldest_accepted_at_ms.map(|at| (now_ms - at).max(0) as f64 / 1000.0).unwrap_or(0.0),
+                "first_seq": q.first_seq,
+                "last_seq": q.last_seq,
+            })
+        })
+        .collect();
+    Ok(Json(queues).into_response())
+}
+
+pub async fn read_messages(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
+    let queue = queue_name(path)?;
+    let mut after_seq = 0u64;
+    let mut limit = DEFAULT_READ_LIMIT;
+    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "after_seq" => {
+                after_seq = value.parse().map_err(|_| ApiError::bad_request(format!("after_seq={value:?} is not a number")))?
+            }
+            "limit" => {
+                limit = value.parse().map_err(|_| ApiError::bad_request(format!("limit={value:?} is not a number")))?;
+                if limit == 0 || limit > MAX_READ_LIMIT {
+                    return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_READ_LIMIT}")));
+                }
+            }
+            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    if state.store.queue(&queue).is_none() {
+        return Err(ApiError::not_found(format!("no queue named {queue:?}")));
+    }
+    let messages = state.store.read(&queue, after_seq, limit).await?;
+    let next_after_seq = messages.last().map(|m| m.seq).unwrap_or(after_seq);
+    let engine = base64::engine::general_purpose::STANDARD;
+    let messages: Vec<_> = messages
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.id,
+                "seq": m.seq,
+                "origin": m.origin,
+                "origin_seq": m.origin_seq,
+                "content_type": m.content_type,
+                "payload_base64": engine.encode(&m.payload),
+                "accepted_at": rfc3339_from_unix_ms(m.accepted_at_ms),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "messages": messages, "next_after_seq": next_after_seq })).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ndjson_lines() {
+        let body = Bytes::from_static(b"{\"a\":1}\n\n  \r\n{\"b\":2}\r\n{\"c\":3}");
+        let lines = split_lines(&body);
+        assert_eq!(lines, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{\"b\":2}"), Bytes::from_static(b"{\"c\":3}")]);
+        assert_eq!(split_lines(&Bytes::from_static(b"\n\n")).len(), 0);
+        assert_eq!(split_lines(&Bytes::new()).len(), 0);
+    }
+}
