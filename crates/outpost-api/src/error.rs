@@ -57,7 +57,9 @@ impl From<StoreError> for ApiError {
                 "store_full",
                 format!("{error}; free disk space on the data directory's file system"),
             ),
-            StoreError::Closed => ApiError::unavailable("the node is shutting down; retry against it later", 5),
+            StoreError::Closed => {
+                ApiError::unavailable("the node is shutting down; retry against it later", 5)
+            }
             StoreError::Invalid(message) => ApiError::bad_request(message),
             other => {
                 tracing::error!(error = %other, "store error while serving a request");

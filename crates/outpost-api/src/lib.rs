@@ -42,7 +42,12 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(config: Arc<Config>, store: Store, metrics: Arc<Metrics>, link: watch::Receiver<LinkStatus>) -> ApiState {
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        metrics: Arc<Metrics>,
+        link: watch::Receiver<LinkStatus>,
+    ) -> ApiState {
         ApiState {
             config,
             store,

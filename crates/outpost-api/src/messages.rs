@@ -45,7 +45,9 @@ fn check_writes_allowed(state: &ApiState) -> Result<(), ApiError> {
 /// Reads a body of at most `limit_bytes`, refusing early when `Content-Length` already says more.
 async fn read_body(headers: &HeaderMap, body: Body, limit_bytes: u64, what: &str) -> Result<Bytes, ApiError> {
     let too_large = || ApiError::too_large(format!("{what} is larger than the limit of {limit_bytes} bytes"));
-    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
+    if let Some(length) =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
         if length > limit_bytes {
             return Err(too_large());
         }
@@ -59,10 +61,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit_bytes: u64, what: &str
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?
-        .trim();
+    let key =
+        value.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?.trim();
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
         return Err(ApiError::bad_request(format!(
             "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters"
@@ -92,7 +92,8 @@ pub async fn post_message(
     check_writes_allowed(&state)?;
     let key = idempotency_key(&headers)?;
     let content_type = content_type(&headers)?;
-    let _permit = state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
+    let _permit =
+        state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
     let payload = read_body(&headers, body, state.config.limits.max_message_bytes, "the message").await?;
 
     let message = NewMessage { payload, content_type, origin: None, id: None };
@@ -121,7 +122,8 @@ pub async fn post_batch(
         )));
     }
     let limits = &state.config.limits;
-    let _permit = state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
+    let _permit =
+        state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
     let body = read_body(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
 
     let mut messages = Vec::new();
@@ -140,7 +142,12 @@ pub async fn post_batch(
                 limits.max_message_bytes
             )));
         }
-        messages.push(NewMessage { payload: line, content_type: "application/json".into(), origin: None, id: None });
+        messages.push(NewMessage {
+            payload: line,
+            content_type: "application/json".into(),
+            origin: None,
+            id: None,
+        });
     }
     if messages.is_empty() {
         return Err(ApiError::bad_request("the batch holds no message: send one payload per non-empty line"));
@@ -205,10 +212,14 @@ pub async fn read_messages(
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
             "after_seq" => {
-                after_seq = value.parse().map_err(|_| ApiError::bad_request(format!("after_seq={value:?} is not a number")))?
+                after_seq = value
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("after_seq={value:?} is not a number")))?
             }
             "limit" => {
-                limit = value.parse().map_err(|_| ApiError::bad_request(format!("limit={value:?} is not a number")))?;
+                limit = value
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("limit={value:?} is not a number")))?;
                 if limit == 0 || limit > MAX_READ_LIMIT {
                     return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_READ_LIMIT}")));
                 }
@@ -247,7 +258,14 @@ mod tests {
     fn ndjson_lines() {
         let body = Bytes::from_static(b"{\"a\":1}\n\n  \r\n{\"b\":2}\r\n{\"c\":3}");
         let lines = split_lines(&body);
-        assert_eq!(lines, vec![Bytes::from_static(b"{\"a\":1}"), Bytes::from_static(b"{\"b\":2}"), Bytes::from_static(b"{\"c\":3}")]);
+        assert_eq!(
+            lines,
+            vec![
+                Bytes::from_static(b"{\"a\":1}"),
+                Bytes::from_static(b"{\"b\":2}"),
+                Bytes::from_static(b"{\"c\":3}")
+            ]
+        );
         assert_eq!(split_lines(&Bytes::from_static(b"\n\n")).len(), 0);
         assert_eq!(split_lines(&Bytes::new()).len(), 0);
     }

@@ -266,9 +266,7 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
 }
 
 fn de_number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-    match StrOrNum::deserialize(d)
-        .map_err(|_| de::Error::custom("expected a non-negative whole number"))?
-    {
+    match StrOrNum::deserialize(d).map_err(|_| de::Error::custom("expected a non-negative whole number"))? {
         StrOrNum::Num(n) => Ok(Some(n)),
         StrOrNum::Str(s) => s
             .trim()
@@ -498,7 +496,12 @@ impl Config {
             .upstreams
             .iter()
             .map(|u| {
-                format!("{}(trigger={},token={})", u.url, u.trigger, if u.token.is_empty() { "none" } else { "redacted" })
+                format!(
+                    "{}(trigger={},token={})",
+                    u.url,
+                    u.trigger,
+                    if u.token.is_empty() { "none" } else { "redacted" }
+                )
             })
             .collect();
         format!(
@@ -512,7 +515,11 @@ impl Config {
             self.tls.is_some(),
             match &self.auth {
                 None => "off".to_string(),
-                Some(a) => format!("client_tokens={} admin_tokens={}", redact(&a.client_tokens), redact(&a.admin_tokens)),
+                Some(a) => format!(
+                    "client_tokens={} admin_tokens={}",
+                    redact(&a.client_tokens),
+                    redact(&a.admin_tokens)
+                ),
             },
             self.limits.max_message_bytes,
             self.limits.max_batch_messages,
@@ -555,7 +562,10 @@ impl Origins {
         // come from an environment variable while the rest of "connectivity" came from the file.
         let mut best: Option<&String> = None;
         for (recorded, origin) in &self.by_key {
-            if key == recorded || key.starts_with(&format!("{recorded}.")) || key.starts_with(&format!("{recorded}[")) {
+            if key == recorded
+                || key.starts_with(&format!("{recorded}."))
+                || key.starts_with(&format!("{recorded}["))
+            {
                 best = Some(origin);
             }
         }
@@ -623,7 +633,8 @@ fn set_path(tree: &mut toml::Table, path: &[String], value: toml::Value) -> Resu
 }
 
 fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, ConfigError> {
-    let err = |key: &str, problem: String| ConfigError { origin: origins.of(key), key: key.to_string(), problem };
+    let err =
+        |key: &str, problem: String| ConfigError { origin: origins.of(key), key: key.to_string(), problem };
 
     let node_id = match raw.node_id {
         Some(id) => id,
@@ -703,7 +714,8 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
 
     let c = raw.connectivity;
     let connectivity = ConnectivityConfig {
-        ping_interval: nonzero(c.ping_interval, Duration::from_secs(300)).map_err(|p| err("connectivity.ping_interval", p))?,
+        ping_interval: nonzero(c.ping_interval, Duration::from_secs(300))
+            .map_err(|p| err("connectivity.ping_interval", p))?,
         missed_pings: positive_u32(c.missed_pings, 3).map_err(|p| err("connectivity.missed_pings", p))?,
         offline_probe_interval: nonzero(c.offline_probe_interval, Duration::from_secs(60))
             .map_err(|p| err("connectivity.offline_probe_interval", p))?,
@@ -731,15 +743,25 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
     match role {
         Role::Edge => {
             if postgres.is_some() {
-                return Err(err("postgres", "only a central uses PostgreSQL; remove it from an edge's configuration".into()));
+                return Err(err(
+                    "postgres",
+                    "only a central uses PostgreSQL; remove it from an edge's configuration".into(),
+                ));
             }
             if !edges.is_empty() {
-                return Err(err("edge", "[[edge]] lists the edges a central accepts; remove it from an edge's configuration".into()));
+                return Err(err(
+                    "edge",
+                    "[[edge]] lists the edges a central accepts; remove it from an edge's configuration"
+                        .into(),
+                ));
             }
         }
         Role::Central => {
             if !upstreams.is_empty() {
-                return Err(err("upstream", "a central has no upstream; [[upstream]] and --central are for edges".into()));
+                return Err(err(
+                    "upstream",
+                    "a central has no upstream; [[upstream]] and --central are for edges".into(),
+                ));
             }
         }
     }
@@ -749,9 +771,11 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         restart_delay: h.restart_delay.unwrap_or(Duration::from_secs(2)),
         restart_delay_max: h.restart_delay_max.unwrap_or(Duration::from_secs(60)),
         min_uptime: h.min_uptime.unwrap_or(Duration::from_secs(60)),
-        max_restarts: u32::try_from(h.max_restarts.unwrap_or(10)).map_err(|_| err("ha.max_restarts", "too large".into()))?,
+        max_restarts: u32::try_from(h.max_restarts.unwrap_or(10))
+            .map_err(|_| err("ha.max_restarts", "too large".into()))?,
         restart_window: h.restart_window.unwrap_or(Duration::from_secs(600)),
-        ready_timeout: nonzero(h.ready_timeout, Duration::from_secs(30)).map_err(|p| err("ha.ready_timeout", p))?,
+        ready_timeout: nonzero(h.ready_timeout, Duration::from_secs(30))
+            .map_err(|p| err("ha.ready_timeout", p))?,
     };
     if ha.restart_delay_max < ha.restart_delay {
         return Err(err("ha.restart_delay_max", "must be at least ha.restart_delay".into()));
@@ -771,15 +795,18 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         for url in &r.urls {
             validate_http_url(url).map_err(|p| err(&key("urls"), p))?;
         }
-        let service_down = r
-            .service_down
-            .unwrap_or_else(|| ["connect", "timeout", "http:502", "http:503", "http:504"].map(String::from).to_vec());
-        let poison = r.poison.unwrap_or_else(|| ["http:400", "http:413", "http:422"].map(String::from).to_vec());
+        let service_down = r.service_down.unwrap_or_else(|| {
+            ["connect", "timeout", "http:502", "http:503", "http:504"].map(String::from).to_vec()
+        });
+        let poison =
+            r.poison.unwrap_or_else(|| ["http:400", "http:413", "http:422"].map(String::from).to_vec());
         for class in service_down.iter().chain(&poison) {
             validate_error_class(class).map_err(|p| err(&key("service_down"), p))?;
         }
-        let retry_initial = nonzero(r.retry_initial, Duration::from_secs(1)).map_err(|p| err(&key("retry_initial"), p))?;
-        let retry_max = nonzero(r.retry_max, Duration::from_secs(300)).map_err(|p| err(&key("retry_max"), p))?;
+        let retry_initial =
+            nonzero(r.retry_initial, Duration::from_secs(1)).map_err(|p| err(&key("retry_initial"), p))?;
+        let retry_max =
+            nonzero(r.retry_max, Duration::from_secs(300)).map_err(|p| err(&key("retry_max"), p))?;
         if retry_max < retry_initial {
             return Err(err(&key("retry_max"), "must be at least retry_initial".into()));
         }
@@ -794,7 +821,8 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
             service_down,
             poison,
             auto_forward: r.auto_forward.unwrap_or(false),
-            probe_interval: nonzero(r.probe_interval, Duration::from_secs(30)).map_err(|p| err(&key("probe_interval"), p))?,
+            probe_interval: nonzero(r.probe_interval, Duration::from_secs(30))
+                .map_err(|p| err(&key("probe_interval"), p))?,
         });
     }
 
@@ -895,7 +923,8 @@ mod tests {
             pub fn new(text: &str) -> Self {
                 static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let path = std::env::temp_dir().join(format!("outpost-config-test-{}-{n}.toml", std::process::id()));
+                let path =
+                    std::env::temp_dir().join(format!("outpost-config-test-{}-{n}.toml", std::process::id()));
                 std::fs::write(&path, text).unwrap();
                 TempPath(path)
             }
@@ -921,7 +950,8 @@ mod tests {
 
     #[test]
     fn precedence_file_then_env_then_flags() {
-        let (_f, mut flags) = write("listen = \"127.0.0.1:9000\"\n[connectivity]\nping_interval = \"10s\"\nmissed_pings = 5\n");
+        let (_f, mut flags) =
+            write("listen = \"127.0.0.1:9000\"\n[connectivity]\nping_interval = \"10s\"\nmissed_pings = 5\n");
         let c = Config::load_from(Role::Edge, &flags, &[]).unwrap();
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.connectivity.missed_pings, 5);
@@ -940,15 +970,46 @@ mod tests {
 
     #[test]
     fn errors_name_origin_key_and_problem() {
-        let cases: Vec<(&str, Vec<(String, String)>, &str, &str, &str)> = vec![
-            ("[connectivity]\nping_interval = \"5x\"\n", vec![], ".toml", "connectivity.ping_interval", "unknown unit"),
+        type Case<'a> = (&'a str, Vec<(String, String)>, &'a str, &'a str, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                "[connectivity]\nping_interval = \"5x\"\n",
+                vec![],
+                ".toml",
+                "connectivity.ping_interval",
+                "unknown unit",
+            ),
             ("bogus = 1\n", vec![], ".toml", "", "unknown field `bogus`"),
-            ("[limits]\nmax_batch_messages = 0\n", vec![], ".toml", "limits.max_batch_messages", "at least 1"),
+            (
+                "[limits]\nmax_batch_messages = 0\n",
+                vec![],
+                ".toml",
+                "limits.max_batch_messages",
+                "at least 1",
+            ),
             ("listen = \"nowhere\"\n", vec![], ".toml", "listen", "not an address"),
-            ("", vec![("OUTPOST_LIMITS__MAX_STORE_BYTES".into(), "lots".into())], "OUTPOST_LIMITS__MAX_STORE_BYTES", "limits.max_store_bytes", "invalid size"),
+            (
+                "",
+                vec![("OUTPOST_LIMITS__MAX_STORE_BYTES".into(), "lots".into())],
+                "OUTPOST_LIMITS__MAX_STORE_BYTES",
+                "limits.max_store_bytes",
+                "invalid size",
+            ),
             ("", vec![("OUTPOST_NOPE".into(), "1".into())], "OUTPOST_NOPE", "nope", "unknown field `nope`"),
-            ("[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"ftp://x\"]\n", vec![], ".toml", "route[0].urls", "not an http"),
-            ("[[upstream]]\nurl = \"http://x\"\ntrigger = \"maybe\"\n", vec![], ".toml", "upstream[0].trigger", "true or false"),
+            (
+                "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"ftp://x\"]\n",
+                vec![],
+                ".toml",
+                "route[0].urls",
+                "not an http",
+            ),
+            (
+                "[[upstream]]\nurl = \"http://x\"\ntrigger = \"maybe\"\n",
+                vec![],
+                ".toml",
+                "upstream[0].trigger",
+                "true or false",
+            ),
         ];
         for (file, env, origin, key, problem) in cases {
             let (_f, flags) = write(file);
@@ -973,7 +1034,10 @@ mod tests {
     #[test]
     fn role_specific_sections_are_checked() {
         let (_f, flags) = write("[[upstream]]\nurl = \"http://x:1\"\n");
-        assert!(Config::load_from(Role::Central, &flags, &[]).unwrap_err().to_string().contains("a central has no upstream"));
+        assert!(Config::load_from(Role::Central, &flags, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("a central has no upstream"));
         let (_f, flags) = write("postgres = \"postgres://x@y/z\"\n");
         assert!(Config::load_from(Role::Edge, &flags, &[]).is_err());
     }
@@ -981,7 +1045,12 @@ mod tests {
     #[test]
     fn secrets_are_redacted() {
         let (_f, flags) = write("[auth]\nclient_tokens = [\"sekrit1\"]\nadmin_tokens = [\"sekrit2\"]\n");
-        let c = Config::load_from(Role::Central, &Flags { postgres: Some("postgres://u:pw@h/db".into()), ..flags }, &[]).unwrap();
+        let c = Config::load_from(
+            Role::Central,
+            &Flags { postgres: Some("postgres://u:pw@h/db".into()), ..flags },
+            &[],
+        )
+        .unwrap();
         let summary = c.redacted_summary();
         assert!(!summary.contains("sekrit") && !summary.contains(":pw@"), "{summary}");
         assert!(summary.contains("postgres://u:***@h/db"));

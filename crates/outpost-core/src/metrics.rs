@@ -81,38 +81,85 @@ impl Metrics {
             edges: Family::default(),
             registry: Registry::default(),
         };
-        registry.register("outpost_messages_accepted", "Messages acknowledged to clients", m.messages_accepted.clone());
-        registry.register("outpost_messages_forwarded", "Messages confirmed stored by the central", m.messages_forwarded.clone());
-        registry.register("outpost_messages_delivered", "Messages a route delivered downstream", m.messages_delivered.clone());
-        registry.register("outpost_backlog_messages", "Messages stored in a queue", m.backlog_messages.clone());
-        registry.register("outpost_backlog_bytes", "Payload bytes stored in a queue", m.backlog_bytes.clone());
+        registry.register(
+            "outpost_messages_accepted",
+            "Messages acknowledged to clients",
+            m.messages_accepted.clone(),
+        );
+        registry.register(
+            "outpost_messages_forwarded",
+            "Messages confirmed stored by the central",
+            m.messages_forwarded.clone(),
+        );
+        registry.register(
+            "outpost_messages_delivered",
+            "Messages a route delivered downstream",
+            m.messages_delivered.clone(),
+        );
+        registry.register(
+            "outpost_backlog_messages",
+            "Messages stored in a queue",
+            m.backlog_messages.clone(),
+        );
+        registry.register(
+            "outpost_backlog_bytes",
+            "Payload bytes stored in a queue",
+            m.backlog_bytes.clone(),
+        );
         registry.register(
             "outpost_backlog_oldest_age_seconds",
             "Age of the oldest stored message of a queue",
             m.backlog_oldest_age_seconds.clone(),
         );
-        registry.register("outpost_edge_state", "1 for the edge's current connectivity state", m.edge_state.clone());
-        registry.register("outpost_state_transitions", "Connectivity state changes", m.state_transitions.clone());
+        registry.register(
+            "outpost_edge_state",
+            "1 for the edge's current connectivity state",
+            m.edge_state.clone(),
+        );
+        registry.register(
+            "outpost_state_transitions",
+            "Connectivity state changes",
+            m.state_transitions.clone(),
+        );
         registry.register("outpost_failovers", "Switches of the upstream endpoint", m.failovers.clone());
         registry.register("outpost_route_mode", "1 for each route's current mode", m.route_mode.clone());
-        registry.register("outpost_failed_messages", "Failed messages waiting for an operator", m.failed_messages.clone());
-        registry.register("outpost_duplicates_dropped", "Messages received again and not stored twice", m.duplicates_dropped.clone());
-        registry.register("outpost_store_commit_seconds", "Duration of store commits (fsync included)", m.store_commit_seconds.clone());
-        registry.register("outpost_edges", "Edges known to this central by last reported state", m.edges.clone());
+        registry.register(
+            "outpost_failed_messages",
+            "Failed messages waiting for an operator",
+            m.failed_messages.clone(),
+        );
+        registry.register(
+            "outpost_duplicates_dropped",
+            "Messages received again and not stored twice",
+            m.duplicates_dropped.clone(),
+        );
+        registry.register(
+            "outpost_store_commit_seconds",
+            "Duration of store commits (fsync included)",
+            m.store_commit_seconds.clone(),
+        );
+        registry.register(
+            "outpost_edges",
+            "Edges known to this central by last reported state",
+            m.edges.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// Sets `outpost_edge_state{state}` to 1 for `current` and 0 for every other state.
     pub fn set_edge_state(&self, current: &str) {
         for state in ["offline", "transition_to_online", "online", "transition_to_offline"] {
-            self.edge_state.get_or_create(&StateLabel { state: state.into() }).set(i64::from(state == current));
+            self.edge_state
+                .get_or_create(&StateLabel { state: state.into() })
+                .set(i64::from(state == current));
         }
     }
 
     /// The text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

@@ -15,9 +15,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         if digits_end == 0 {
             return Err(format!("invalid duration {text:?}: expected a number, e.g. \"5s\""));
         }
-        let number: u128 = rest[..digits_end]
-            .parse()
-            .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+        let number: u128 =
+            rest[..digits_end].parse().map_err(|_| format!("invalid duration {text:?}: number too large"))?;
         rest = &rest[digits_end..];
         let unit_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit_ms: u128 = match &rest[..unit_end] {
@@ -50,7 +49,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub fn format_duration(duration: Duration) -> String {
     let ms = duration.as_millis();
     for (unit, size) in [("d", 86_400_000u128), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
-        if ms != 0 && ms % size == 0 {
+        if ms != 0 && ms.is_multiple_of(size) {
             return format!("{}{unit}", ms / size);
         }
     }
@@ -65,9 +64,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     if digits_end == 0 {
         return Err(format!("invalid size {text:?}: expected a number of bytes or e.g. \"64KiB\""));
     }
-    let number: u64 = text[..digits_end]
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: number too large"))?;
+    let number: u64 =
+        text[..digits_end].parse().map_err(|_| format!("invalid size {text:?}: number too large"))?;
     let multiplier: u64 = match text[digits_end..].trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -84,15 +82,13 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    number
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("invalid size {text:?}: too large"))
+    number.checked_mul(multiplier).ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
 /// Formats a byte count with the largest binary unit that divides it (`"1MiB"`, `"1500"`).
 pub fn format_size(bytes: u64) -> String {
     for (unit, size) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes != 0 && bytes % size == 0 {
+        if bytes != 0 && bytes.is_multiple_of(size) {
             return format!("{}{unit}", bytes / size);
         }
     }

@@ -184,7 +184,11 @@ struct Inner {
 impl Store {
     /// Opens (creating if needed) the store in `data_dir`: takes the directory lock, migrates the
     /// schema, checks every queue for gaps and starts the writer thread.
-    pub fn open(data_dir: &Path, options: StoreOptions, observer: Option<CommitObserver>) -> Result<Store, StoreError> {
+    pub fn open(
+        data_dir: &Path,
+        options: StoreOptions,
+        observer: Option<CommitObserver>,
+    ) -> Result<Store, StoreError> {
         let io = |source| StoreError::Io { path: data_dir.to_path_buf(), source };
         std::fs::create_dir_all(data_dir).map_err(io)?;
         let lock = File::options()
@@ -274,7 +278,12 @@ impl Store {
 
     /// Reads up to `limit` messages of `queue` with `seq > after_seq`, in order. Blocking: call it
     /// from a blocking thread (e.g. `tokio::task::spawn_blocking`).
-    pub fn read_blocking(&self, queue: &str, after_seq: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    pub fn read_blocking(
+        &self,
+        queue: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let limit = limit.min(MAX_READ_LIMIT);
         let conn = self.take_reader()?;
         let result = read_messages(&conn, queue, after_seq, limit);
@@ -283,7 +292,12 @@ impl Store {
     }
 
     /// Async wrapper of [`Store::read_blocking`].
-    pub async fn read(&self, queue: &str, after_seq: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+    pub async fn read(
+        &self,
+        queue: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let store = self.clone();
         let queue = queue.to_string();
         tokio::task::spawn_blocking(move || store.read_blocking(&queue, after_seq, limit))
@@ -326,14 +340,24 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
         // survives power loss; readers work beside the writer.
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt(format!("cannot switch {} to WAL mode (got {mode})", path.display())));
+            return Err(StoreError::Corrupt(format!(
+                "cannot switch {} to WAL mode (got {mode})",
+                path.display()
+            )));
         }
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA journal_size_limit=67108864;")?;
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA journal_size_limit=67108864;",
+        )?;
     }
     Ok(conn)
 }
 
-fn read_messages(conn: &Connection, queue: &str, after_seq: u64, limit: usize) -> Result<Vec<StoredMessage>, StoreError> {
+fn read_messages(
+    conn: &Connection,
+    queue: &str,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT m.seq, m.id, m.origin, m.origin_seq, m.content_type, m.accepted_at_ms, m.payload
          FROM messages m JOIN queues q ON q.queue_id = m.queue_id

@@ -59,7 +59,9 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         |r| r.get::<_, i64>(0).map(|n| n > 0),
     )?;
     let mut version: i64 = if has_meta {
-        conn.query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))?
+        conn.query_row("SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'schema_version'", [], |r| {
+            r.get(0)
+        })?
     } else {
         0
     };
@@ -117,7 +119,10 @@ pub fn load_stats(conn: &Connection) -> Result<BTreeMap<String, QueueStats>, Sto
         }
         let first_seq = min_seq.map(|s| s as u64).unwrap_or(last_seq + 1);
         let oldest_accepted_at_ms: Option<i64> = row.get(6)?;
-        stats.insert(name.clone(), QueueStats { name, messages, bytes, first_seq, last_seq, oldest_accepted_at_ms });
+        stats.insert(
+            name.clone(),
+            QueueStats { name, messages, bytes, first_seq, last_seq, oldest_accepted_at_ms },
+        );
     }
     Ok(stats)
 }

@@ -136,10 +136,10 @@ impl Writer {
             }
             for queue in &touched {
                 let last_seq = self.stats[queue].last_seq;
-                tx.execute("UPDATE queues SET last_seq = ?1 WHERE queue_id = ?2", params![
-                    last_seq as i64,
-                    self.queue_ids[queue]
-                ])?;
+                tx.execute(
+                    "UPDATE queues SET last_seq = ?1 WHERE queue_id = ?2",
+                    params![last_seq as i64, self.queue_ids[queue]],
+                )?;
             }
             tx.commit().map_err(StoreError::from_sqlite)
         })();
@@ -229,7 +229,10 @@ fn apply_append(
             tx.execute("INSERT INTO queues (name, last_seq) VALUES (?1, 0)", [queue])?;
             let id = tx.last_insert_rowid();
             queue_ids.insert(queue.to_string(), id);
-            stats.insert(queue.to_string(), QueueStats { name: queue.to_string(), first_seq: 1, ..Default::default() });
+            stats.insert(
+                queue.to_string(),
+                QueueStats { name: queue.to_string(), first_seq: 1, ..Default::default() },
+            );
             id
         }
     };
@@ -240,7 +243,12 @@ fn apply_append(
             .query_row(params![queue_id, key], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((seq, id)) = existing {
-            return Ok(Appended { first_seq: seq as u64, last_seq: seq as u64, ids: vec![id], duplicate: true });
+            return Ok(Appended {
+                first_seq: seq as u64,
+                last_seq: seq as u64,
+                ids: vec![id],
+                duplicate: true,
+            });
         }
     }
 
@@ -296,7 +304,11 @@ fn apply_append(
 
 fn check_quota(options: &StoreOptions, used_bytes: u64, needed_bytes: u64) -> Result<(), StoreError> {
     if used_bytes.saturating_add(needed_bytes) > options.max_store_bytes {
-        return Err(StoreError::QuotaReached { used_bytes, needed_bytes, limit_bytes: options.max_store_bytes });
+        return Err(StoreError::QuotaReached {
+            used_bytes,
+            needed_bytes,
+            limit_bytes: options.max_store_bytes,
+        });
     }
     Ok(())
 }

@@ -124,7 +124,8 @@ proptest! {
 async fn second_open_of_a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let second = Store::open(dir.path(), StoreOptions { max_store_bytes: QUOTA_BYTES, node_id: "b".into() }, None);
+    let second =
+        Store::open(dir.path(), StoreOptions { max_store_bytes: QUOTA_BYTES, node_id: "b".into() }, None);
     assert!(matches!(second, Err(StoreError::DirectoryInUse(_))));
     store.shutdown().await;
     drop(store);
@@ -151,7 +152,12 @@ async fn concurrent_appends_share_commits_and_keep_sequences_gapless() {
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for i in 0..50 {
-                let m = NewMessage { payload: Bytes::from(format!("{task}-{i}")), content_type: "text/plain".into(), origin: None, id: None };
+                let m = NewMessage {
+                    payload: Bytes::from(format!("{task}-{i}")),
+                    content_type: "text/plain".into(),
+                    origin: None,
+                    id: None,
+                };
                 seqs.push(store.append("q", vec![m], None).await.unwrap().first_seq);
             }
             seqs

@@ -1,0 +1,162 @@
+//! Running a node: open the store, start the tasks, serve the API, stop cleanly on SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_core::metrics::Metrics;
+use outpost_core::status::{LinkStatus, OfflineLogEntry};
+use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
+use outpost_core::{Config, Role};
+use outpost_store::{Store, StoreError, StoreOptions};
+use tokio::sync::watch;
+
+use crate::exit;
+
+/// How long the writer may take to answer a health round trip before systemd's watchdog pings stop.
+const WRITER_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn run(config: Config) -> ExitCode {
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::FATAL);
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("OUTPOST_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let config = Arc::new(config);
+    tracing::info!(
+        version = outpost_core::VERSION,
+        sources = ?config.sources,
+        config = %config.redacted_summary(),
+        "outpost {} starting",
+        config.role.as_str()
+    );
+
+    let metrics = Arc::new(Metrics::new());
+    let observer_metrics = metrics.clone();
+    let store = match Store::open(
+        &config.data_dir,
+        StoreOptions { max_store_bytes: config.limits.max_store_bytes, node_id: config.node_id.clone() },
+        Some(Arc::new(move |elapsed: Duration, _ops: usize| {
+            observer_metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
+        })),
+    ) {
+        Ok(store) => store,
+        Err(e @ StoreError::DirectoryInUse(_)) => {
+            tracing::error!("{e}; stop the other node or choose another --data-dir");
+            return ExitCode::from(exit::DATA_DIR_IN_USE);
+        }
+        Err(e) => {
+            tracing::error!(data_dir = %config.data_dir.display(), "cannot open the store: {e}");
+            return ExitCode::from(exit::FATAL);
+        }
+    };
+
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(listen = %config.listen, "cannot listen: {e}; is another process using this address?");
+            store.shutdown().await;
+            return ExitCode::from(exit::FATAL);
+        }
+    };
+    if config.auth.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "no [auth] section: anyone who can reach this address may send and administer");
+    }
+
+    let (_link_tx, link_rx) = watch::channel(initial_link_status(&config));
+    let state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
+    let shutdown = shutdown_signal();
+    let server = tokio::spawn(outpost_api::serve(listener, state, shutdown));
+    tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), node_id = %config.node_id, "outpost {} ready", config.role.as_str());
+    outpost_ha::notify_ready();
+    let watchdog =
+        outpost_ha::watchdog_interval().map(|interval| tokio::spawn(watchdog(store.clone(), interval)));
+
+    let served = server.await;
+    if let Some(task) = watchdog {
+        task.abort();
+    }
+    outpost_ha::notify_stopping();
+    // In-flight requests have finished (graceful shutdown); commit whatever is still queued.
+    store.shutdown().await;
+    match served {
+        Ok(Ok(())) => {
+            tracing::info!("outpost stopped cleanly");
+            ExitCode::SUCCESS
+        }
+        Ok(Err(e)) => {
+            tracing::error!("the HTTP server failed: {e}");
+            ExitCode::from(exit::FATAL)
+        }
+        Err(e) => {
+            tracing::error!("the HTTP server task failed: {e}");
+            ExitCode::from(exit::FATAL)
+        }
+    }
+}
+
+fn initial_link_status(config: &Config) -> LinkStatus {
+    let now_ms = now_unix_ms();
+    match config.role {
+        Role::Central => LinkStatus::new("online", now_ms),
+        Role::Edge => {
+            let mut status = LinkStatus::new("offline", now_ms);
+            if config.upstreams.is_empty() {
+                status.offline_log.push(OfflineLogEntry {
+                    at: rfc3339_from_unix_ms(now_ms),
+                    cause: "no_upstream".into(),
+                    detail: "no central is configured: add [[upstream]] to the config file or pass --central URL; \
+                             messages are stored until then"
+                        .into(),
+                });
+            }
+            status
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = name, "stop requested: no new requests; finishing in-flight commits");
+}
+
+/// Sends systemd watchdog pings while the store writer answers; a wedged writer stops the pings and
+/// systemd restarts the node.
+async fn watchdog(store: Store, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        match tokio::time::timeout(WRITER_HEALTH_TIMEOUT, store.ping_writer()).await {
+            Ok(Ok(())) => outpost_ha::notify_watchdog(),
+            Ok(Err(e)) => tracing::warn!("store writer unavailable, withholding the watchdog ping: {e}"),
+            Err(_) => tracing::error!(
+                "store writer did not answer within {WRITER_HEALTH_TIMEOUT:?}; withholding the watchdog ping"
+            ),
+        }
+    }
+}
