@@ -2,6 +2,7 @@
 //! crate that knows HTTP and JSON shapes; everything else it calls through typed handles.
 
 pub mod auth;
+pub mod central;
 mod console;
 pub mod error;
 mod messages;
@@ -21,7 +22,7 @@ use outpost_core::status::LinkStatus;
 use outpost_core::Config;
 use outpost_store::Store;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 
 pub use error::ApiError;
 
@@ -39,6 +40,10 @@ pub struct ApiState {
     /// Set once the listener serves; cleared when shutdown begins.
     pub ready: Arc<AtomicBool>,
     pub write_permits: Arc<Semaphore>,
+    /// Edge: asks the connectivity task to start a transition to online now.
+    pub edge_trigger: Option<mpsc::Sender<()>>,
+    /// Central: the edge registry, the connected edges' links and maintenance mode.
+    pub central: Option<Arc<central::CentralHub>>,
 }
 
 impl ApiState {
@@ -55,6 +60,8 @@ impl ApiState {
             link,
             ready: Arc::new(AtomicBool::new(false)),
             write_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
+            edge_trigger: None,
+            central: None,
         }
     }
 }
@@ -70,6 +77,8 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/queues", get(messages::list_queues))
         .route("/v1/queues/{queue}/messages", post(messages::post_message).get(messages::read_messages))
         .route("/v1/queues/{queue}/batch", post(messages::post_batch))
+        .route("/v1/admin/transition-online", post(status::transition_online))
+        .merge(central::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -52,3 +52,22 @@ pub fn refresh_backlog_metrics(state: &ApiState) {
     }
     metrics.set_edge_state(&state.link.borrow().state);
 }
+
+/// `POST /v1/admin/transition-online` (edge): start a transition to online now, ignoring
+/// `failed_transition_wait`.
+pub async fn transition_online(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
+    let Some(trigger) = &state.edge_trigger else {
+        return Err(ApiError::not_found(
+            "only an edge with a configured upstream has a transition to online",
+        ));
+    };
+    trigger
+        .send(())
+        .await
+        .map_err(|_| ApiError::unavailable("the connectivity task is not running (shutting down?)", 5))?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(json!({"transition": "requested"}))).into_response())
+}

@@ -7,6 +7,7 @@ pub mod names;
 pub mod status;
 pub mod time;
 pub mod units;
+pub mod wire;
 
 pub use config::{Config, ConfigError, Flags, Role};
 pub use names::validate_name;

@@ -19,7 +19,7 @@
 //! - **Reads never block the writer.** Readers use their own connections (WAL allows readers beside
 //!   the writer) from a small pool, on the caller's blocking thread.
 //!
-//! # On-disk format (schema version 1)
+//! # On-disk format (schema version 2)
 //!
 //! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`), `<data_dir>/outpost.lock` (held with an
 //! exclusive `flock` by the running node: a second node on the same directory exits with code 3).
@@ -34,6 +34,8 @@
 //! cursors(queue_id, reader TEXT, acked_seq INTEGER, PRIMARY KEY(queue_id, reader))
 //! origin_positions(origin TEXT, queue_id, last_origin_seq INTEGER, PRIMARY KEY(origin, queue_id))
 //!                                                   central: highest edge seq stored per (edge, queue)
+//! documents(key TEXT PRIMARY KEY, value TEXT, updated_at_ms)
+//!                                                   small JSON documents: offline log, edge registry
 //! ```
 //!
 //! Migrations are numbered; `meta.schema_version` records the last one applied, and a store written
@@ -45,12 +47,12 @@ mod writer;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 pub use writer::{MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
 
@@ -81,6 +83,8 @@ pub enum StoreError {
          {supported}); run the newer outpost or restore a backup"
     )]
     SchemaTooNew { found: i64, supported: i64 },
+    #[error("the commit failed and every write in it was refused: {0}")]
+    CommitFailed(String),
     #[error("invalid write: {0}")]
     Invalid(String),
     #[error("store corrupted: {0}")]
@@ -138,6 +142,18 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
+/// The outcome of storing an edge's batch on a central.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginAppended {
+    /// Highest origin seq of this (origin, queue) now stored.
+    pub stored_through: u64,
+    pub stored: u64,
+    /// Messages already stored before, dropped.
+    pub duplicates: u64,
+    /// `Some(seq)`: nothing was stored because the batch started after a gap; resend from `seq`.
+    pub gap_expected_seq: Option<u64>,
+}
+
 /// A queue's current size, as the writer last committed it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct QueueStats {
@@ -151,13 +167,26 @@ pub struct QueueStats {
     pub oldest_accepted_at_ms: Option<i64>,
 }
 
+/// Which readers must be done with a queue's message before it is released.
+pub type ReadersOf = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
+
 /// Settings of a store.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StoreOptions {
     /// Appends that would take the stored payload bytes over this get [`StoreError::QuotaReached`].
     pub max_store_bytes: u64,
     /// This node's id: the `origin` of messages accepted here.
     pub node_id: String,
+    /// The readers every message of a queue must reach before its storage is released (on an edge:
+    /// the upstream forwarder and the queue's routes). A queue with none keeps its messages.
+    pub readers_of: ReadersOf,
+}
+
+impl StoreOptions {
+    /// Options whose queues have no required readers: nothing is ever released.
+    pub fn keep_everything(max_store_bytes: u64, node_id: &str) -> StoreOptions {
+        StoreOptions { max_store_bytes, node_id: node_id.to_string(), readers_of: Arc::new(|_| Vec::new()) }
+    }
 }
 
 /// Called by the writer after each commit with its duration and how many operations it carried.
@@ -172,9 +201,10 @@ pub struct Store {
 struct Inner {
     path: PathBuf,
     ops: mpsc::Sender<writer::Op>,
-    // Shared with the writer, which replaces the map after each commit. Readers (status, metrics,
-    // the queue list) need a consistent, cheap view without querying SQLite.
-    stats: Arc<RwLock<BTreeMap<String, QueueStats>>>,
+    // Written by the writer after each commit. Readers (status, metrics, the queue list, the link)
+    // need a consistent, cheap view without querying SQLite.
+    views: Arc<writer::Views>,
+    commits: watch::Receiver<u64>,
     readers: Mutex<Vec<Connection>>,
     writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     // Held for the life of the store: the flock on outpost.lock is released when it is dropped.
@@ -208,17 +238,15 @@ impl Store {
         let path = data_dir.join("outpost.db");
         let mut conn = open_connection(&path, false)?;
         schema::migrate(&mut conn)?;
-        let stats = schema::load_stats(&conn)?;
-        let total_bytes = stats.values().map(|q| q.bytes).sum();
-
         let mut readers = Vec::with_capacity(READ_POOL_SIZE);
         for _ in 0..READ_POOL_SIZE {
             readers.push(open_connection(&path, true)?);
         }
 
-        let stats = Arc::new(RwLock::new(stats));
+        let views = Arc::new(writer::Views::default());
+        let (commits_tx, commits) = watch::channel(0);
         let (ops_tx, ops_rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
-        let writer = writer::Writer::new(conn, options, stats.clone(), total_bytes, observer)?;
+        let writer = writer::Writer::new(conn, options, views.clone(), commits_tx, observer)?;
         let thread = std::thread::Builder::new()
             .name("outpost-writer".into())
             .spawn(move || writer.run(ops_rx))
@@ -228,7 +256,8 @@ impl Store {
             inner: Arc::new(Inner {
                 path,
                 ops: ops_tx,
-                stats,
+                views,
+                commits,
                 readers: Mutex::new(readers),
                 writer_thread: Mutex::new(Some(thread)),
                 _lock: lock,
@@ -255,6 +284,93 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Stores an edge's consecutive messages of one queue on a central, each (origin, queue, seq)
+    /// once: already-stored ones are counted as duplicates, and a batch that starts after a gap
+    /// stores nothing and says where to resume.
+    pub async fn append_from_origin(
+        &self,
+        queue: &str,
+        origin: &str,
+        messages: Vec<outpost_core::wire::BatchMessage>,
+    ) -> Result<OriginAppended, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Op::AppendFromOrigin {
+            queue: queue.to_string(),
+            origin: origin.to_string(),
+            messages,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Highest seq of `queue` from `origin` stored here (0: none).
+    pub fn origin_position(&self, origin: &str, queue: &str) -> u64 {
+        let positions = self.inner.views.origin_positions.read().expect("views lock poisoned");
+        positions.get(&(origin.to_string(), queue.to_string())).copied().unwrap_or(0)
+    }
+
+    /// Every queue's position for `origin`.
+    pub fn origin_positions(&self, origin: &str) -> BTreeMap<String, u64> {
+        let positions = self.inner.views.origin_positions.read().expect("views lock poisoned");
+        positions.iter().filter(|((o, _), _)| o == origin).map(|((_, q), seq)| (q.clone(), *seq)).collect()
+    }
+
+    /// Resolves after the next commit that changed data (for waiters on positions or cursors).
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.inner.commits.clone()
+    }
+
+    /// Records durably that `reader` is done with `queue` through `acked_seq`, and releases the
+    /// messages every required reader is done with.
+    pub async fn advance_cursor(&self, queue: &str, reader: &str, acked_seq: u64) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Op::AdvanceCursor {
+            queue: queue.to_string(),
+            reader: reader.to_string(),
+            acked_seq,
+            reply,
+        })
+        .await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Where `reader` is in `queue` (0: it has taken nothing yet).
+    pub fn cursor(&self, queue: &str, reader: &str) -> u64 {
+        let cursors = self.inner.views.cursors.read().expect("views lock poisoned");
+        cursors.get(&(queue.to_string(), reader.to_string())).copied().unwrap_or(0)
+    }
+
+    /// Stores a small document durably under `key` (replacing any previous value).
+    pub async fn put_document(&self, key: &str, value: String) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(writer::Op::PutDocument { key: key.to_string(), value, reply }).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Every document whose key starts with `prefix`, by key. Blocking, like [`Store::read_blocking`].
+    pub fn documents_blocking(&self, prefix: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        let conn = self.take_reader()?;
+        let result = (|| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, value FROM documents WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+            )?;
+            let rows = stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<BTreeMap<_, _>, _>>()
+        })();
+        self.inner.readers.lock().expect("reader pool poisoned").push(conn);
+        result.map_err(StoreError::from_sqlite)
+    }
+
+    /// Async wrapper of [`Store::documents_blocking`].
+    pub async fn documents(&self, prefix: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        let store = self.clone();
+        let prefix = prefix.to_string();
+        tokio::task::spawn_blocking(move || store.documents_blocking(&prefix))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
     /// Confirms the writer thread is alive and committing: a no-op round trip through it.
     pub async fn ping_writer(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
@@ -268,12 +384,12 @@ impl Store {
 
     /// Every queue's size as of the last commit, by name.
     pub fn queue_stats(&self) -> Vec<QueueStats> {
-        self.inner.stats.read().expect("stats lock poisoned").values().cloned().collect()
+        self.inner.views.stats.read().expect("views lock poisoned").values().cloned().collect()
     }
 
     /// One queue's size, if the queue exists.
     pub fn queue(&self, name: &str) -> Option<QueueStats> {
-        self.inner.stats.read().expect("stats lock poisoned").get(name).cloned()
+        self.inner.views.stats.read().expect("views lock poisoned").get(name).cloned()
     }
 
     /// Reads up to `limit` messages of `queue` with `seq > after_seq`, in order. Blocking: call it

@@ -1,6 +1,6 @@
 //! Schema migrations and the consistency check run at every open (startup and crash recovery alike).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use rusqlite::Connection;
 
@@ -46,6 +46,8 @@ const MIGRATIONS: &[&str] = &[
          last_origin_seq INTEGER NOT NULL,
          PRIMARY KEY (origin, queue_id)
      ) WITHOUT ROWID;",
+    // 2: small durable documents: the offline log, the edge registry, route modes.
+    "CREATE TABLE documents (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);",
 ];
 
 /// The schema version this build writes.
@@ -87,6 +89,24 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tracing::info!(version, "store schema migrated");
     }
     Ok(())
+}
+
+/// Every (origin, queue) → highest origin seq stored.
+pub fn load_origin_positions(conn: &Connection) -> Result<HashMap<(String, String), u64>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT p.origin, q.name, p.last_origin_seq FROM origin_positions p JOIN queues q ON q.queue_id = p.queue_id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get::<_, i64>(2)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every (queue, reader) → highest seq the reader is done with.
+pub fn load_cursors(conn: &Connection) -> Result<HashMap<(String, String), u64>, StoreError> {
+    let mut stmt = conn.prepare(
+        "SELECT q.name, c.reader, c.acked_seq FROM cursors c JOIN queues q ON q.queue_id = c.queue_id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok(((r.get(0)?, r.get(1)?), r.get::<_, i64>(2)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
 }
 
 /// Rebuilds every queue's statistics from disk and checks that each queue's stored messages are a

@@ -33,7 +33,7 @@ struct Model {
 }
 
 fn open(dir: &std::path::Path) -> Store {
-    Store::open(dir, StoreOptions { max_store_bytes: QUOTA_BYTES, node_id: "node-a".into() }, None).unwrap()
+    Store::open(dir, StoreOptions::keep_everything(QUOTA_BYTES, "node-a"), None).unwrap()
 }
 
 fn payload(counter: &mut u32, size: usize) -> Bytes {
@@ -124,8 +124,7 @@ proptest! {
 async fn second_open_of_a_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    let second =
-        Store::open(dir.path(), StoreOptions { max_store_bytes: QUOTA_BYTES, node_id: "b".into() }, None);
+    let second = Store::open(dir.path(), StoreOptions::keep_everything(QUOTA_BYTES, "b"), None);
     assert!(matches!(second, Err(StoreError::DirectoryInUse(_))));
     store.shutdown().await;
     drop(store);
@@ -140,7 +139,7 @@ async fn concurrent_appends_share_commits_and_keep_sequences_gapless() {
     let observed = commits.clone();
     let store = Store::open(
         dir.path(),
-        StoreOptions { max_store_bytes: 1 << 30, node_id: "n".into() },
+        StoreOptions::keep_everything(1 << 30, "n"),
         Some(std::sync::Arc::new(move |_, _| {
             observed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         })),

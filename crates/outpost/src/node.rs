@@ -53,7 +53,7 @@ async fn serve(config: Config) -> ExitCode {
     let observer_metrics = metrics.clone();
     let store = match Store::open(
         &config.data_dir,
-        StoreOptions { max_store_bytes: config.limits.max_store_bytes, node_id: config.node_id.clone() },
+        store_options(&config),
         Some(Arc::new(move |elapsed: Duration, _ops: usize| {
             observer_metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
         })),
@@ -82,7 +82,17 @@ async fn serve(config: Config) -> ExitCode {
     }
 
     let (_link_tx, link_rx) = watch::channel(initial_link_status(&config));
-    let state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
+    let mut state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
+    if config.role == Role::Central {
+        match outpost_api::central::CentralHub::start(store.clone(), config.clone(), metrics.clone()).await {
+            Ok(hub) => state.central = Some(hub),
+            Err(e) => {
+                tracing::error!("cannot load the edge registry: {e}");
+                store.shutdown().await;
+                return ExitCode::from(exit::FATAL);
+            }
+        }
+    }
     let shutdown = shutdown_signal();
     let server = tokio::spawn(outpost_api::serve(listener, state, shutdown));
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), node_id = %config.node_id, "outpost {} ready", config.role.as_str());
@@ -110,6 +120,27 @@ async fn serve(config: Config) -> ExitCode {
             tracing::error!("the HTTP server task failed: {e}");
             ExitCode::from(exit::FATAL)
         }
+    }
+}
+
+/// Which readers must take a queue's messages before they are released: on an edge the upstream
+/// forwarder (when a central is configured), and every route draining the queue.
+fn store_options(config: &Config) -> StoreOptions {
+    let forwards = config.role == Role::Edge && !config.upstreams.is_empty();
+    let routes: Vec<(String, String)> =
+        config.routes.iter().map(|r| (r.queue.clone(), r.name.clone())).collect();
+    StoreOptions {
+        max_store_bytes: config.limits.max_store_bytes,
+        node_id: config.node_id.clone(),
+        readers_of: Arc::new(move |queue: &str| {
+            let mut readers: Vec<String> = Vec::new();
+            if forwards {
+                readers.push(outpost_forward::UPSTREAM_READER.to_string());
+            }
+            readers
+                .extend(routes.iter().filter(|(q, _)| q == queue).map(|(_, name)| format!("route:{name}")));
+            readers
+        }),
     }
 }
 

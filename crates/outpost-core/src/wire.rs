@@ -1,0 +1,308 @@
+//! The edge ↔ central link protocol: paths, JSON shapes and the binary batch frame.
+//!
+//! The edge opens every connection (edges sit behind NAT and firewalls; the central never dials an
+//! edge):
+//!
+//! - `POST /v1/link` with a [`Hello`] is the handshake. The answer is a long-lived NDJSON stream of
+//!   [`LinkEvent`]s: first `welcome` (the central's id, whether it is in maintenance, and the
+//!   highest edge seq it holds per queue of this edge), then `ping` every `ping_interval` the edge
+//!   asked for, `transition_online` when an operator triggers it at the central, `maintenance`
+//!   when that changes. When the stream ends the edge knows at once that the link is lost.
+//! - `POST /v1/link/messages` carries one [`Batch`] of one queue in the binary frame below. The
+//!   central stores each (edge, queue, edge seq) exactly once and in order, and answers
+//!   [`BatchAck`], or 409 with [`GapError`] when the batch starts past what it holds.
+//! - `POST /v1/link/report` sends the edge's [`EdgeReport`] (state, backlog, offline log).
+//! - `GET /v1/link/probe` is the cheap reachability check an offline edge makes.
+//!
+//! Every request carries `Authorization: Bearer <edge token>` (when the central lists edges) and
+//! the header [`EDGE_ID_HEADER`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::status::OfflineLogEntry;
+
+pub const LINK_PATH: &str = "/v1/link";
+pub const LINK_MESSAGES_PATH: &str = "/v1/link/messages";
+pub const LINK_REPORT_PATH: &str = "/v1/link/report";
+pub const LINK_PROBE_PATH: &str = "/v1/link/probe";
+pub const EDGE_ID_HEADER: &str = "outpost-edge-id";
+pub const BATCH_CONTENT_TYPE: &str = "application/vnd.outpost.batch.v1";
+
+/// The handshake an edge sends to open its link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub edge_id: String,
+    pub version: String,
+    /// How often the edge wants a ping, in milliseconds (its `connectivity.ping_interval`).
+    pub ping_interval_ms: u64,
+    pub report: EdgeReport,
+}
+
+/// What an edge tells its central about itself; shown by the central in `GET /v1/edges`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EdgeReport {
+    pub state: String,
+    pub state_since_ms: i64,
+    pub upstream_url: Option<String>,
+    pub backlog_messages: u64,
+    pub offline_log: Vec<OfflineLogEntry>,
+}
+
+/// One line of the link stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LinkEvent {
+    Welcome {
+        central_id: String,
+        maintenance: bool,
+        /// Highest edge seq the central holds, per queue of this edge (absent: none).
+        positions: BTreeMap<String, u64>,
+    },
+    Ping {
+        at_ms: i64,
+    },
+    TransitionOnline,
+    Maintenance {
+        enabled: bool,
+    },
+}
+
+/// The central's answer to a stored batch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchAck {
+    pub queue: String,
+    /// Highest edge seq of this queue the central now holds.
+    pub stored_through: u64,
+    pub stored: u64,
+    pub duplicates: u64,
+}
+
+/// The body of a 409 answer: the batch started after a gap; resend from `expected_seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapError {
+    pub expected_seq: u64,
+}
+
+/// The probe answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeAnswer {
+    pub central_id: String,
+    pub maintenance: bool,
+}
+
+/// One message inside a [`Batch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchMessage {
+    pub seq: u64,
+    pub id: String,
+    pub content_type: String,
+    pub payload: bytes::Bytes,
+}
+
+/// Consecutive messages of one queue of one edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub queue: String,
+    pub messages: Vec<BatchMessage>,
+}
+
+/// Why a batch frame could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed batch frame: {0}")]
+pub struct FrameError(pub String);
+
+const FRAME_MAGIC: &[u8; 4] = b"OPB1";
+
+impl Batch {
+    /// Encodes the frame:
+    ///
+    /// ```text
+    /// "OPB1" | u16 queue_len | queue | u32 count |
+    ///   count × ( u64 seq | u8 id_len | id | u16 content_type_len | content_type | u32 payload_len | payload )
+    /// ```
+    /// All integers big-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        let payload_bytes: usize =
+            self.messages.iter().map(|m| m.payload.len() + m.id.len() + m.content_type.len() + 15).sum();
+        let mut out = Vec::with_capacity(10 + self.queue.len() + payload_bytes);
+        out.extend_from_slice(FRAME_MAGIC);
+        out.extend_from_slice(&(self.queue.len() as u16).to_be_bytes());
+        out.extend_from_slice(self.queue.as_bytes());
+        out.extend_from_slice(&(self.messages.len() as u32).to_be_bytes());
+        for m in &self.messages {
+            out.extend_from_slice(&m.seq.to_be_bytes());
+            out.push(m.id.len() as u8);
+            out.extend_from_slice(m.id.as_bytes());
+            out.extend_from_slice(&(m.content_type.len() as u16).to_be_bytes());
+            out.extend_from_slice(m.content_type.as_bytes());
+            out.extend_from_slice(&(m.payload.len() as u32).to_be_bytes());
+            out.extend_from_slice(&m.payload);
+        }
+        out
+    }
+
+    /// Decodes a frame without copying payloads. Rejects anything malformed, a payload over
+    /// `max_message_bytes`, more than `max_messages` messages, and seqs that are not consecutive.
+    pub fn decode(
+        frame: &bytes::Bytes,
+        max_message_bytes: u64,
+        max_messages: u32,
+    ) -> Result<Batch, FrameError> {
+        let mut r = Reader { frame, at: 0 };
+        if r.take(4)? != FRAME_MAGIC {
+            return Err(FrameError("does not start with OPB1".into()));
+        }
+        let queue_len = r.u16()? as usize;
+        let queue = r.text(queue_len, "queue")?;
+        crate::validate_name(&queue).map_err(|e| FrameError(format!("queue {e}")))?;
+        let count = r.u32()?;
+        if count == 0 || count > max_messages {
+            return Err(FrameError(format!("{count} messages: expected 1 to {max_messages}")));
+        }
+        let mut messages = Vec::with_capacity(count as usize);
+        for i in 0..count {
+            let seq = r.u64()?;
+            if let Some(previous) = messages.last().map(|m: &BatchMessage| m.seq) {
+                if seq != previous + 1 {
+                    return Err(FrameError(format!(
+                        "message {i} has seq {seq} after {previous}: not consecutive"
+                    )));
+                }
+            }
+            if seq == 0 {
+                return Err(FrameError("seq 0 does not exist".into()));
+            }
+            let id_len = r.u8()? as usize;
+            let id = r.text(id_len, "id")?;
+            let content_type_len = r.u16()? as usize;
+            let content_type = r.text(content_type_len, "content type")?;
+            let payload_len = r.u32()? as u64;
+            if payload_len > max_message_bytes {
+                return Err(FrameError(format!(
+                    "message {i} is {payload_len} bytes, over {max_message_bytes}"
+                )));
+            }
+            let start = r.at;
+            r.take(payload_len as usize)?;
+            messages.push(BatchMessage { seq, id, content_type, payload: frame.slice(start..r.at) });
+        }
+        if r.at != frame.len() {
+            return Err(FrameError(format!("{} bytes after the last message", frame.len() - r.at)));
+        }
+        Ok(Batch { queue, messages })
+    }
+}
+
+struct Reader<'a> {
+    frame: &'a bytes::Bytes,
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], FrameError> {
+        let end = self.at.checked_add(n).filter(|end| *end <= self.frame.len()).ok_or_else(|| {
+            FrameError(format!(
+                "truncated: needed {n} bytes at offset {}, frame is {}",
+                self.at,
+                self.frame.len()
+            ))
+        })?;
+        let slice = &self.frame[self.at..end];
+        self.at = end;
+        Ok(slice)
+    }
+    fn u8(&mut self) -> Result<u8, FrameError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, FrameError> {
+        Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, FrameError> {
+        Ok(u32::from_be_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, FrameError> {
+        Ok(u64::from_be_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn text(&mut self, n: usize, what: &str) -> Result<String, FrameError> {
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| FrameError(format!("{what} is not UTF-8")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn sample() -> Batch {
+        Batch {
+            queue: "orders".into(),
+            messages: (5..8)
+                .map(|seq| BatchMessage {
+                    seq,
+                    id: format!("id-{seq}"),
+                    content_type: "application/json".into(),
+                    payload: Bytes::from(format!("{{\"n\":{seq}}}")),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let batch = sample();
+        let frame = Bytes::from(batch.encode());
+        assert_eq!(Batch::decode(&frame, 1 << 20, 1000).unwrap(), batch);
+    }
+
+    #[test]
+    fn rejects_malformed_frames_without_panicking() {
+        let frame = sample().encode();
+        // Every truncation and every single-byte corruption either decodes or errors; never panics.
+        for len in 0..frame.len() {
+            assert!(Batch::decode(&Bytes::from(frame[..len].to_vec()), 1 << 20, 1000).is_err());
+        }
+        for i in 0..frame.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut corrupted = frame.clone();
+                corrupted[i] ^= flip;
+                let _ = Batch::decode(&Bytes::from(corrupted), 1 << 20, 1000);
+            }
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..2000 {
+            let len = (state % 64) as usize;
+            let garbage: Vec<u8> = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let _ = Batch::decode(&Bytes::from(garbage), 1 << 20, 1000);
+        }
+    }
+
+    #[test]
+    fn enforces_limits_and_order() {
+        let frame = Bytes::from(sample().encode());
+        assert!(Batch::decode(&frame, 5, 1000).unwrap_err().0.contains("over 5"));
+        assert!(Batch::decode(&frame, 1 << 20, 2).is_err());
+        let mut gap = sample();
+        gap.messages[2].seq = 9;
+        assert!(Batch::decode(&Bytes::from(gap.encode()), 1 << 20, 1000)
+            .unwrap_err()
+            .0
+            .contains("not consecutive"));
+    }
+
+    #[test]
+    fn link_events_are_tagged_json() {
+        let line = serde_json::to_string(&LinkEvent::Ping { at_ms: 5 }).unwrap();
+        assert_eq!(line, r#"{"type":"ping","at_ms":5}"#);
+        let back: LinkEvent = serde_json::from_str(r#"{"type":"transition_online"}"#).unwrap();
+        assert_eq!(back, LinkEvent::TransitionOnline);
+    }
+}

@@ -1,0 +1,98 @@
+//! Central dedup of edge batches and release of messages every required reader has taken.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use outpost_core::wire::BatchMessage;
+use outpost_store::{NewMessage, Store, StoreOptions};
+
+fn batch(range: std::ops::RangeInclusive<u64>) -> Vec<BatchMessage> {
+    range
+        .map(|seq| BatchMessage {
+            seq,
+            id: format!("edge-id-{seq}"),
+            content_type: "text/plain".into(),
+            payload: Bytes::from(format!("m{seq}")),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn edge_batches_are_stored_once_in_order_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::keep_everything(1 << 30, "central"), None).unwrap();
+    let first = store.append_from_origin("orders", "edge-1", batch(1..=3)).await.unwrap();
+    assert_eq!(
+        (first.stored_through, first.stored, first.duplicates, first.gap_expected_seq),
+        (3, 3, 0, None)
+    );
+    // Overlapping resend: 2..3 are duplicates, 4..5 are new.
+    let second = store.append_from_origin("orders", "edge-1", batch(2..=5)).await.unwrap();
+    assert_eq!((second.stored_through, second.stored, second.duplicates), (5, 2, 2));
+    // A batch past a gap stores nothing and says where to resume.
+    let gap = store.append_from_origin("orders", "edge-1", batch(8..=9)).await.unwrap();
+    assert_eq!((gap.stored, gap.gap_expected_seq), (0, Some(6)));
+    // Another edge has its own positions in the same queue.
+    store.append_from_origin("orders", "edge-2", batch(1..=2)).await.unwrap();
+    store.shutdown().await;
+    drop(store);
+
+    let store = Store::open(dir.path(), StoreOptions::keep_everything(1 << 30, "central"), None).unwrap();
+    assert_eq!(store.origin_position("edge-1", "orders"), 5);
+    assert_eq!(store.origin_positions("edge-2").get("orders"), Some(&2));
+    let again = store.append_from_origin("orders", "edge-1", batch(1..=5)).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (0, 5));
+    let stored = store.read("orders", 0, 100).await.unwrap();
+    let seen: Vec<(String, u64, u64, String)> =
+        stored.iter().map(|m| (m.origin.clone(), m.origin_seq, m.seq, m.id.clone())).collect();
+    assert_eq!(seen.len(), 7);
+    assert_eq!(seen[..5].iter().map(|s| s.1).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5]);
+    assert!(seen[..5].iter().all(|s| s.0 == "edge-1"));
+    assert_eq!(seen[0].3, "edge-id-1", "the edge's message id is kept");
+    assert_eq!(seen.iter().map(|s| s.2).collect::<Vec<_>>(), (1..=7).collect::<Vec<_>>());
+    store.shutdown().await;
+}
+
+#[tokio::test]
+async fn messages_are_released_once_every_required_reader_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions {
+        max_store_bytes: 1 << 30,
+        node_id: "edge".into(),
+        readers_of: Arc::new(|_| vec!["upstream".to_string(), "route:r".to_string()]),
+    };
+    let store = Store::open(dir.path(), options.clone(), None).unwrap();
+    for i in 0..10 {
+        let m = NewMessage {
+            payload: Bytes::from(format!("{i}")),
+            content_type: "text/plain".into(),
+            origin: None,
+            id: None,
+        };
+        store.append("q", vec![m], None).await.unwrap();
+    }
+    store.advance_cursor("q", "upstream", 6).await.unwrap();
+    assert_eq!(store.queue("q").unwrap().messages, 10, "the route has taken nothing yet");
+    store.advance_cursor("q", "route:r", 4).await.unwrap();
+    let stats = store.queue("q").unwrap();
+    assert_eq!((stats.messages, stats.first_seq, stats.last_seq), (6, 5, 10));
+    assert!(store.advance_cursor("q", "upstream", 11).await.is_err(), "a cursor cannot pass the last seq");
+    store.shutdown().await;
+    drop(store);
+
+    let store = Store::open(dir.path(), options, None).unwrap();
+    assert_eq!((store.cursor("q", "upstream"), store.cursor("q", "route:r")), (6, 4));
+    let stats = store.queue("q").unwrap();
+    assert_eq!((stats.messages, stats.first_seq, stats.bytes), (6, 5, 6));
+    let first = store.read("q", 0, 1).await.unwrap();
+    assert_eq!(first[0].seq, 5);
+    store.advance_cursor("q", "route:r", 10).await.unwrap();
+    store.advance_cursor("q", "upstream", 10).await.unwrap();
+    let stats = store.queue("q").unwrap();
+    assert_eq!((stats.messages, stats.first_seq, stats.last_seq), (0, 11, 10));
+    // Sequences continue after everything was released.
+    let m =
+        NewMessage { payload: Bytes::from("x"), content_type: "text/plain".into(), origin: None, id: None };
+    assert_eq!(store.append("q", vec![m], None).await.unwrap().first_seq, 11);
+    store.shutdown().await;
+}
