@@ -95,6 +95,8 @@ struct RawConfig {
     failover: RawFailover,
     #[serde(default)]
     connectivity: RawConnectivity,
+    #[serde(default)]
+    forwarding: RawForwarding,
     postgres: Option<String>,
     #[serde(default)]
     edge: Vec<RawEdge>,
@@ -175,6 +177,19 @@ struct RawConnectivity {
     failed_transition_wait: Option<Duration>,
     #[serde(default, deserialize_with = "de_bool")]
     block_during_transition: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForwarding {
+    #[serde(default, deserialize_with = "de_number")]
+    batch_messages: Option<u64>,
+    #[serde(default, deserialize_with = "de_size")]
+    batch_bytes: Option<u64>,
+    #[serde(default, deserialize_with = "de_number")]
+    in_flight: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    request_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -326,6 +341,7 @@ pub struct Config {
     pub upstreams: Vec<Upstream>,
     pub failover: FailoverConfig,
     pub connectivity: ConnectivityConfig,
+    pub forwarding: ForwardingConfig,
     /// `None`: the embedded store.
     pub postgres: Option<String>,
     pub edges: Vec<EdgeCredential>,
@@ -402,6 +418,19 @@ pub struct ConnectivityConfig {
     pub transition_to_offline_wait: Duration,
     pub failed_transition_wait: Duration,
     pub block_during_transition: bool,
+}
+
+/// How an edge sends its backlog to the central (an outpost extension of the contract's keys).
+#[derive(Debug, Clone)]
+pub struct ForwardingConfig {
+    /// Messages per batch (at most `limits.max_batch_messages`).
+    pub batch_messages: u32,
+    /// Payload bytes per batch (a single larger message still goes alone).
+    pub batch_bytes: u64,
+    /// Batches in flight per queue.
+    pub in_flight: u32,
+    /// Time allowed for one batch request.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -724,6 +753,19 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         block_during_transition: c.block_during_transition.unwrap_or(false),
     };
 
+    let fw = raw.forwarding;
+    let forwarding = ForwardingConfig {
+        batch_messages: positive_u32(fw.batch_messages, 1000)
+            .map_err(|p| err("forwarding.batch_messages", p))?,
+        batch_bytes: fw.batch_bytes.unwrap_or(4 << 20).max(1),
+        in_flight: positive_u32(fw.in_flight, 4).map_err(|p| err("forwarding.in_flight", p))?,
+        request_timeout: nonzero(fw.request_timeout, Duration::from_secs(30))
+            .map_err(|p| err("forwarding.request_timeout", p))?,
+    };
+    if forwarding.in_flight > 64 {
+        return Err(err("forwarding.in_flight", "at most 64 batches in flight".into()));
+    }
+
     let postgres = raw.postgres.filter(|p| !p.trim().is_empty());
     if let Some(url) = &postgres {
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
@@ -837,6 +879,7 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         upstreams,
         failover,
         connectivity,
+        forwarding,
         postgres,
         edges,
         ha,

@@ -90,6 +90,10 @@ pub struct GapError {
 pub struct ProbeAnswer {
     pub central_id: String,
     pub maintenance: bool,
+    /// An operator asked for this edge to transition to online while it was not connected; the
+    /// probe delivers the trigger (so it reaches an edge waiting out `failed_transition_wait`).
+    #[serde(default)]
+    pub transition_requested: bool,
 }
 
 /// One message inside a [`Batch`].

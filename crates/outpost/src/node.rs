@@ -81,8 +81,22 @@ async fn serve(config: Config) -> ExitCode {
         tracing::warn!(listen = %config.listen, "no [auth] section: anyone who can reach this address may send and administer");
     }
 
-    let (_link_tx, link_rx) = watch::channel(initial_link_status(&config));
+    let (link_tx, link_rx) = watch::channel(initial_link_status(&config));
     let mut state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
+    let mut edge_link = None;
+    if config.role == Role::Edge && !config.upstreams.is_empty() {
+        match outpost_forward::edge::start(config.clone(), store.clone(), metrics.clone(), link_tx).await {
+            Ok(link) => {
+                state.edge_trigger = Some(link.trigger.clone());
+                edge_link = Some(link);
+            }
+            Err(e) => {
+                tracing::error!("cannot start the connectivity task: {e}");
+                store.shutdown().await;
+                return ExitCode::from(exit::FATAL);
+            }
+        }
+    }
     if config.role == Role::Central {
         match outpost_api::central::CentralHub::start(store.clone(), config.clone(), metrics.clone()).await {
             Ok(hub) => state.central = Some(hub),
@@ -103,6 +117,9 @@ async fn serve(config: Config) -> ExitCode {
     let served = server.await;
     if let Some(task) = watchdog {
         task.abort();
+    }
+    if let Some(link) = edge_link {
+        link.task.abort();
     }
     outpost_ha::notify_stopping();
     // In-flight requests have finished (graceful shutdown); commit whatever is still queued.

@@ -1,0 +1,239 @@
+//! The edge's HTTP client for its central: handshake and event stream, batches, reports, probes.
+//! Every failure is classified ([`LinkError`]) so the driver decides on data, not on strings.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use outpost_core::config::Upstream;
+use outpost_core::wire::{
+    Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer, BATCH_CONTENT_TYPE, EDGE_ID_HEADER,
+    LINK_MESSAGES_PATH, LINK_PATH, LINK_PROBE_PATH, LINK_REPORT_PATH,
+};
+use reqwest::StatusCode;
+
+/// The longest line the link stream may send.
+const MAX_EVENT_LINE_BYTES: usize = 64 << 10;
+
+/// Why a request to a central failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// Not reached, timed out, or a server error: try another endpoint.
+    #[error("{url} unreachable: {detail}")]
+    Unreachable { url: String, detail: String },
+    /// The central refused this edge (token, id, version): another try will not help.
+    #[error("{url} rejected this edge: {detail}")]
+    Rejected { url: String, detail: String },
+    /// The central is in maintenance.
+    #[error("{url} is in maintenance")]
+    Maintenance { url: String },
+    /// The central holds less than the batch assumed; resend from `expected_seq`.
+    #[error("{url} expects seq {expected_seq} next")]
+    Gap { url: String, expected_seq: u64 },
+}
+
+/// One central endpoint as this edge talks to it.
+#[derive(Clone)]
+pub struct CentralClient {
+    http: reqwest::Client,
+    url: String,
+    token: String,
+    edge_id: String,
+    request_timeout: Duration,
+}
+
+impl CentralClient {
+    pub fn new(
+        http: reqwest::Client,
+        upstream: &Upstream,
+        edge_id: &str,
+        request_timeout: Duration,
+    ) -> CentralClient {
+        CentralClient {
+            http,
+            url: upstream.url.clone(),
+            token: upstream.token.clone(),
+            edge_id: edge_id.to_string(),
+            request_timeout,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let mut request =
+            self.http.request(method, format!("{}{path}", self.url)).header(EDGE_ID_HEADER, &self.edge_id);
+        if !self.token.is_empty() {
+            request = request.bearer_auth(&self.token);
+        }
+        request
+    }
+
+    fn unreachable(&self, detail: impl ToString) -> LinkError {
+        LinkError::Unreachable { url: self.url.clone(), detail: detail.to_string() }
+    }
+
+    /// Classifies a non-success answer.
+    async fn refusal(&self, response: reqwest::Response) -> LinkError {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| body.chars().take(200).collect());
+        let detail = format!("HTTP {}: {message}", status.as_u16());
+        match status {
+            StatusCode::SERVICE_UNAVAILABLE if body.contains("\"maintenance\"") => {
+                LinkError::Maintenance { url: self.url.clone() }
+            }
+            StatusCode::UNAUTHORIZED
+            | StatusCode::FORBIDDEN
+            | StatusCode::CONFLICT
+            | StatusCode::BAD_REQUEST => LinkError::Rejected { url: self.url.clone(), detail },
+            _ => self.unreachable(detail),
+        }
+    }
+
+    /// Opens the link: sends the handshake and reads the welcome. Returns the welcome and the open
+    /// event stream.
+    pub async fn open_link(&self, hello: &Hello) -> Result<(LinkEvent, EventStream), LinkError> {
+        let response = self
+            .request(reqwest::Method::POST, LINK_PATH)
+            .json(hello)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.refusal(response).await);
+        }
+        let mut stream = EventStream { response, buffer: BytesMut::new(), url: self.url.clone() };
+        let welcome = tokio::time::timeout(self.request_timeout, stream.next())
+            .await
+            .map_err(|_| self.unreachable("no welcome on the link stream"))??;
+        match welcome {
+            LinkEvent::Welcome { maintenance: true, .. } => {
+                Err(LinkError::Maintenance { url: self.url.clone() })
+            }
+            LinkEvent::Welcome { .. } => Ok((welcome, stream)),
+            other => Err(LinkError::Rejected {
+                url: self.url.clone(),
+                detail: format!("expected a welcome, got {other:?}"),
+            }),
+        }
+    }
+
+    /// Sends one batch; the central stores each message once.
+    pub async fn send_batch(&self, batch: &Batch) -> Result<BatchAck, LinkError> {
+        let response = self
+            .request(reqwest::Method::POST, LINK_MESSAGES_PATH)
+            .header(reqwest::header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
+            .timeout(self.request_timeout)
+            .body(batch.encode())
+            .send()
+            .await
+            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        match response.status() {
+            StatusCode::OK => {
+                response.json::<BatchAck>().await.map_err(|e| self.unreachable(format!("bad ack: {e}")))
+            }
+            StatusCode::CONFLICT => {
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                match body["expected_seq"].as_u64() {
+                    Some(expected_seq) => Err(LinkError::Gap { url: self.url.clone(), expected_seq }),
+                    None => Err(LinkError::Rejected {
+                        url: self.url.clone(),
+                        detail: format!("HTTP 409: {body}"),
+                    }),
+                }
+            }
+            _ => Err(self.refusal(response).await),
+        }
+    }
+
+    /// Tells the central this edge's state, backlog and offline log.
+    pub async fn report(&self, report: &EdgeReport) -> Result<(), LinkError> {
+        let response = self
+            .request(reqwest::Method::POST, LINK_REPORT_PATH)
+            .timeout(self.request_timeout)
+            .json(report)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        if response.status().is_success() {
+            Ok(())
+        } else {
+            Err(self.refusal(response).await)
+        }
+    }
+
+    /// Checks that the central answers and accepts this edge.
+    pub async fn probe(&self) -> Result<ProbeAnswer, LinkError> {
+        let response = self
+            .request(reqwest::Method::GET, LINK_PROBE_PATH)
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        if !response.status().is_success() {
+            return Err(self.refusal(response).await);
+        }
+        response.json::<ProbeAnswer>().await.map_err(|e| self.unreachable(format!("bad probe answer: {e}")))
+    }
+}
+
+/// The NDJSON event stream of an open link.
+pub struct EventStream {
+    response: reqwest::Response,
+    buffer: BytesMut,
+    url: String,
+}
+
+impl EventStream {
+    /// The next event; an error when the stream ends or breaks (the link is lost).
+    pub async fn next(&mut self) -> Result<LinkEvent, LinkError> {
+        loop {
+            if let Some(newline) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Bytes = self.buffer.split_to(newline + 1).freeze();
+                let line = &line[..newline];
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                return serde_json::from_slice(line).map_err(|e| LinkError::Rejected {
+                    url: self.url.clone(),
+                    detail: format!("unreadable link event: {e}"),
+                });
+            }
+            if self.buffer.len() > MAX_EVENT_LINE_BYTES {
+                return Err(LinkError::Rejected {
+                    url: self.url.clone(),
+                    detail: "link event line too long".into(),
+                });
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Ok(None) => {
+                    return Err(LinkError::Unreachable {
+                        url: self.url.clone(),
+                        detail: "the central closed the link".into(),
+                    })
+                }
+                Err(e) => {
+                    return Err(LinkError::Unreachable { url: self.url.clone(), detail: error_chain(&e) })
+                }
+            }
+        }
+    }
+}
+
+/// An error with its causes, e.g. "error sending request: connection refused".
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

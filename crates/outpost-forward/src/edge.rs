@@ -1,0 +1,586 @@
+//! The edge's connectivity task: the async driver of the pure state machine and failover of
+//! `outpost-link`. It owns both, runs one `select!` loop over timers and a closed enum of events,
+//! and carries out the machine's actions: connect (handshake over failover), probe, forward,
+//! persist the offline log, report to the central, publish the status and metrics.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_core::metrics::{Metrics, QueueLabel, TransitionLabel};
+use outpost_core::status::{LinkStatus, OfflineLogEntry as StatusLogEntry, UpstreamInfo};
+use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
+use outpost_core::wire::{EdgeReport, Hello, LinkEvent};
+use outpost_core::Config;
+use outpost_link::connectivity::{
+    Action, Connectivity, ConnectivityParams, Event, OfflineLogEntry, State, TransitionId, TriggerSource,
+    UpstreamFailure,
+};
+use outpost_link::failover::{Endpoint, Failover, FailoverParams, FailureOutcome, SuccessOutcome};
+use outpost_link::{Jitter, Moment};
+use outpost_store::Store;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::client::{CentralClient, EventStream, LinkError};
+use crate::forwarder::{self, Forwarded};
+use crate::UPSTREAM_READER;
+
+/// The document holding the persisted offline log.
+const OFFLINE_LOG_DOCUMENT: &str = "edge:offline_log";
+/// Bound of the driver's event channel.
+const EVENT_CHANNEL_CAPACITY: usize = 256;
+
+/// Handles to the running connectivity task.
+pub struct EdgeLink {
+    /// Send `()` to start a transition to online now (the admin API's trigger).
+    pub trigger: mpsc::Sender<()>,
+    pub task: JoinHandle<()>,
+}
+
+/// Everything the driver hears about, from its own spawned tasks and the admin API.
+enum Input {
+    Connected { failover: Box<Failover>, outcome: Box<Result<Session, ConnectFailure>> },
+    Probed(Result<ProbeOk, String>),
+    Link { session: u64, event: LinkEvent },
+    LinkLost { session: u64, error: LinkError },
+    Forwarded { session: u64, progress: Forwarded },
+}
+
+struct ProbeOk {
+    url: String,
+    maintenance: bool,
+    transition_requested: bool,
+}
+
+/// Why a connect round failed.
+enum ConnectFailure {
+    Unreachable(String),
+    Rejected(String),
+    Maintenance(String),
+}
+
+/// An open link: its stream reader and forwarder run as tasks; dropping the session stops them.
+struct Session {
+    id: u64,
+    endpoint_index: usize,
+    url: String,
+    welcome_positions: BTreeMap<String, u64>,
+    stream: Option<EventStream>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the connectivity task of an edge with at least one upstream.
+pub async fn start(
+    config: Arc<Config>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    status: watch::Sender<LinkStatus>,
+) -> Result<EdgeLink, String> {
+    let now = moment();
+    let c = &config.connectivity;
+    let params = ConnectivityParams {
+        ping_interval: c.ping_interval,
+        missed_pings: c.missed_pings,
+        offline_probe_interval: c.offline_probe_interval,
+        transition_to_offline_wait: c.transition_to_offline_wait,
+        failed_transition_wait: c.failed_transition_wait,
+        block_during_transition: c.block_during_transition,
+    };
+    // Seeded per edge and start so a thousand edges restarted together spread their retries.
+    let seed = config.node_id.bytes().fold(now.unix_ms as u64, |h, b| h.rotate_left(5) ^ u64::from(b));
+    let mut machine =
+        Connectivity::new(params, Jitter::with_default_spread(seed), now).map_err(|e| e.to_string())?;
+    let endpoints =
+        config.upstreams.iter().map(|u| Endpoint { url: u.url.clone(), trigger: u.trigger }).collect();
+    let failover_params = FailoverParams {
+        primary_retries: config.failover.primary_retries,
+        primary_retry_delay: config.failover.primary_retry_delay,
+        failback_interval: config.failover.failback_interval,
+    };
+    let failover =
+        Failover::new(endpoints, failover_params, Jitter::with_default_spread(seed.rotate_left(17)))
+            .map_err(|e| e.to_string())?;
+
+    match store.documents(OFFLINE_LOG_DOCUMENT).await {
+        Ok(docs) => {
+            if let Some(json) = docs.get(OFFLINE_LOG_DOCUMENT) {
+                match serde_json::from_str::<Vec<OfflineLogEntry>>(json) {
+                    Ok(entries) => machine.restore_offline_log(entries),
+                    Err(e) => tracing::warn!("the stored offline log is unreadable and starts empty: {e}"),
+                }
+            }
+        }
+        Err(e) => return Err(format!("cannot read the offline log: {e}")),
+    }
+
+    let http = reqwest::Client::builder()
+        .connect_timeout(config.failover.connect_timeout)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let clients = config
+        .upstreams
+        .iter()
+        .map(|u| CentralClient::new(http.clone(), u, &config.node_id, config.forwarding.request_timeout))
+        .collect();
+
+    let (trigger_tx, trigger_rx) = mpsc::channel(8);
+    let (input_tx, input_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let driver = Driver {
+        config,
+        store,
+        metrics,
+        status,
+        machine,
+        failover: Some(Box::new(failover)),
+        clients,
+        session: None,
+        next_session_id: 0,
+        pending_transition: None,
+        probing: false,
+        input_tx,
+    };
+    let task = tokio::spawn(driver.run(trigger_rx, input_rx));
+    Ok(EdgeLink { trigger: trigger_tx, task })
+}
+
+fn moment() -> Moment {
+    Moment { instant: Instant::now(), unix_ms: now_unix_ms() }
+}
+
+struct Driver {
+    config: Arc<Config>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    status: watch::Sender<LinkStatus>,
+    machine: Connectivity,
+    /// `None` while a connect round owns it.
+    failover: Option<Box<Failover>>,
+    clients: Vec<CentralClient>,
+    session: Option<Session>,
+    next_session_id: u64,
+    /// The transition whose handshake a connect round is answering.
+    pending_transition: Option<TransitionId>,
+    probing: bool,
+    input_tx: mpsc::Sender<Input>,
+}
+
+impl Driver {
+    async fn run(mut self, mut trigger: mpsc::Receiver<()>, mut inputs: mpsc::Receiver<Input>) {
+        self.apply(Event::Started).await;
+        loop {
+            let deadline =
+                self.machine.next_deadline().unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    let actions = self.machine.tick(moment());
+                    self.carry_out(actions).await;
+                }
+                Some(()) = trigger.recv() => {
+                    self.apply(Event::ManualTrigger { source: TriggerSource::AdminApi }).await;
+                }
+                Some(input) = inputs.recv() => self.on_input(input).await,
+                else => return,
+            }
+            self.ensure_session();
+            self.publish_status();
+        }
+    }
+
+    async fn apply(&mut self, event: Event) {
+        let actions = self.machine.handle(moment(), event);
+        self.carry_out(actions).await;
+    }
+
+    async fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Connected { failover, outcome } => {
+                self.failover = Some(failover);
+                let transition = self.pending_transition.take();
+                match *outcome {
+                    Ok(session) => {
+                        let url = session.url.clone();
+                        self.begin_session(session);
+                        if let Some(transition) = transition {
+                            self.apply(Event::HandshakeOk { transition, endpoint: url }).await;
+                        }
+                    }
+                    Err(failure) => {
+                        let (failure, detail) = match failure {
+                            ConnectFailure::Unreachable(d) => (UpstreamFailure::Unreachable, d),
+                            ConnectFailure::Rejected(d) => (UpstreamFailure::Rejected, d),
+                            ConnectFailure::Maintenance(url) => {
+                                self.apply(Event::Maintenance { endpoint: url }).await;
+                                return;
+                            }
+                        };
+                        tracing::warn!(%detail, "could not reach any central");
+                        let event = match transition {
+                            Some(transition) => Event::HandshakeFailed { transition, failure, detail },
+                            None => Event::ForwardFailed { failure, detail },
+                        };
+                        self.apply(event).await;
+                    }
+                }
+            }
+            Input::Probed(result) => {
+                self.probing = false;
+                match result {
+                    Ok(ProbeOk { url, maintenance: true, .. }) => {
+                        self.apply(Event::Maintenance { endpoint: url }).await
+                    }
+                    Ok(ProbeOk { url, transition_requested, .. }) => {
+                        if transition_requested {
+                            self.apply(Event::ManualTrigger { source: TriggerSource::Central }).await;
+                        }
+                        self.apply(Event::ProbeSucceeded { endpoint: url }).await;
+                    }
+                    Err(detail) => self.apply(Event::ProbeFailed { detail }).await,
+                }
+            }
+            Input::Link { session, event } if self.is_current(session) => match event {
+                LinkEvent::Ping { .. } => {
+                    self.apply(Event::Ping).await;
+                    self.send_report();
+                }
+                LinkEvent::TransitionOnline => {
+                    self.apply(Event::ManualTrigger { source: TriggerSource::Central }).await;
+                }
+                LinkEvent::Maintenance { enabled: true } => {
+                    let url = self.session.as_ref().map(|s| s.url.clone()).unwrap_or_default();
+                    self.session = None;
+                    self.apply(Event::Maintenance { endpoint: url }).await;
+                }
+                LinkEvent::Maintenance { enabled: false } | LinkEvent::Welcome { .. } => {}
+            },
+            Input::LinkLost { session, error } if self.is_current(session) => {
+                tracing::warn!(%error, "link to the central lost; trying the endpoints again");
+                // Reconnect first (failover may find another central); only if every endpoint
+                // fails does the machine hear of it.
+                self.session = None;
+                self.spawn_connect(None);
+            }
+            Input::Forwarded { session, progress } if self.is_current(session) => {
+                if progress.stored > 0 {
+                    self.metrics
+                        .messages_forwarded
+                        .get_or_create(&QueueLabel { queue: progress.queue.clone() })
+                        .inc_by(progress.stored);
+                }
+                self.apply(Event::Forwarded {
+                    queue: progress.queue,
+                    forwarded_through_seq: progress.through_seq,
+                })
+                .await;
+            }
+            // Stale news from a session that is gone.
+            Input::Link { .. } | Input::LinkLost { .. } | Input::Forwarded { .. } => {}
+        }
+    }
+
+    fn is_current(&self, session: u64) -> bool {
+        self.session.as_ref().is_some_and(|s| s.id == session)
+    }
+
+    async fn carry_out(&mut self, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::EnterState { from, to, reason } => {
+                    tracing::info!(from = from.as_str(), to = to.as_str(), %reason, "edge state changed");
+                    self.metrics
+                        .state_transitions
+                        .get_or_create(&TransitionLabel {
+                            from: from.as_str().into(),
+                            to: to.as_str().into(),
+                        })
+                        .inc();
+                    self.metrics.set_edge_state(to.as_str());
+                    if to == State::Offline {
+                        self.session = None;
+                    }
+                    self.publish_status();
+                    self.send_report();
+                }
+                Action::StartOnlineChecks { transition } => {
+                    let drain_target: BTreeMap<String, u64> = self
+                        .store
+                        .queue_stats()
+                        .into_iter()
+                        .filter(|q| q.last_seq > self.store.cursor(&q.name, UPSTREAM_READER))
+                        .map(|q| (q.name, q.last_seq))
+                        .collect();
+                    let actions = self.machine.handle(
+                        moment(),
+                        Event::DrainTargetRecorded { transition, last_seq_by_queue: drain_target },
+                    );
+                    Box::pin(self.carry_out(actions)).await;
+                    match &self.session {
+                        // Already linked (e.g. a trigger while reconnecting finished): the handshake holds.
+                        Some(session) => {
+                            let endpoint = session.url.clone();
+                            Box::pin(self.apply(Event::HandshakeOk { transition, endpoint })).await;
+                        }
+                        None => self.spawn_connect(Some(transition)),
+                    }
+                }
+                Action::Probe => self.spawn_probe(),
+                Action::AppendOfflineLog(entry) => {
+                    tracing::warn!(cause = entry.cause.as_str(), detail = %entry.detail, "edge went offline");
+                    let log: Vec<OfflineLogEntry> = self.machine.offline_log().iter().cloned().collect();
+                    let store = self.store.clone();
+                    let json = serde_json::to_string(&log).expect("offline log serializes");
+                    tokio::spawn(async move {
+                        if let Err(e) = store.put_document(OFFLINE_LOG_DOCUMENT, json).await {
+                            tracing::error!("cannot persist the offline log: {e}");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Keeps a link open whenever the machine wants one and no connect round is running.
+    fn ensure_session(&mut self) {
+        let wants_link = matches!(self.machine.state(), State::Online);
+        if wants_link && self.session.is_none() && self.failover.is_some() {
+            self.spawn_connect(None);
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            edge_id: self.config.node_id.clone(),
+            version: outpost_core::VERSION.to_string(),
+            ping_interval_ms: self.config.connectivity.ping_interval.as_millis() as u64,
+            report: self.report(),
+        }
+    }
+
+    fn report(&self) -> EdgeReport {
+        let backlog_messages = self
+            .store
+            .queue_stats()
+            .iter()
+            .map(|q| {
+                q.last_seq.saturating_sub(self.store.cursor(&q.name, UPSTREAM_READER).max(q.first_seq - 1))
+            })
+            .sum();
+        EdgeReport {
+            state: self.machine.state().as_str().to_string(),
+            state_since_ms: self.machine.state_since().unix_ms,
+            upstream_url: self.session.as_ref().map(|s| s.url.clone()),
+            backlog_messages,
+            offline_log: self.status_log(),
+        }
+    }
+
+    fn status_log(&self) -> Vec<StatusLogEntry> {
+        self.machine
+            .offline_log()
+            .iter()
+            .map(|e| StatusLogEntry {
+                at: rfc3339_from_unix_ms(e.at_unix_ms),
+                cause: e.cause.as_str().into(),
+                detail: e.detail.clone(),
+            })
+            .collect()
+    }
+
+    /// Runs one failover round of handshakes in a task; the result comes back as `Input::Connected`.
+    fn spawn_connect(&mut self, transition: Option<TransitionId>) {
+        let Some(mut failover) = self.failover.take() else {
+            // A round is already running; its result answers this transition too.
+            if transition.is_some() {
+                self.pending_transition = transition;
+            }
+            return;
+        };
+        self.pending_transition = transition;
+        let clients = self.clients.clone();
+        let hello = self.hello();
+        let inputs = self.input_tx.clone();
+        let metrics = self.metrics.clone();
+        let session_id = self.next_session_id;
+        self.next_session_id += 1;
+        tokio::spawn(async move {
+            let outcome = loop {
+                let attempt = failover.next_attempt(Instant::now());
+                tokio::time::sleep_until(attempt.not_before.into()).await;
+                let client = &clients[attempt.endpoint_index];
+                match client.open_link(&hello).await {
+                    Ok((LinkEvent::Welcome { positions, central_id, .. }, stream)) => {
+                        if let SuccessOutcome::Switched { from, to } =
+                            failover.report_success(attempt.endpoint_index, Instant::now())
+                        {
+                            metrics.failovers.inc();
+                            tracing::warn!(from = %clients[from].url(), to = %clients[to].url(), "switched central endpoint");
+                        }
+                        tracing::info!(url = %client.url(), %central_id, "link to the central open");
+                        break Ok(Session {
+                            id: session_id,
+                            endpoint_index: attempt.endpoint_index,
+                            url: client.url().to_string(),
+                            welcome_positions: positions,
+                            stream: Some(stream),
+                            tasks: Vec::new(),
+                        });
+                    }
+                    Ok(_) => unreachable!("open_link returns only a welcome"),
+                    Err(LinkError::Maintenance { url }) => break Err(ConnectFailure::Maintenance(url)),
+                    Err(LinkError::Rejected { url, detail }) => {
+                        break Err(ConnectFailure::Rejected(format!("{url} rejected this edge: {detail}")))
+                    }
+                    Err(error) => match failover.report_failure(
+                        attempt.endpoint_index,
+                        Instant::now(),
+                        error.to_string(),
+                    ) {
+                        FailureOutcome::TryNext(_) => continue,
+                        FailureOutcome::AllFailed(all) => {
+                            break Err(ConnectFailure::Unreachable(all.to_string()))
+                        }
+                    },
+                }
+            };
+            let _ = inputs.send(Input::Connected { failover, outcome: Box::new(outcome) }).await;
+        });
+    }
+
+    /// Starts the stream reader and the forwarder of a freshly opened link.
+    fn begin_session(&mut self, mut session: Session) {
+        let id = session.id;
+        let mut stream = session.stream.take().expect("a new session has its stream");
+        let inputs = self.input_tx.clone();
+        session.tasks.push(tokio::spawn(async move {
+            loop {
+                match stream.next().await {
+                    Ok(event) => {
+                        if inputs.send(Input::Link { session: id, event }).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(error) => {
+                        let _ = inputs.send(Input::LinkLost { session: id, error }).await;
+                        return;
+                    }
+                }
+            }
+        }));
+
+        let (progress_tx, mut progress_rx) = mpsc::channel(64);
+        let inputs = self.input_tx.clone();
+        session.tasks.push(tokio::spawn(async move {
+            while let Some(progress) = progress_rx.recv().await {
+                if inputs.send(Input::Forwarded { session: id, progress }).await.is_err() {
+                    return;
+                }
+            }
+        }));
+        let client = self.clients[session.endpoint_index].clone();
+        let store = self.store.clone();
+        let settings = self.config.forwarding.clone();
+        let positions = session.welcome_positions.clone();
+        let inputs = self.input_tx.clone();
+        session.tasks.push(tokio::spawn(async move {
+            let error = forwarder::run(store, client, settings, positions, progress_tx).await;
+            let _ = inputs.send(Input::LinkLost { session: id, error }).await;
+        }));
+        self.session = Some(session);
+    }
+
+    /// Probes the endpoints in failover order; the first that answers wins.
+    fn spawn_probe(&mut self) {
+        if self.probing {
+            return;
+        }
+        self.probing = true;
+        let clients: Vec<CentralClient> = self
+            .config
+            .upstreams
+            .iter()
+            .zip(&self.clients)
+            .filter(|(u, _)| u.trigger)
+            .map(|(_, c)| c.clone())
+            .collect();
+        let inputs = self.input_tx.clone();
+        tokio::spawn(async move {
+            let mut errors = Vec::new();
+            for client in &clients {
+                match client.probe().await {
+                    Ok(answer) => {
+                        let ok = ProbeOk {
+                            url: client.url().to_string(),
+                            maintenance: answer.maintenance,
+                            transition_requested: answer.transition_requested,
+                        };
+                        let _ = inputs.send(Input::Probed(Ok(ok))).await;
+                        return;
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            let detail = if errors.is_empty() {
+                "no upstream has trigger = true".to_string()
+            } else {
+                format!("no central answered: {}", errors.join("; "))
+            };
+            let _ = inputs.send(Input::Probed(Err(detail))).await;
+        });
+    }
+
+    /// Best effort: tells the connected central this edge's state; a lost report is replaced by the next.
+    fn send_report(&self) {
+        let Some(session) = &self.session else { return };
+        let client = self.clients[session.endpoint_index].clone();
+        let report = self.report();
+        tokio::spawn(async move {
+            if let Err(e) = client.report(&report).await {
+                tracing::debug!("report to the central failed: {e}");
+            }
+        });
+    }
+
+    fn publish_status(&self) {
+        let now = moment();
+        let failover = self.failover.as_deref();
+        let status = LinkStatus {
+            state: self.machine.state().as_str().to_string(),
+            state_since_ms: self.machine.state_since().unix_ms,
+            upstream: self
+                .session
+                .as_ref()
+                .map(|s| UpstreamInfo { url: s.url.clone(), is_primary: s.endpoint_index == 0 })
+                .or_else(|| {
+                    failover.map(|f| UpstreamInfo {
+                        url: f.current_endpoint().url.clone(),
+                        is_primary: f.current_is_primary(),
+                    })
+                }),
+            last_ping_at_ms: self.machine.last_ping_at().map(|m| m.unix_ms),
+            offline_log: self.status_log(),
+            writes_blocked_retry_after_seconds: if self.machine.writes_blocked() {
+                self.machine.retry_after(now.instant).map(|d| d.as_secs().max(1))
+            } else {
+                None
+            },
+        };
+        self.status.send_if_modified(|current| {
+            if *current != status {
+                *current = status;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}

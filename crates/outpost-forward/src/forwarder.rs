@@ -1,0 +1,159 @@
+//! Sends every queue's messages to the central in order, several batches in flight per queue, and
+//! advances the durable `upstream` cursor from what the central says it holds. Resuming after any
+//! interruption is the same as starting: begin after the central's position.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use outpost_core::config::ForwardingConfig;
+use outpost_core::wire::{Batch, BatchAck, BatchMessage};
+use outpost_store::Store;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::client::{CentralClient, LinkError};
+use crate::UPSTREAM_READER;
+
+/// How long an idle forwarder waits before looking at the queues again when no commit woke it.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Progress the driver hears about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    pub queue: String,
+    /// The central holds this queue through this seq.
+    pub through_seq: u64,
+    /// Messages newly stored by the central in this step.
+    pub stored: u64,
+}
+
+struct QueueProgress {
+    /// Highest seq the central confirmed holding.
+    acked: u64,
+    /// Next seq to put in a batch.
+    next_to_send: u64,
+    in_flight: u32,
+}
+
+/// Forwards until a request fails for a reason other than a gap; returns that error.
+pub async fn run(
+    store: Store,
+    client: CentralClient,
+    settings: ForwardingConfig,
+    central_positions: BTreeMap<String, u64>,
+    progress: mpsc::Sender<Forwarded>,
+) -> LinkError {
+    let mut queues: HashMap<String, QueueProgress> = HashMap::new();
+    let mut in_flight: JoinSet<(String, u64, Result<BatchAck, LinkError>)> = JoinSet::new();
+    let mut commits = store.commits();
+
+    loop {
+        // Fill the pipeline of every queue with a backlog.
+        for stats in store.queue_stats() {
+            let entry = queues.entry(stats.name.clone()).or_insert_with(|| {
+                let central = central_positions.get(&stats.name).copied().unwrap_or(0);
+                let local = store.cursor(&stats.name, UPSTREAM_READER);
+                if central > stats.last_seq {
+                    tracing::error!(
+                        queue = %stats.name, central_holds = central, local_last_seq = stats.last_seq,
+                        "the central holds more of this queue than this edge ever stored: was the edge's data \
+                         directory replaced while keeping its node id? New messages up to the central's position \
+                         will be taken for duplicates"
+                    );
+                }
+                let acked = central.max(local).min(stats.last_seq);
+                QueueProgress { acked, next_to_send: acked + 1, in_flight: 0 }
+            });
+            if entry.acked > store.cursor(&stats.name, UPSTREAM_READER) {
+                // The central already holds more than the cursor says (an ack lost in a crash).
+                if let Err(e) = store.advance_cursor(&stats.name, UPSTREAM_READER, entry.acked).await {
+                    tracing::warn!(queue = %stats.name, "cannot advance the upstream cursor: {e}");
+                }
+            }
+            while entry.in_flight < settings.in_flight && entry.next_to_send <= stats.last_seq {
+                let limit = settings.batch_messages as usize;
+                let messages = match store.read(&stats.name, entry.next_to_send - 1, limit).await {
+                    Ok(messages) => messages,
+                    Err(e) => {
+                        tracing::error!(queue = %stats.name, "cannot read messages to forward: {e}");
+                        break;
+                    }
+                };
+                let mut bytes = 0u64;
+                let batch_messages: Vec<BatchMessage> = messages
+                    .into_iter()
+                    .take_while(|m| {
+                        bytes += m.payload.len() as u64;
+                        bytes <= settings.batch_bytes || bytes == m.payload.len() as u64
+                    })
+                    .map(|m| BatchMessage {
+                        seq: m.seq,
+                        id: m.id,
+                        content_type: m.content_type,
+                        payload: m.payload,
+                    })
+                    .collect();
+                let (Some(first), Some(last)) = (batch_messages.first(), batch_messages.last()) else {
+                    break;
+                };
+                assert_eq!(
+                    first.seq, entry.next_to_send,
+                    "queue {} has a gap before seq {}",
+                    stats.name, first.seq
+                );
+                let last_seq = last.seq;
+                entry.next_to_send = last_seq + 1;
+                entry.in_flight += 1;
+                let batch = Batch { queue: stats.name.clone(), messages: batch_messages };
+                let client = client.clone();
+                in_flight.spawn(async move {
+                    let result = client.send_batch(&batch).await;
+                    (batch.queue, last_seq, result)
+                });
+            }
+        }
+
+        if in_flight.is_empty() {
+            tokio::select! {
+                changed = commits.changed() => if changed.is_err() {
+                    return LinkError::Unreachable { url: client.url().to_string(), detail: "the store closed".into() };
+                },
+                _ = tokio::time::sleep(IDLE_RECHECK) => {}
+            }
+            continue;
+        }
+
+        let Some(joined) = in_flight.join_next().await else { continue };
+        let (queue, _last_seq, result) = match joined {
+            Ok(done) => done,
+            Err(e) => {
+                return LinkError::Unreachable {
+                    url: client.url().to_string(),
+                    detail: format!("send task failed: {e}"),
+                }
+            }
+        };
+        let entry = queues.get_mut(&queue).expect("a queue with a batch in flight has progress");
+        entry.in_flight -= 1;
+        match result {
+            Ok(ack) => {
+                if ack.stored_through > entry.acked {
+                    entry.acked = ack.stored_through;
+                    if let Err(e) = store.advance_cursor(&queue, UPSTREAM_READER, entry.acked).await {
+                        tracing::warn!(%queue, "cannot advance the upstream cursor: {e}");
+                    }
+                }
+                let _ =
+                    progress.send(Forwarded { queue, through_seq: entry.acked, stored: ack.stored }).await;
+            }
+            Err(LinkError::Gap { expected_seq, .. }) => {
+                // The central holds less than a batch assumed (its predecessor failed or is late):
+                // go back and resend from where it is; it drops what it already has.
+                tracing::debug!(%queue, expected_seq, "central asked to resend");
+                entry.acked = entry.acked.max(expected_seq.saturating_sub(1));
+                entry.next_to_send = entry.next_to_send.min(expected_seq).max(entry.acked + 1);
+            }
+            Err(error) => return error,
+        }
+    }
+}
