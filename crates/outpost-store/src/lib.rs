@@ -19,7 +19,7 @@
 //! - **Reads never block the writer.** Readers use their own connections (WAL allows readers beside
 //!   the writer) from a small pool, on the caller's blocking thread.
 //!
-//! # On-disk format (schema version 2)
+//! # On-disk format (schema version 3)
 //!
 //! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`), `<data_dir>/outpost.lock` (held with an
 //! exclusive `flock` by the running node: a second node on the same directory exits with code 3).
@@ -35,12 +35,19 @@
 //! origin_positions(origin TEXT, queue_id, last_origin_seq INTEGER, PRIMARY KEY(origin, queue_id))
 //!                                                   central: highest edge seq stored per (edge, queue)
 //! documents(key TEXT PRIMARY KEY, value TEXT, updated_at_ms)
-//!                                                   small JSON documents: offline log, edge registry
+//!                                                   small JSON documents: offline log, edge registry,
+//!                                                   route modes (`route:<name>`)
+//! failed(id INTEGER PRIMARY KEY AUTOINCREMENT, route, queue, seq, message_id, origin, origin_seq,
+//!        content_type, accepted_at_ms, payload BLOB, attempts, reason, last_error,
+//!        first_failed_at_ms, last_failed_at_ms, status TEXT)   (version 3)
+//!                                                   copies of messages a route gave up on; status
+//!                                                   `failed` or `resubmitted` (see [`failed`])
 //! ```
 //!
 //! Migrations are numbered; `meta.schema_version` records the last one applied, and a store written
 //! by a newer outpost is refused rather than misread.
 
+pub mod failed;
 mod schema;
 mod writer;
 
@@ -54,6 +61,7 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use failed::{FailedEntry, FailedQuery, FailedSelector, FailedStatus, NewFailure, ResubmitOutcome};
 pub use writer::{MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
 
 /// How many write operations may wait for the writer before callers wait to enqueue.

@@ -48,6 +48,26 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 2: small durable documents: the offline log, the edge registry, route modes.
     "CREATE TABLE documents (key TEXT PRIMARY KEY, value TEXT NOT NULL, updated_at_ms INTEGER NOT NULL);",
+    // 3: failed messages of routes (see failed.rs); AUTOINCREMENT so an id is never reused.
+    "CREATE TABLE failed (
+         id INTEGER PRIMARY KEY AUTOINCREMENT,
+         route TEXT NOT NULL,
+         queue TEXT NOT NULL,
+         seq INTEGER NOT NULL,
+         message_id TEXT NOT NULL,
+         origin TEXT NOT NULL,
+         origin_seq INTEGER NOT NULL,
+         content_type TEXT NOT NULL,
+         accepted_at_ms INTEGER NOT NULL,
+         payload BLOB NOT NULL,
+         attempts INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         last_error TEXT NOT NULL,
+         first_failed_at_ms INTEGER NOT NULL,
+         last_failed_at_ms INTEGER NOT NULL,
+         status TEXT NOT NULL CHECK (status IN ('failed', 'resubmitted'))
+     );
+     CREATE INDEX failed_by_route ON failed (route, status, id);",
 ];
 
 /// The schema version this build writes.

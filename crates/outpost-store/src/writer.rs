@@ -10,7 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    schema, Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError, StoreOptions,
+    failed, schema, Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError,
+    StoreOptions,
 };
 
 /// The most operations one commit carries.
@@ -43,6 +44,15 @@ pub enum Op {
         key: String,
         value: String,
         reply: Reply<()>,
+    },
+    /// Copy a message into the failed table and move the route's cursor past it, atomically.
+    FailMessage {
+        failure: Box<failed::NewFailure>,
+        reply: Reply<failed::FailedOutcome>,
+    },
+    ChangeFailed {
+        change: failed::FailedChange,
+        reply: Reply<failed::FailedOutcome>,
     },
     Ping {
         reply: oneshot::Sender<()>,
@@ -114,6 +124,7 @@ enum Pending {
     Append(Reply<Appended>, Result<Appended, StoreError>),
     Origin(Reply<OriginAppended>, Result<OriginAppended, StoreError>),
     Done(Reply<()>, Result<(), StoreError>),
+    Failed(Reply<failed::FailedOutcome>, Result<failed::FailedOutcome, StoreError>),
     Ping(oneshot::Sender<()>),
 }
 
@@ -265,6 +276,28 @@ impl Writer {
                         .execute(params![key, value, now_ms])?;
                         pending.push(Pending::Done(reply, Ok(())));
                     }
+                    Op::FailMessage { failure, reply } => {
+                        // The cursor first: if it refuses (non-fatal), nothing has been written.
+                        let result = apply_advance_cursor(
+                            &tx,
+                            &self.options,
+                            &mut self.state,
+                            &failure.message.queue,
+                            &failure.reader,
+                            failure.message.seq,
+                        )
+                        .and_then(|()| failed::insert(&tx, &failure, now_ms));
+                        let result = fatal_or(result)?;
+                        if result.is_ok() {
+                            changes.cursors.insert((failure.message.queue.clone(), failure.reader.clone()));
+                            changes.queues.insert(failure.message.queue.clone());
+                        }
+                        pending.push(Pending::Failed(reply, result.map(failed::FailedOutcome::Inserted)));
+                    }
+                    Op::ChangeFailed { change, reply } => {
+                        let result = fatal_or(failed::apply_change(&tx, change, now_ms))?;
+                        pending.push(Pending::Failed(reply, result));
+                    }
                     Op::Ping { reply } => pending.push(Pending::Ping(reply)),
                     Op::Shutdown { reply } => shutdown = Some(reply),
                 }
@@ -291,6 +324,7 @@ impl Writer {
                         Pending::Append(reply, result) => drop(reply.send(result)),
                         Pending::Origin(reply, result) => drop(reply.send(result)),
                         Pending::Done(reply, result) => drop(reply.send(result)),
+                        Pending::Failed(reply, result) => drop(reply.send(result)),
                         Pending::Ping(reply) => drop(reply.send(())),
                     }
                 }
@@ -311,6 +345,7 @@ impl Writer {
                         Pending::Append(reply, _) => drop(reply.send(Err(failure()))),
                         Pending::Origin(reply, _) => drop(reply.send(Err(failure()))),
                         Pending::Done(reply, _) => drop(reply.send(Err(failure()))),
+                        Pending::Failed(reply, _) => drop(reply.send(Err(failure()))),
                         Pending::Ping(reply) => drop(reply.send(())),
                     }
                 }
