@@ -124,7 +124,11 @@ pub async fn post_batch(
     let limits = &state.config.limits;
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    let body = read_body(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
+    // NDJSON allows `\r\n` endings, which `max_batch_body_bytes` (one `\n` per line) does not
+    // count: allow one more byte per line, so a batch within both limits is never refused for
+    // its line endings.
+    let body_limit_bytes = limits.max_batch_body_bytes().saturating_add(u64::from(limits.max_batch_messages));
+    let body = read_body(&headers, body, body_limit_bytes, "the batch").await?;
 
     let mut messages = Vec::new();
     for line in split_lines(&body) {
