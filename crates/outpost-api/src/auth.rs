@@ -45,7 +45,7 @@ pub fn authorize(auth: Option<&AuthConfig>, headers: &HeaderMap, needed: Access)
 
 /// Compares without an early exit on the first differing byte, so response timing does not reveal
 /// how much of a token was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -92,12 +92,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let ready = state.ready.clone();
+    let central = state.central.clone();
     let app = router(state);
     ready.store(true, Ordering::SeqCst);
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
             ready.store(false, Ordering::SeqCst);
+            // Edge link streams never end by themselves; graceful shutdown waits for them.
+            if let Some(hub) = central {
+                hub.close_links();
+            }
         })
         .await;
     result
