@@ -14,7 +14,11 @@ use crate::ApiState;
 
 pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
-    let link = state.link.borrow().clone();
+    let mut link = state.link.borrow().clone();
+    if let Some(hub) = state.central.as_ref().filter(|hub| hub.maintenance()) {
+        link.state = "maintenance".into();
+        link.state_since_ms = hub.maintenance_since_ms();
+    }
     let now_ms = now_unix_ms();
     let queues = state.store.queue_stats();
     let backlog_messages: u64 = queues.iter().map(|q| q.messages).sum();

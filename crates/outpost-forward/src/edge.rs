@@ -538,10 +538,15 @@ impl Driver {
         });
     }
 
-    /// Best effort: tells the connected central this edge's state; a lost report is replaced by the next.
+    /// Best effort: tells the central in use this edge's state (also when the link just closed, e.g.
+    /// for maintenance, so the central shows why); a lost report is replaced by the next.
     fn send_report(&self) {
-        let Some(session) = &self.session else { return };
-        let client = self.clients[session.endpoint_index].clone();
+        let endpoint_index = match (&self.session, self.failover.as_deref()) {
+            (Some(session), _) => session.endpoint_index,
+            (None, Some(failover)) => failover.current_endpoint_index(),
+            (None, None) => return,
+        };
+        let client = self.clients[endpoint_index].clone();
         let report = self.report();
         tokio::spawn(async move {
             if let Err(e) = client.report(&report).await {
