@@ -25,8 +25,8 @@ async fn a_second_node_on_a_data_dir_in_use_exits_3_and_says_why() {
 
     let mut second = edge().data_dir(first.data_dir()).spawn();
     let status = second.wait_exit(EXIT_TIMEOUT).await;
-    let log = second.log_since_start();
-    assert_eq!(status.code(), Some(3), "{status}; output:\n{log}");
+    let log = second.stderr_since_start();
+    assert_eq!(status.code(), Some(3), "{status}; output:\n{}", second.log_since_start());
     assert!(log.contains("in use"), "the second node should say the data directory is in use:\n{log}");
     assert!(log.contains(&first.data_dir().display().to_string()), "and name the directory:\n{log}");
 
@@ -119,12 +119,12 @@ async fn a_bad_configuration_exits_2_naming_the_file_the_key_and_the_problem() {
         }
         let mut node = builder.spawn();
         let status = node.wait_exit(EXIT_TIMEOUT).await;
-        let output = node.log_since_start();
-        assert_eq!(status.code(), Some(2), "{}: {status}; output:\n{output}", case.name);
+        let output = node.stderr_since_start();
+        assert_eq!(status.code(), Some(2), "{}: {status}; output:\n{}", case.name, node.log_since_start());
         let config_path = node.config_path().map(|p| p.display().to_string()).unwrap_or_default();
         for word in case.must_mention {
             let word = word.replace("{config}", &config_path);
-            assert!(output.contains(&word), "{}: the message should mention {word:?}:\n{output}", case.name);
+            assert!(output.contains(&word), "{}: stderr should mention {word:?}:\n{output}", case.name);
         }
         assert!(
             !node.data_dir().join("outpost.db").exists(),

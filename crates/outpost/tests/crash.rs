@@ -351,7 +351,7 @@ async fn kill_9_under_concurrent_load_loses_no_acknowledged_message() {
             .collect();
 
         // Kill under load: once writes are being acknowledged, at a random moment.
-        wait_until(Duration::from_secs(10), "the first acknowledgement of the cycle", || {
+        wait_until(Duration::from_secs(30), "the first acknowledgement of the cycle", || {
             acks.load(Ordering::Relaxed) > 0
         })
         .await;

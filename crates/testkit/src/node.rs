@@ -117,14 +117,14 @@ impl NodeBuilder {
         });
         Node {
             data_dir: self.data_dir.clone().unwrap_or_else(|| dir_path.join("data")),
-            log_path: dir_path.join("node.log"),
+            stdout: Capture::new(dir_path.join("stdout.log")),
+            stderr: Capture::new(dir_path.join("stderr.log")),
             config_path,
             dir_path,
             dir: Some(dir),
             port: free_port(),
             child: None,
             starts: 0,
-            log_offset_of_this_start: 0,
             spec: self,
         }
     }
@@ -138,12 +138,54 @@ pub struct Node {
     dir_path: PathBuf,
     data_dir: PathBuf,
     config_path: Option<PathBuf>,
-    log_path: PathBuf,
+    stdout: Capture,
+    stderr: Capture,
     port: u16,
     child: Option<Child>,
     starts: u32,
-    log_offset_of_this_start: u64,
 }
+
+/// One output stream of the node, appended to a file across restarts.
+struct Capture {
+    path: PathBuf,
+    /// Where the current start's output begins.
+    offset_of_this_start: u64,
+}
+
+impl Capture {
+    fn new(path: PathBuf) -> Capture {
+        Capture { path, offset_of_this_start: 0 }
+    }
+
+    /// Writes a line saying which start follows, and returns a handle for the child.
+    fn begin_start(&mut self, marker: &str) -> File {
+        let mut file = File::options().create(true).append(true).open(&self.path).expect("open a node log");
+        writeln!(file, "{marker}").expect("write a node log");
+        self.offset_of_this_start = file.metadata().map(|m| m.len()).unwrap_or(0);
+        file
+    }
+
+    fn read_from(&self, offset: u64) -> String {
+        let mut text = Vec::new();
+        if let Ok(mut file) = File::open(&self.path) {
+            if file.seek(SeekFrom::Start(offset)).is_ok() {
+                let _ = file.read_to_end(&mut text);
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
+    }
+
+    fn all(&self) -> String {
+        self.read_from(0)
+    }
+
+    fn since_start(&self) -> String {
+        self.read_from(self.offset_of_this_start)
+    }
+}
+
+/// Marker lines the harness writes between starts.
+const START_MARKER: &str = "=== testkit: start #";
 
 enum Readiness {
     Ready,
@@ -211,20 +253,24 @@ impl Node {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Everything the node wrote to stdout and stderr, across every start.
-    pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    /// What the node wrote to stderr (its log) since it was last started.
+    pub fn stderr_since_start(&self) -> String {
+        self.stderr.since_start()
     }
 
-    /// What the node wrote since it was last started.
+    /// What the node wrote to stdout since it was last started.
+    pub fn stdout_since_start(&self) -> String {
+        self.stdout.since_start()
+    }
+
+    /// Everything the node wrote, across every start: stderr, then stdout if it wrote any.
+    pub fn log(&self) -> String {
+        join_outputs(self.stderr.all(), self.stdout.all())
+    }
+
+    /// What the node wrote since it was last started: stderr, then stdout if it wrote any.
     pub fn log_since_start(&self) -> String {
-        let mut text = Vec::new();
-        if let Ok(mut file) = File::open(&self.log_path) {
-            if file.seek(SeekFrom::Start(self.log_offset_of_this_start)).is_ok() {
-                let _ = file.read_to_end(&mut text);
-            }
-        }
-        String::from_utf8_lossy(&text).into_owned()
+        join_outputs(self.stderr.since_start(), self.stdout.since_start())
     }
 
     /// The last `lines` lines of the log.
@@ -396,11 +442,11 @@ impl Node {
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)));
         command.current_dir(&self.dir_path);
 
-        let mut log =
-            File::options().create(true).append(true).open(&self.log_path).expect("open the node log");
-        writeln!(log, "=== testkit: start #{} of {command:?} ===", self.starts).expect("write the node log");
-        self.log_offset_of_this_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-        command.stdin(Stdio::null()).stdout(log.try_clone().expect("clone the log handle")).stderr(log);
+        let marker = format!("{START_MARKER}{} of {command:?} ===", self.starts);
+        command
+            .stdin(Stdio::null())
+            .stdout(self.stdout.begin_start(&marker))
+            .stderr(self.stderr.begin_start(&marker));
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::process::CommandExt;
@@ -441,5 +487,15 @@ impl Drop for Node {
                 eprintln!("kept the node's directory for inspection: {}", dir.keep().display());
             }
         }
+    }
+}
+
+/// A node's stderr followed by its stdout, the latter only if the node wrote to it.
+fn join_outputs(stderr: String, stdout: String) -> String {
+    let wrote_stdout = stdout.lines().any(|line| !line.starts_with(START_MARKER));
+    if wrote_stdout {
+        format!("{stderr}----- stdout -----\n{stdout}")
+    } else {
+        stderr
     }
 }
