@@ -124,11 +124,7 @@ pub async fn post_batch(
     let limits = &state.config.limits;
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    // NDJSON allows `\r\n` endings, which `max_batch_body_bytes` (one `\n` per line) does not
-    // count: allow one more byte per line, so a batch within both limits is never refused for
-    // its line endings.
-    let body_limit_bytes = limits.max_batch_body_bytes().saturating_add(u64::from(limits.max_batch_messages));
-    let body = read_body(&headers, body, body_limit_bytes, "the batch").await?;
+    let body = read_body(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
 
     let mut messages = Vec::new();
     for line in split_lines(&body) {
@@ -234,7 +230,13 @@ pub async fn read_messages(
     if state.store.queue(&queue).is_none() {
         return Err(ApiError::not_found(format!("no queue named {queue:?}")));
     }
-    let messages = state.store.read(&queue, after_seq, limit).await?;
+    // Seqs are stored as SQLite integers (i64), so none lies beyond i64::MAX; asking the store
+    // for more would wrap around to a negative bound and read again from the first message.
+    let messages = if after_seq > i64::MAX as u64 {
+        Vec::new()
+    } else {
+        state.store.read(&queue, after_seq, limit).await?
+    };
     let next_after_seq = messages.last().map(|m| m.seq).unwrap_or(after_seq);
     let engine = base64::engine::general_purpose::STANDARD;
     let messages: Vec<_> = messages

@@ -128,6 +128,24 @@ async fn accepted_writes_answer_202_with_the_contract_shapes() {
     assert_eq!((orders["first_seq"].as_u64(), orders["last_seq"].as_u64()), (Some(1), Some(8)));
 }
 
+#[tokio::test]
+async fn reading_past_the_end_returns_an_empty_page_for_every_after_seq() {
+    // Regression: an after_seq above i64::MAX wrapped around inside the node and the read started
+    // again at the first message, with next_after_seq going backwards.
+    let node = edge().start().await;
+    let client = node.client();
+    client.post_batch("paged", &["{}", "{}", "{}"]).await.unwrap().expect_status(202);
+    for after_seq in [3, 4, i64::MAX as u64, i64::MAX as u64 + 1, u64::MAX] {
+        let page = client.get(&format!("/v1/queues/paged/messages?after_seq={after_seq}")).await.unwrap();
+        page.expect_status(200);
+        let page = page.json();
+        assert_eq!(page["messages"].as_array().map(Vec::len), Some(0), "after_seq={after_seq}: {page}");
+        assert_eq!(page["next_after_seq"].as_u64(), Some(after_seq), "after_seq={after_seq}: {page}");
+    }
+    let page = client.get("/v1/queues/paged/messages?after_seq=1&limit=1").await.unwrap().json();
+    assert_eq!((page["messages"][0]["seq"].as_u64(), page["next_after_seq"].as_u64()), (Some(2), Some(2)));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_repeated_idempotency_key_answers_200_with_the_original_and_stores_nothing_twice() {
     let node = edge().start().await;
