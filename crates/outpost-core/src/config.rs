@@ -384,11 +384,11 @@ impl Default for Limits {
 }
 
 impl Limits {
-    /// Upper bound of a batch request body: every message at its maximum plus a newline, capped so a
-    /// single request can never make the node buffer more than 64 MiB.
+    /// Upper bound of a batch request body: every message at its maximum plus a `\r\n` line ending,
+    /// capped so a single request can never make the node buffer more than 64 MiB.
     pub fn max_batch_body_bytes(&self) -> u64 {
         const BATCH_BODY_CAP_BYTES: u64 = 64 << 20;
-        (self.max_message_bytes + 1)
+        (self.max_message_bytes + 2)
             .saturating_mul(u64::from(self.max_batch_messages))
             .min(BATCH_BODY_CAP_BYTES)
     }
