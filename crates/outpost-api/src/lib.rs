@@ -6,6 +6,7 @@ pub mod central;
 mod console;
 pub mod error;
 mod messages;
+mod routes;
 mod status;
 
 use std::future::Future;
@@ -44,6 +45,8 @@ pub struct ApiState {
     pub edge_trigger: Option<mpsc::Sender<()>>,
     /// Central: the edge registry, the connected edges' links and maintenance mode.
     pub central: Option<Arc<central::CentralHub>>,
+    /// Both roles: the routes (modes, failed messages); `None` on a node started without them.
+    pub routes: Option<Arc<outpost_forward::route::Routes>>,
 }
 
 impl ApiState {
@@ -62,6 +65,7 @@ impl ApiState {
             write_permits: Arc::new(Semaphore::new(MAX_CONCURRENT_WRITES)),
             edge_trigger: None,
             central: None,
+            routes: None,
         }
     }
 }
@@ -79,6 +83,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/queues/{queue}/batch", post(messages::post_batch))
         .route("/v1/admin/transition-online", post(status::transition_online))
         .merge(central::routes())
+        .merge(routes::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

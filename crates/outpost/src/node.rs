@@ -83,6 +83,19 @@ async fn serve(config: Config) -> ExitCode {
 
     let (link_tx, link_rx) = watch::channel(initial_link_status(&config));
     let mut state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
+    // Routes deliver on both roles; they start from their durable cursors and modes.
+    let route_tasks =
+        match outpost_forward::route::start(config.clone(), store.clone(), metrics.clone()).await {
+            Ok((routes, tasks)) => {
+                state.routes = Some(routes);
+                tasks
+            }
+            Err(e) => {
+                tracing::error!("cannot start the routes: {e}");
+                store.shutdown().await;
+                return ExitCode::from(exit::FATAL);
+            }
+        };
     let mut edge_link = None;
     if config.role == Role::Edge && !config.upstreams.is_empty() {
         match outpost_forward::edge::start(config.clone(), store.clone(), metrics.clone(), link_tx).await {
@@ -121,6 +134,8 @@ async fn serve(config: Config) -> ExitCode {
     if let Some(link) = edge_link {
         link.task.abort();
     }
+    // Routes commit their cursors before the store closes.
+    route_tasks.stop().await;
     outpost_ha::notify_stopping();
     // In-flight requests have finished (graceful shutdown); commit whatever is still queued.
     store.shutdown().await;

@@ -1,0 +1,257 @@
+//! The mode of every route (`forward` or `store`, the service control point of the seed): who
+//! changed it, when and why; durable in the store (document `route:<name>`), published through a
+//! `watch` per route so the route's task and the API see each change at once.
+//!
+//! # Why a component of its own
+//!
+//! A mode has more writers than one task: the operator (API), the route's own task (`service_down`
+//! and the auto-forward probe) and, on a PostgreSQL cluster, every other central: the contract says
+//! a mode change on one central is followed by all within 1 s. Everything that changes a mode goes
+//! through [`RouteModes`], which persists the change first and publishes it second; the watches are
+//! the only thing route tasks read. A cluster backend adds one path: a change persisted by another
+//! central arrives (LISTEN/NOTIFY or polling) and is published with [`RouteModes::adopt`], without
+//! persisting it again.
+//!
+//! Setting the mode a route already has changes nothing (its `mode_since`, `changed_by` and
+//! `reason` stay those of the change that put it there).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use outpost_core::metrics::{Metrics, RouteModeLabel};
+use outpost_core::time::now_unix_ms;
+use outpost_store::{Store, StoreError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Mutex};
+
+/// The prefix of the documents holding route modes.
+pub const ROUTE_MODE_DOCUMENT_PREFIX: &str = "route:";
+/// `changed_by` of a route nobody has switched yet.
+pub const CHANGED_BY_START: &str = "start";
+/// `changed_by` of the operator's API calls.
+pub const CHANGED_BY_OPERATOR: &str = "operator";
+
+/// Whether a route delivers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Deliver messages downstream as they come.
+    Forward,
+    /// Send nothing; messages accumulate until the route is switched back to forward.
+    Store,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Forward => "forward",
+            Mode::Store => "store",
+        }
+    }
+}
+
+/// A route's mode and how it got there. This is also the persisted document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModeState {
+    pub mode: Mode,
+    pub mode_since_ms: i64,
+    /// `start`, `operator`, `auto:service_down`, `auto:probe`, …
+    pub changed_by: String,
+    /// Why: the operator's words, or what the failure policy last decided.
+    pub reason: String,
+}
+
+impl ModeState {
+    fn initial(now_ms: i64) -> ModeState {
+        ModeState {
+            mode: Mode::Forward,
+            mode_since_ms: now_ms,
+            changed_by: CHANGED_BY_START.into(),
+            reason: "no mode change recorded yet".into(),
+        }
+    }
+}
+
+/// What can go wrong when changing a route.
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error("no route named {0:?} is configured on this node")]
+    UnknownRoute(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The modes of every configured route.
+pub struct RouteModes {
+    store: Store,
+    metrics: Arc<Metrics>,
+    routes: BTreeMap<String, watch::Sender<ModeState>>,
+    // Held across persist-then-publish, so that two changes racing (operator and task) reach the
+    // document and the watch in the same order. Changes are rare; contention does not matter.
+    change_lock: Mutex<()>,
+}
+
+impl RouteModes {
+    /// Loads the persisted mode of each of `names` (forward for a route never switched).
+    pub async fn load(
+        store: Store,
+        metrics: Arc<Metrics>,
+        names: &[String],
+    ) -> Result<RouteModes, StoreError> {
+        let documents = store.documents(ROUTE_MODE_DOCUMENT_PREFIX).await?;
+        let now_ms = now_unix_ms();
+        let mut routes = BTreeMap::new();
+        for name in names {
+            let key = document_key(name);
+            let state = match documents.get(&key).map(|text| serde_json::from_str::<ModeState>(text)) {
+                None => ModeState::initial(now_ms),
+                Some(Ok(state)) => state,
+                Some(Err(e)) => {
+                    tracing::warn!(route = %name, "the stored mode document {key} is unreadable ({e}); starting in forward mode");
+                    ModeState::initial(now_ms)
+                }
+            };
+            set_mode_metric(&metrics, name, state.mode);
+            routes.insert(name.clone(), watch::channel(state).0);
+        }
+        Ok(RouteModes { store, metrics, routes, change_lock: Mutex::new(()) })
+    }
+
+    /// The route names, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.routes.keys().map(String::as_str)
+    }
+
+    /// Follows one route's mode.
+    pub fn subscribe(&self, route: &str) -> Option<watch::Receiver<ModeState>> {
+        self.routes.get(route).map(watch::Sender::subscribe)
+    }
+
+    pub fn current(&self, route: &str) -> Option<ModeState> {
+        self.routes.get(route).map(|sender| sender.borrow().clone())
+    }
+
+    /// Switches a route's mode (persisted, then published). The same mode again changes nothing.
+    /// Returns the state now in force.
+    pub async fn set_mode(
+        &self,
+        route: &str,
+        mode: Mode,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<ModeState, RouteError> {
+        let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
+        let _guard = self.change_lock.lock().await;
+        let current = sender.borrow().clone();
+        if current.mode == mode {
+            return Ok(current);
+        }
+        let next = ModeState {
+            mode,
+            mode_since_ms: now_unix_ms(),
+            changed_by: changed_by.to_string(),
+            reason: reason.to_string(),
+        };
+        self.persist(route, &next).await?;
+        tracing::info!(
+            route,
+            mode = mode.as_str(),
+            changed_by,
+            reason,
+            from = current.mode.as_str(),
+            "route mode changed"
+        );
+        set_mode_metric(&self.metrics, route, mode);
+        sender.send_replace(next.clone());
+        Ok(next)
+    }
+
+    /// Records what the failure policy last decided without changing the mode.
+    pub async fn set_reason(&self, route: &str, reason: &str) -> Result<(), RouteError> {
+        let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
+        let _guard = self.change_lock.lock().await;
+        let mut next = sender.borrow().clone();
+        if next.reason == reason {
+            return Ok(());
+        }
+        next.reason = reason.to_string();
+        self.persist(route, &next).await?;
+        sender.send_replace(next);
+        Ok(())
+    }
+
+    /// Publishes a state another node already persisted (the cluster backend's path).
+    pub fn adopt(&self, route: &str, state: ModeState) -> Result<(), RouteError> {
+        let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
+        set_mode_metric(&self.metrics, route, state.mode);
+        sender.send_replace(state);
+        Ok(())
+    }
+
+    async fn persist(&self, route: &str, state: &ModeState) -> Result<(), StoreError> {
+        let text = serde_json::to_string(state).expect("a mode state serialises");
+        self.store.put_document(&document_key(route), text).await
+    }
+}
+
+fn document_key(route: &str) -> String {
+    format!("{ROUTE_MODE_DOCUMENT_PREFIX}{route}")
+}
+
+/// `outpost_route_mode{route,mode}`: 1 for the current mode, 0 for the other.
+fn set_mode_metric(metrics: &Metrics, route: &str, current: Mode) {
+    for mode in [Mode::Forward, Mode::Store] {
+        metrics
+            .route_mode
+            .get_or_create(&RouteModeLabel { route: route.to_string(), mode: mode.as_str().to_string() })
+            .set(i64::from(mode == current));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_store::StoreOptions;
+
+    fn open(dir: &std::path::Path) -> Store {
+        Store::open(dir, StoreOptions::keep_everything(1 << 20, "n"), None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn modes_persist_publish_and_ignore_repeats() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = vec!["a".to_string(), "b".to_string()];
+        let store = open(dir.path());
+        let metrics = Arc::new(Metrics::new());
+        let modes = RouteModes::load(store.clone(), metrics.clone(), &names).await.unwrap();
+        assert_eq!(modes.current("a").unwrap().mode, Mode::Forward);
+        assert!(matches!(
+            modes.set_mode("zz", Mode::Store, "operator", "x").await,
+            Err(RouteError::UnknownRoute(_))
+        ));
+
+        let mut watch_a = modes.subscribe("a").unwrap();
+        let stored = modes.set_mode("a", Mode::Store, "auto:service_down", "connect").await.unwrap();
+        assert!(watch_a.has_changed().unwrap());
+        assert_eq!(watch_a.borrow_and_update().clone(), stored);
+        let again = modes.set_mode("a", Mode::Store, "operator", "again").await.unwrap();
+        assert_eq!(again, stored, "the same mode again changes nothing");
+        assert!(!watch_a.has_changed().unwrap());
+        modes.set_reason("a", "poison: http:400").await.unwrap();
+        let text = metrics.encode();
+        assert!(text.contains("outpost_route_mode{route=\"a\",mode=\"store\"} 1"), "{text}");
+        assert!(text.contains("outpost_route_mode{route=\"a\",mode=\"forward\"} 0"), "{text}");
+        store.shutdown().await;
+        drop((modes, store));
+
+        let store = open(dir.path());
+        let modes = RouteModes::load(store, Arc::new(Metrics::new()), &names).await.unwrap();
+        let a = modes.current("a").unwrap();
+        assert_eq!(
+            (a.mode, a.changed_by.as_str(), a.reason.as_str()),
+            (Mode::Store, "auto:service_down", "poison: http:400")
+        );
+        assert_eq!(a.mode_since_ms, stored.mode_since_ms);
+        assert_eq!(modes.current("b").unwrap().mode, Mode::Forward);
+    }
+}
