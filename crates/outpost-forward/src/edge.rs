@@ -40,11 +40,25 @@ pub struct EdgeLink {
 
 /// Everything the driver hears about, from its own spawned tasks and the admin API.
 enum Input {
-    Connected { failover: Box<Failover>, outcome: Box<Result<Session, ConnectFailure>> },
+    Connected {
+        failover: Box<Failover>,
+        outcome: Box<Result<Session, ConnectFailure>>,
+    },
     Probed(Result<ProbeOk, String>),
-    Link { session: u64, event: LinkEvent },
-    LinkLost { session: u64, error: LinkError },
-    Forwarded { session: u64, progress: Forwarded },
+    Link {
+        session: u64,
+        event: LinkEvent,
+    },
+    LinkLost {
+        session: u64,
+        error: LinkError,
+    },
+    Forwarded {
+        session: u64,
+        progress: Forwarded,
+    },
+    /// A failback try of the primary finished.
+    FailedBack(Box<Result<Session, LinkError>>),
 }
 
 struct ProbeOk {
@@ -148,10 +162,19 @@ pub async fn start(
         next_session_id: 0,
         pending_transition: None,
         probing: false,
+        failback_running: false,
         input_tx,
     };
     let task = tokio::spawn(driver.run(trigger_rx, input_rx));
     Ok(EdgeLink { trigger: trigger_tx, task })
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until_option(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 fn moment() -> Moment {
@@ -172,6 +195,7 @@ struct Driver {
     /// The transition whose handshake a connect round is answering.
     pending_transition: Option<TransitionId>,
     probing: bool,
+    failback_running: bool,
     input_tx: mpsc::Sender<Input>,
 }
 
@@ -190,6 +214,7 @@ impl Driver {
                     self.apply(Event::ManualTrigger { source: TriggerSource::AdminApi }).await;
                 }
                 Some(input) = inputs.recv() => self.on_input(input).await,
+                _ = sleep_until_option(self.failback_due()) => self.spawn_failback(),
                 else => return,
             }
             self.ensure_session();
@@ -263,6 +288,15 @@ impl Driver {
                 }
                 LinkEvent::Maintenance { enabled: false } | LinkEvent::Welcome { .. } => {}
             },
+            Input::LinkLost { session, error: LinkError::Rejected { url, detail } }
+                if self.is_current(session) =>
+            {
+                // Another endpoint would not change the answer: this is for the machine to judge.
+                self.session = None;
+                let detail = format!("{url} refused this edge's messages: {detail}");
+                tracing::error!(%detail, "forwarding refused");
+                self.apply(Event::ForwardFailed { failure: UpstreamFailure::Rejected, detail }).await;
+            }
             Input::LinkLost { session, error } if self.is_current(session) => {
                 tracing::warn!(%error, "link to the central lost; trying the endpoints again");
                 // Reconnect first (failover may find another central); only if every endpoint
@@ -282,6 +316,27 @@ impl Driver {
                     forwarded_through_seq: progress.through_seq,
                 })
                 .await;
+            }
+            Input::FailedBack(outcome) => {
+                self.failback_running = false;
+                let Some(failover) = self.failover.as_deref_mut() else { return };
+                match *outcome {
+                    Ok(session) => {
+                        if let SuccessOutcome::Switched { from, to } =
+                            failover.report_success(0, Instant::now())
+                        {
+                            self.metrics.failovers.inc();
+                            tracing::info!(from = %self.clients[from].url(), to = %self.clients[to].url(), "failed back to the primary central");
+                        }
+                        // The old session's tasks stop when it is dropped; the central drops
+                        // whatever of its in-flight batches it already holds when they are resent.
+                        self.begin_session(session);
+                    }
+                    Err(error) => {
+                        tracing::info!(%error, "the primary central is still unavailable; staying on the alternate");
+                        let _ = failover.report_failure(0, Instant::now(), error.to_string());
+                    }
+                }
             }
             // Stale news from a session that is gone.
             Input::Link { .. } | Input::LinkLost { .. } | Input::Forwarded { .. } => {}
@@ -453,6 +508,42 @@ impl Driver {
                 }
             };
             let _ = inputs.send(Input::Connected { failover, outcome: Box::new(outcome) }).await;
+        });
+    }
+
+    /// When a failback try of the primary is due: only while a session runs on an alternate.
+    fn failback_due(&self) -> Option<Instant> {
+        if self.failback_running || self.session.is_none() || self.machine.state() != State::Online {
+            return None;
+        }
+        self.failover.as_deref().and_then(Failover::next_failback_at)
+    }
+
+    /// Tries to open a link to the primary while the current one stays up.
+    fn spawn_failback(&mut self) {
+        let Some(failover) = self.failover.as_deref_mut() else { return };
+        let Some(attempt) = failover.poll_failback(Instant::now()) else { return };
+        self.failback_running = true;
+        let client = self.clients[attempt.endpoint_index].clone();
+        let hello = self.hello();
+        let inputs = self.input_tx.clone();
+        let session_id = self.next_session_id;
+        self.next_session_id += 1;
+        tokio::spawn(async move {
+            let outcome = client.open_link(&hello).await.map(|(welcome, stream)| {
+                let LinkEvent::Welcome { positions, .. } = welcome else {
+                    unreachable!("open_link returns a welcome")
+                };
+                Session {
+                    id: session_id,
+                    endpoint_index: attempt.endpoint_index,
+                    url: client.url().to_string(),
+                    welcome_positions: positions,
+                    stream: Some(stream),
+                    tasks: Vec::new(),
+                }
+            });
+            let _ = inputs.send(Input::FailedBack(Box::new(outcome))).await;
         });
     }
 

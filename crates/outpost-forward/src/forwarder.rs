@@ -146,7 +146,21 @@ pub async fn run(
                 let _ =
                     progress.send(Forwarded { queue, through_seq: entry.acked, stored: ack.stored }).await;
             }
-            Err(LinkError::Gap { expected_seq, .. }) => {
+            Err(LinkError::Gap { url, expected_seq }) => {
+                let released_through =
+                    store.queue(&queue).map(|q| q.first_seq.saturating_sub(1)).unwrap_or(0);
+                if expected_seq <= released_through {
+                    // This edge already gave those messages to a central and released them: the
+                    // central in use does not share that central's store.
+                    return LinkError::Rejected {
+                        url,
+                        detail: format!(
+                            "it expects seq {expected_seq} of queue {queue:?}, but this edge forwarded and released \
+                             everything up to seq {released_through} to another central that does not share its store; \
+                             failover endpoints must be centrals of one cluster (the same `postgres` URL)"
+                        ),
+                    };
+                }
                 // The central holds less than a batch assumed (its predecessor failed or is late):
                 // go back and resend from where it is; it drops what it already has.
                 tracing::debug!(%queue, expected_seq, "central asked to resend");
