@@ -61,6 +61,10 @@ impl From<StoreError> for ApiError {
                 ApiError::unavailable("the node is shutting down; retry against it later", 5)
             }
             StoreError::Invalid(message) => ApiError::bad_request(message),
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(error = %error, "store unavailable while serving a request");
+                ApiError::unavailable(format!("{error}; retry in a moment"), 5)
+            }
             other => {
                 tracing::error!(error = %other, "store error while serving a request");
                 ApiError::internal(format!("store error: {other}"))

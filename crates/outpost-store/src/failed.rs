@@ -21,7 +21,8 @@ use bytes::Bytes;
 use rusqlite::{params, OptionalExtension, Transaction};
 use tokio::sync::oneshot;
 
-use crate::{writer, Store, StoreError, StoredMessage};
+use crate::ops::Op;
+use crate::{Backend, Store, StoreError, StoredMessage};
 
 /// The most ids one bulk resubmit may name.
 pub const MAX_RESUBMIT_IDS: usize = 10_000;
@@ -45,7 +46,7 @@ impl FailedStatus {
         }
     }
 
-    fn parse(text: &str) -> Result<FailedStatus, StoreError> {
+    pub(crate) fn parse(text: &str) -> Result<FailedStatus, StoreError> {
         match text {
             "failed" => Ok(FailedStatus::Failed),
             "resubmitted" => Ok(FailedStatus::Resubmitted),
@@ -270,7 +271,7 @@ impl Store {
     /// moves the route's cursor past the message, in one commit. Returns the entry's id.
     pub async fn fail_message(&self, failure: NewFailure) -> Result<i64, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::FailMessage { failure: Box::new(failure), reply }).await?;
+        self.send(Op::FailMessage { failure: Box::new(failure), reply }).await?;
         match rx.await.map_err(|_| StoreError::Closed)?? {
             FailedOutcome::Inserted(id) => Ok(id),
             other => unreachable!("fail_message answered {other:?}"),
@@ -279,7 +280,7 @@ impl Store {
 
     async fn change_failed(&self, change: FailedChange) -> Result<FailedOutcome, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::ChangeFailed { change, reply }).await?;
+        self.send(Op::ChangeFailed { change, reply }).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -317,10 +318,13 @@ impl Store {
 
     /// Entries by id. Blocking, like [`Store::read_blocking`].
     pub fn failed_blocking(&self, query: &FailedQuery) -> Result<Vec<FailedEntry>, StoreError> {
+        let sqlite = match &self.inner.backend {
+            Backend::Sqlite(sqlite) => sqlite,
+            Backend::Postgres(pg) => return tokio::runtime::Handle::current().block_on(pg.failed(query)),
+        };
         let limit = query.limit.min(MAX_FAILED_LIST_LIMIT) as i64;
-        let conn = self.take_reader()?;
         let payload_column = if query.with_payload { ", payload" } else { "" };
-        let result = (|| {
+        let rows = sqlite.with_reader(|conn| {
             let sql = format!(
                 "SELECT {ENTRY_COLUMNS}{payload_column} FROM failed
                  WHERE (?1 IS NULL OR route = ?1) AND status = ?2 AND id > ?3 ORDER BY id LIMIT ?4"
@@ -330,14 +334,16 @@ impl Store {
                 .query_map(params![query.route, query.status.as_str(), query.after_id, limit], |row| {
                     entry_from_row(row, query.with_payload)
                 })?;
-            rows.collect::<Result<Vec<_>, _>>()
-        })();
-        self.inner.readers.lock().expect("reader pool poisoned").push(conn);
-        finish(result.map_err(StoreError::from_sqlite)?)
+            rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
+        })?;
+        finish(rows)
     }
 
-    /// Async wrapper of [`Store::failed_blocking`].
+    /// Entries by id.
     pub async fn failed(&self, query: FailedQuery) -> Result<Vec<FailedEntry>, StoreError> {
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            return pg.failed(&query).await;
+        }
         let store = self.clone();
         tokio::task::spawn_blocking(move || store.failed_blocking(&query))
             .await
@@ -346,15 +352,18 @@ impl Store {
 
     /// One entry without its payload, whatever its status.
     pub async fn failed_entry(&self, id: i64) -> Result<Option<FailedEntry>, StoreError> {
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            return pg.failed_entry(id).await;
+        }
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = store.take_reader()?;
-            let result = conn
-                .prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM failed WHERE id = ?1"))
-                .and_then(|mut stmt| stmt.query_row([id], |row| entry_from_row(row, false)).optional());
-            store.inner.readers.lock().expect("reader pool poisoned").push(conn);
-            finish(result.map_err(StoreError::from_sqlite)?.into_iter().collect())
-                .map(|mut entries| entries.pop())
+            let Backend::Sqlite(sqlite) = &store.inner.backend else { unreachable!("checked above") };
+            let rows = sqlite.with_reader(|conn| {
+                conn.prepare_cached(&format!("SELECT {ENTRY_COLUMNS} FROM failed WHERE id = ?1"))
+                    .and_then(|mut stmt| stmt.query_row([id], |row| entry_from_row(row, false)).optional())
+                    .map_err(StoreError::from_sqlite)
+            })?;
+            finish(rows.into_iter().collect()).map(|mut entries| entries.pop())
         })
         .await
         .map_err(|_| StoreError::Closed)?
@@ -362,18 +371,19 @@ impl Store {
 
     /// How many entries with `status` each route has (routes with none are absent).
     pub async fn failed_counts(&self, status: FailedStatus) -> Result<BTreeMap<String, u64>, StoreError> {
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            return pg.failed_counts(status).await;
+        }
         let store = self.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = store.take_reader()?;
-            let result = (|| {
+            let Backend::Sqlite(sqlite) = &store.inner.backend else { unreachable!("checked above") };
+            sqlite.with_reader(|conn| {
                 let mut stmt = conn
                     .prepare_cached("SELECT route, count(*) FROM failed WHERE status = ?1 GROUP BY route")?;
                 let rows =
                     stmt.query_map([status.as_str()], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-                rows.collect::<Result<BTreeMap<_, _>, _>>()
-            })();
-            store.inner.readers.lock().expect("reader pool poisoned").push(conn);
-            result.map_err(StoreError::from_sqlite)
+                rows.collect::<Result<BTreeMap<_, _>, _>>().map_err(StoreError::from_sqlite)
+            })
         })
         .await
         .map_err(|_| StoreError::Closed)?

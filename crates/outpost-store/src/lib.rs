@@ -48,21 +48,24 @@
 //! by a newer outpost is refused rather than misread.
 
 pub mod failed;
+mod ops;
+mod pg;
+mod pg_writer;
 mod schema;
+mod sqlite;
 mod writer;
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 pub use failed::{FailedEntry, FailedQuery, FailedSelector, FailedStatus, NewFailure, ResubmitOutcome};
-pub use writer::{MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
+pub use ops::{MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
+pub use pg::{LEASE_RENEW_INTERVAL, LEASE_TTL, MAX_CLUSTER_EVENT_BYTES, PG_POOL_SIZE};
 
 /// How many write operations may wait for the writer before callers wait to enqueue.
 pub const WRITE_QUEUE_CAPACITY: usize = 8192;
@@ -70,6 +73,8 @@ pub const WRITE_QUEUE_CAPACITY: usize = 8192;
 pub const READ_POOL_SIZE: usize = 4;
 /// The most messages one read returns.
 pub const MAX_READ_LIMIT: usize = 10_000;
+/// How many cluster events may wait for a slow subscriber before it misses the oldest.
+pub const CLUSTER_EVENT_CAPACITY: usize = 1024;
 
 /// What can go wrong in the store. Variants that decide a client's answer are distinct; the rest is
 /// an internal failure.
@@ -101,6 +106,10 @@ pub enum StoreError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    #[error("PostgreSQL at {url} cannot be reached: {detail}")]
+    Unavailable { url: String, detail: String },
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
 }
 
 impl StoreError {
@@ -200,82 +209,105 @@ impl StoreOptions {
 /// Called by the writer after each commit with its duration and how many operations it carried.
 pub type CommitObserver = Arc<dyn Fn(Duration, usize) + Send + Sync>;
 
-/// A handle to an open store. Cheap to clone; every clone talks to the same writer thread.
+/// A handle to an open store. Cheap to clone; every clone talks to the same writer.
+///
+/// The same API over two backends: the embedded SQLite store ([`Store::open`]) and PostgreSQL
+/// ([`Store::open_postgres`]). Writes go to the backend's single writer as [`ops::Op`]s; the sync
+/// reads (`queue_stats`, `cursor`, `origin_position`) are served from in-memory views the writer
+/// publishes after each commit (and, on PostgreSQL, the listener refreshes when another central
+/// commits); the other reads query the backend.
 #[derive(Clone)]
 pub struct Store {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    path: PathBuf,
-    ops: mpsc::Sender<writer::Op>,
+    backend: Backend,
+    ops: mpsc::Sender<ops::Op>,
     // Written by the writer after each commit. Readers (status, metrics, the queue list, the link)
-    // need a consistent, cheap view without querying SQLite.
-    views: Arc<writer::Views>,
+    // need a consistent, cheap view without querying the database.
+    views: Arc<ops::Views>,
     commits: watch::Receiver<u64>,
-    readers: Mutex<Vec<Connection>>,
-    writer_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    // Held for the life of the store: the flock on outpost.lock is released when it is dropped.
-    _lock: File,
+    events: broadcast::Sender<(String, String)>,
+    writer_task: std::sync::Mutex<Option<WriterHandle>>,
+}
+
+enum Backend {
+    Sqlite(sqlite::Sqlite),
+    Postgres(pg::Postgres),
+}
+
+enum WriterHandle {
+    Thread(std::thread::JoinHandle<()>),
+    Task(tokio::task::JoinHandle<()>),
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `data_dir`: takes the directory lock, migrates the
-    /// schema, checks every queue for gaps and starts the writer thread.
+    /// Opens (creating if needed) the embedded store in `data_dir`: takes the directory lock,
+    /// migrates the schema, checks every queue for gaps and starts the writer thread.
     pub fn open(
         data_dir: &Path,
         options: StoreOptions,
         observer: Option<CommitObserver>,
     ) -> Result<Store, StoreError> {
-        let io = |source| StoreError::Io { path: data_dir.to_path_buf(), source };
-        std::fs::create_dir_all(data_dir).map_err(io)?;
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(data_dir.join("outpost.lock"))
-            .map_err(io)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(StoreError::DirectoryInUse(data_dir.to_path_buf()))
-            }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-        }
-
-        let path = data_dir.join("outpost.db");
-        let mut conn = open_connection(&path, false)?;
-        schema::migrate(&mut conn)?;
-        let mut readers = Vec::with_capacity(READ_POOL_SIZE);
-        for _ in 0..READ_POOL_SIZE {
-            readers.push(open_connection(&path, true)?);
-        }
-
-        let views = Arc::new(writer::Views::default());
+        let views = Arc::new(ops::Views::default());
         let (commits_tx, commits) = watch::channel(0);
         let (ops_tx, ops_rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
-        let writer = writer::Writer::new(conn, options, views.clone(), commits_tx, observer)?;
-        let thread = std::thread::Builder::new()
-            .name("outpost-writer".into())
-            .spawn(move || writer.run(ops_rx))
-            .map_err(io)?;
-
+        let (backend, thread) =
+            sqlite::Sqlite::open(data_dir, options, views.clone(), commits_tx, observer, ops_rx)?;
         Ok(Store {
             inner: Arc::new(Inner {
-                path,
+                backend: Backend::Sqlite(backend),
                 ops: ops_tx,
                 views,
                 commits,
-                readers: Mutex::new(readers),
-                writer_thread: Mutex::new(Some(thread)),
-                _lock: lock,
+                events: broadcast::channel(CLUSTER_EVENT_CAPACITY).0,
+                writer_task: std::sync::Mutex::new(Some(WriterHandle::Thread(thread))),
             }),
         })
     }
 
-    /// The database file.
+    /// Opens the store in the PostgreSQL database at `url` (a central of a cluster: every central
+    /// opened on the same database shares its queues, positions, cursors, documents and failed
+    /// messages). Runs the migrations (under an advisory lock, so centrals starting together do not
+    /// race), loads the views, starts the writer task and the listener that follows the other
+    /// centrals' commits and cluster events.
+    pub async fn open_postgres(
+        url: &str,
+        options: StoreOptions,
+        observer: Option<CommitObserver>,
+    ) -> Result<Store, StoreError> {
+        let views = Arc::new(ops::Views::default());
+        let (commits_tx, commits) = watch::channel(0);
+        let (ops_tx, ops_rx) = mpsc::channel(WRITE_QUEUE_CAPACITY);
+        let events = broadcast::channel(CLUSTER_EVENT_CAPACITY).0;
+        let (backend, task) =
+            pg::Postgres::open(url, options, views.clone(), commits_tx, events.clone(), observer, ops_rx)
+                .await?;
+        Ok(Store {
+            inner: Arc::new(Inner {
+                backend: Backend::Postgres(backend),
+                ops: ops_tx,
+                views,
+                commits,
+                events,
+                writer_task: std::sync::Mutex::new(Some(WriterHandle::Task(task))),
+            }),
+        })
+    }
+
+    /// The database file (SQLite), or an empty path (PostgreSQL).
     pub fn path(&self) -> &Path {
-        &self.inner.path
+        match &self.inner.backend {
+            Backend::Sqlite(sqlite) => &sqlite.path,
+            Backend::Postgres(_) => Path::new(""),
+        }
+    }
+
+    /// True when the store is a PostgreSQL cluster's (for logs and status only: nothing above the
+    /// store behaves differently).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.inner.backend, Backend::Postgres(_))
     }
 
     /// Appends messages to a queue atomically: all are stored, or none. Resolves once they are on
@@ -288,13 +320,13 @@ impl Store {
         idempotency_key: Option<String>,
     ) -> Result<Appended, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::Append { queue: queue.to_string(), messages, idempotency_key, reply }).await?;
+        self.send(ops::Op::Append { queue: queue.to_string(), messages, idempotency_key, reply }).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Stores an edge's consecutive messages of one queue on a central, each (origin, queue, seq)
     /// once: already-stored ones are counted as duplicates, and a batch that starts after a gap
-    /// stores nothing and says where to resume.
+    /// stores nothing and says where to resume. On PostgreSQL this holds cluster-wide.
     pub async fn append_from_origin(
         &self,
         queue: &str,
@@ -302,7 +334,7 @@ impl Store {
         messages: Vec<outpost_core::wire::BatchMessage>,
     ) -> Result<OriginAppended, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::AppendFromOrigin {
+        self.send(ops::Op::AppendFromOrigin {
             queue: queue.to_string(),
             origin: origin.to_string(),
             messages,
@@ -312,7 +344,8 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Highest seq of `queue` from `origin` stored here (0: none).
+    /// Highest seq of `queue` from `origin` stored here (0: none). From the views: on PostgreSQL it
+    /// may trail another central's commit by the staleness bound of [`pg`]; it never runs ahead.
     pub fn origin_position(&self, origin: &str, queue: &str) -> u64 {
         let positions = self.inner.views.origin_positions.read().expect("views lock poisoned");
         positions.get(&(origin.to_string(), queue.to_string())).copied().unwrap_or(0)
@@ -324,16 +357,17 @@ impl Store {
         positions.iter().filter(|((o, _), _)| o == origin).map(|((_, q), seq)| (q.clone(), *seq)).collect()
     }
 
-    /// Resolves after the next commit that changed data (for waiters on positions or cursors).
+    /// Resolves after the next commit that changed data (for waiters on positions or cursors); on
+    /// PostgreSQL also after another central's commit was taken into the views.
     pub fn commits(&self) -> watch::Receiver<u64> {
         self.inner.commits.clone()
     }
 
     /// Records durably that `reader` is done with `queue` through `acked_seq`, and releases the
-    /// messages every required reader is done with.
+    /// messages every required reader is done with. A cursor never moves back.
     pub async fn advance_cursor(&self, queue: &str, reader: &str, acked_seq: u64) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::AdvanceCursor {
+        self.send(ops::Op::AdvanceCursor {
             queue: queue.to_string(),
             reader: reader.to_string(),
             acked_seq,
@@ -343,35 +377,43 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Where `reader` is in `queue` (0: it has taken nothing yet).
+    /// Where `reader` is in `queue` (0: it has taken nothing yet), from the views.
     pub fn cursor(&self, queue: &str, reader: &str) -> u64 {
         let cursors = self.inner.views.cursors.read().expect("views lock poisoned");
         cursors.get(&(queue.to_string(), reader.to_string())).copied().unwrap_or(0)
     }
 
+    /// Where `reader` is in `queue`, read from the database itself (PostgreSQL: not subject to the
+    /// views' staleness; use it when taking over a reader another central ran). The views are
+    /// updated with what was read.
+    pub async fn fresh_cursor(&self, queue: &str, reader: &str) -> Result<u64, StoreError> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => Ok(self.cursor(queue, reader)),
+            Backend::Postgres(pg) => pg.fresh_cursor(&self.inner.views, queue, reader).await,
+        }
+    }
+
     /// Stores a small document durably under `key` (replacing any previous value).
     pub async fn put_document(&self, key: &str, value: String) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::PutDocument { key: key.to_string(), value, reply }).await?;
+        self.send(ops::Op::PutDocument { key: key.to_string(), value, reply }).await?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Every document whose key starts with `prefix`, by key. Blocking, like [`Store::read_blocking`].
+    /// Every document whose key starts with `prefix`, by key. Blocking: call it from a blocking
+    /// thread (on PostgreSQL it blocks on the async query, so never from an async task).
     pub fn documents_blocking(&self, prefix: &str) -> Result<BTreeMap<String, String>, StoreError> {
-        let conn = self.take_reader()?;
-        let result = (|| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT key, value FROM documents WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
-            )?;
-            let rows = stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
-            rows.collect::<Result<BTreeMap<_, _>, _>>()
-        })();
-        self.inner.readers.lock().expect("reader pool poisoned").push(conn);
-        result.map_err(StoreError::from_sqlite)
+        match &self.inner.backend {
+            Backend::Sqlite(sqlite) => sqlite.documents(prefix),
+            Backend::Postgres(pg) => tokio::runtime::Handle::current().block_on(pg.documents(prefix)),
+        }
     }
 
-    /// Async wrapper of [`Store::documents_blocking`].
+    /// Every document whose key starts with `prefix`, by key.
     pub async fn documents(&self, prefix: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            return pg.documents(prefix).await;
+        }
         let store = self.clone();
         let prefix = prefix.to_string();
         tokio::task::spawn_blocking(move || store.documents_blocking(&prefix))
@@ -379,18 +421,18 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
     }
 
-    /// Confirms the writer thread is alive and committing: a no-op round trip through it.
+    /// Confirms the writer is alive and committing: a no-op round trip through it.
     pub async fn ping_writer(&self) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.send(writer::Op::Ping { reply }).await?;
+        self.send(ops::Op::Ping { reply }).await?;
         rx.await.map_err(|_| StoreError::Closed)
     }
 
-    async fn send(&self, op: writer::Op) -> Result<(), StoreError> {
+    async fn send(&self, op: ops::Op) -> Result<(), StoreError> {
         self.inner.ops.send(op).await.map_err(|_| StoreError::Closed)
     }
 
-    /// Every queue's size as of the last commit, by name.
+    /// Every queue's size as of the last commit seen, by name.
     pub fn queue_stats(&self) -> Vec<QueueStats> {
         self.inner.views.stats.read().expect("views lock poisoned").values().cloned().collect()
     }
@@ -401,7 +443,7 @@ impl Store {
     }
 
     /// Reads up to `limit` messages of `queue` with `seq > after_seq`, in order. Blocking: call it
-    /// from a blocking thread (e.g. `tokio::task::spawn_blocking`).
+    /// from a blocking thread (e.g. `tokio::task::spawn_blocking`), never from an async task.
     pub fn read_blocking(
         &self,
         queue: &str,
@@ -409,19 +451,24 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let limit = limit.min(MAX_READ_LIMIT);
-        let conn = self.take_reader()?;
-        let result = read_messages(&conn, queue, after_seq, limit);
-        self.inner.readers.lock().expect("reader pool poisoned").push(conn);
-        result
+        match &self.inner.backend {
+            Backend::Sqlite(sqlite) => sqlite.read(queue, after_seq, limit),
+            Backend::Postgres(pg) => {
+                tokio::runtime::Handle::current().block_on(pg.read(queue, after_seq, limit))
+            }
+        }
     }
 
-    /// Async wrapper of [`Store::read_blocking`].
+    /// Reads up to `limit` messages of `queue` with `seq > after_seq`, in order.
     pub async fn read(
         &self,
         queue: &str,
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            return pg.read(queue, after_seq, limit.min(MAX_READ_LIMIT)).await;
+        }
         let store = self.clone();
         let queue = queue.to_string();
         tokio::task::spawn_blocking(move || store.read_blocking(&queue, after_seq, limit))
@@ -429,75 +476,64 @@ impl Store {
             .map_err(|_| StoreError::Closed)?
     }
 
-    fn take_reader(&self) -> Result<Connection, StoreError> {
-        if let Some(conn) = self.inner.readers.lock().expect("reader pool poisoned").pop() {
-            return Ok(conn);
+    /// Tells every node sharing this store (on PostgreSQL: every central of the cluster, through
+    /// `NOTIFY outpost_events`; on SQLite: only this node) that `kind` happened, with a small JSON
+    /// `body` (at most [`MAX_CLUSTER_EVENT_BYTES`]). This node's own subscribers get it at once;
+    /// the others within a NOTIFY round trip. Not durable: a central that is down misses it, so
+    /// whatever must survive goes into a document first and the event only says "look again".
+    pub async fn publish_cluster_event(&self, kind: &str, body: &str) -> Result<(), StoreError> {
+        if kind.len() + body.len() > MAX_CLUSTER_EVENT_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "a cluster event may carry at most {MAX_CLUSTER_EVENT_BYTES} bytes; {kind:?} carries {}",
+                kind.len() + body.len()
+            )));
         }
-        // Every pooled connection is busy: open a temporary one rather than queue behind them.
-        open_connection(&self.inner.path, true)
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            pg.publish_event(kind, body).await?;
+        }
+        // No subscriber is not an error.
+        let _ = self.inner.events.send((kind.to_string(), body.to_string()));
+        Ok(())
+    }
+
+    /// Every cluster event from now on, this node's own included: `(kind, body)`. A subscriber more
+    /// than [`CLUSTER_EVENT_CAPACITY`] events behind misses the oldest (`RecvError::Lagged`).
+    pub fn cluster_events(&self) -> broadcast::Receiver<(String, String)> {
+        self.inner.events.subscribe()
+    }
+
+    /// A lease named `name` for this node: the receiver says whether this node holds it now. On
+    /// SQLite the node is alone and always holds it. On PostgreSQL at most one central of the
+    /// cluster holds a lease at a time: each central renews its claim every
+    /// [`LEASE_RENEW_INTERVAL`]; a claim not renewed for [`LEASE_TTL`] (central dead or cut off from
+    /// the database) may be taken by another, and a holder that could not renew within the TTL
+    /// reports `false` before anyone else can take it. Dropping every receiver gives the lease up.
+    pub fn lease(&self, name: &str) -> watch::Receiver<bool> {
+        match &self.inner.backend {
+            Backend::Sqlite(_) => watch::channel(true).1,
+            Backend::Postgres(pg) => pg.lease(name),
+        }
     }
 
     /// Stops the writer after it has committed every operation already queued, and waits for it.
     /// Operations sent afterwards fail with [`StoreError::Closed`].
     pub async fn shutdown(&self) {
         let (reply, rx) = oneshot::channel();
-        if self.send(writer::Op::Shutdown { reply }).await.is_ok() {
+        if self.send(ops::Op::Shutdown { reply }).await.is_ok() {
             let _ = rx.await;
         }
-        let handle = self.inner.writer_thread.lock().expect("writer handle poisoned").take();
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        let handle = self.inner.writer_task.lock().expect("writer handle poisoned").take();
+        match handle {
+            Some(WriterHandle::Thread(handle)) => {
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            }
+            Some(WriterHandle::Task(handle)) => {
+                let _ = handle.await;
+            }
+            None => {}
+        }
+        if let Backend::Postgres(pg) = &self.inner.backend {
+            pg.stop_background();
         }
     }
-}
-
-fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
-    let flags = if read_only {
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-    };
-    let conn = Connection::open_with_flags(path, flags).map_err(StoreError::from_sqlite)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    if !read_only {
-        // WAL + FULL: a commit returns only after the WAL is fsynced, so an acknowledged write
-        // survives power loss; readers work beside the writer.
-        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Corrupt(format!(
-                "cannot switch {} to WAL mode (got {mode})",
-                path.display()
-            )));
-        }
-        conn.execute_batch(
-            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA journal_size_limit=67108864;",
-        )?;
-    }
-    Ok(conn)
-}
-
-fn read_messages(
-    conn: &Connection,
-    queue: &str,
-    after_seq: u64,
-    limit: usize,
-) -> Result<Vec<StoredMessage>, StoreError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT m.seq, m.id, m.origin, m.origin_seq, m.content_type, m.accepted_at_ms, m.payload
-         FROM messages m JOIN queues q ON q.queue_id = m.queue_id
-         WHERE q.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
-    )?;
-    let rows = stmt.query_map(params![queue, after_seq as i64, limit as i64], |row| {
-        Ok(StoredMessage {
-            seq: row.get::<_, i64>(0)? as u64,
-            id: row.get(1)?,
-            queue: queue.to_string(),
-            origin: row.get(2)?,
-            origin_seq: row.get::<_, i64>(3)? as u64,
-            content_type: row.get(4)?,
-            accepted_at_ms: row.get(5)?,
-            payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
-        })
-    })?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
 }

@@ -1,84 +1,19 @@
-//! The single writer thread: owns the write connection and group-commits every operation that is
-//! waiting when a commit starts.
+//! The SQLite backend's single writer thread: owns the write connection and group-commits every
+//! operation that is waiting when a commit starts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use outpost_core::wire::BatchMessage;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::ops::{Op, Reply, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
 use crate::{
     failed, schema, Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError,
     StoreOptions,
 };
-
-/// The most operations one commit carries.
-pub const MAX_OPS_PER_COMMIT: usize = 4096;
-/// The most payload bytes one commit carries (a single larger operation still commits alone).
-pub const MAX_BYTES_PER_COMMIT: usize = 32 << 20;
-
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-pub enum Op {
-    Append {
-        queue: String,
-        messages: Vec<NewMessage>,
-        idempotency_key: Option<String>,
-        reply: Reply<Appended>,
-    },
-    AppendFromOrigin {
-        queue: String,
-        origin: String,
-        messages: Vec<BatchMessage>,
-        reply: Reply<OriginAppended>,
-    },
-    AdvanceCursor {
-        queue: String,
-        reader: String,
-        acked_seq: u64,
-        reply: Reply<()>,
-    },
-    PutDocument {
-        key: String,
-        value: String,
-        reply: Reply<()>,
-    },
-    /// Copy a message into the failed table and move the route's cursor past it, atomically.
-    FailMessage {
-        failure: Box<failed::NewFailure>,
-        reply: Reply<failed::FailedOutcome>,
-    },
-    ChangeFailed {
-        change: failed::FailedChange,
-        reply: Reply<failed::FailedOutcome>,
-    },
-    Ping {
-        reply: oneshot::Sender<()>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
-}
-
-impl Op {
-    fn payload_bytes(&self) -> usize {
-        match self {
-            Op::Append { messages, .. } => messages.iter().map(|m| m.payload.len()).sum(),
-            Op::AppendFromOrigin { messages, .. } => messages.iter().map(|m| m.payload.len()).sum(),
-            _ => 0,
-        }
-    }
-}
-
-/// What the rest of the node reads without asking the writer: replaced after each commit.
-#[derive(Default)]
-pub struct Views {
-    pub stats: RwLock<BTreeMap<String, QueueStats>>,
-    pub origin_positions: RwLock<HashMap<(String, String), u64>>,
-    pub cursors: RwLock<HashMap<(String, String), u64>>,
-}
 
 /// The writer's own copy of everything the views show, changed inside a transaction and published
 /// only after it commits.

@@ -51,17 +51,24 @@ async fn serve(config: Config) -> ExitCode {
 
     let metrics = Arc::new(Metrics::new());
     let observer_metrics = metrics.clone();
-    let store = match Store::open(
-        &config.data_dir,
-        store_options(&config),
-        Some(Arc::new(move |elapsed: Duration, _ops: usize| {
-            observer_metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
-        })),
-    ) {
+    let observer: outpost_store::CommitObserver = Arc::new(move |elapsed: Duration, _ops: usize| {
+        observer_metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
+    });
+    let opened = match &config.postgres {
+        // A central of a cluster: everything lives in PostgreSQL; the data directory holds only
+        // what the HA watcher writes.
+        Some(url) => Store::open_postgres(url, store_options(&config), Some(observer)).await,
+        None => Store::open(&config.data_dir, store_options(&config), Some(observer)),
+    };
+    let store = match opened {
         Ok(store) => store,
         Err(e @ StoreError::DirectoryInUse(_)) => {
             tracing::error!("{e}; stop the other node or choose another --data-dir");
             return ExitCode::from(exit::DATA_DIR_IN_USE);
+        }
+        Err(e) if config.postgres.is_some() => {
+            tracing::error!("cannot open the store on PostgreSQL (key `postgres`): {e}");
+            return ExitCode::from(exit::FATAL);
         }
         Err(e) => {
             tracing::error!(data_dir = %config.data_dir.display(), "cannot open the store: {e}");

@@ -1,0 +1,79 @@
+//! The write operations both backends' writers take, and the in-memory views they publish after
+//! each commit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::RwLock;
+
+use outpost_core::wire::BatchMessage;
+use tokio::sync::oneshot;
+
+use crate::{failed, Appended, NewMessage, OriginAppended, QueueStats, StoreError};
+
+/// The most operations one commit carries.
+pub const MAX_OPS_PER_COMMIT: usize = 4096;
+/// The most payload bytes one commit carries (a single larger operation still commits alone).
+pub const MAX_BYTES_PER_COMMIT: usize = 32 << 20;
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+pub(crate) enum Op {
+    Append {
+        queue: String,
+        messages: Vec<NewMessage>,
+        idempotency_key: Option<String>,
+        reply: Reply<Appended>,
+    },
+    AppendFromOrigin {
+        queue: String,
+        origin: String,
+        messages: Vec<BatchMessage>,
+        reply: Reply<OriginAppended>,
+    },
+    AdvanceCursor {
+        queue: String,
+        reader: String,
+        acked_seq: u64,
+        reply: Reply<()>,
+    },
+    PutDocument {
+        key: String,
+        value: String,
+        reply: Reply<()>,
+    },
+    /// Copy a message into the failed table and move the route's cursor past it, atomically.
+    FailMessage {
+        failure: Box<failed::NewFailure>,
+        reply: Reply<failed::FailedOutcome>,
+    },
+    ChangeFailed {
+        change: failed::FailedChange,
+        reply: Reply<failed::FailedOutcome>,
+    },
+    Ping {
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+impl Op {
+    pub(crate) fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Append { messages, .. } => messages.iter().map(|m| m.payload.len()).sum(),
+            Op::AppendFromOrigin { messages, .. } => messages.iter().map(|m| m.payload.len()).sum(),
+            _ => 0,
+        }
+    }
+}
+
+/// What the rest of the node reads without asking the writer: replaced after each commit.
+#[derive(Default)]
+pub struct Views {
+    pub stats: RwLock<BTreeMap<String, QueueStats>>,
+    pub origin_positions: RwLock<HashMap<(String, String), u64>>,
+    pub cursors: RwLock<HashMap<(String, String), u64>>,
+    /// PostgreSQL only: the `version` column of each queue row the stats were read from, so a
+    /// refresh that raced with a newer commit never replaces newer stats with older ones.
+    pub stat_versions: RwLock<HashMap<String, i64>>,
+}

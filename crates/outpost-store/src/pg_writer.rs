@@ -1,0 +1,822 @@
+//! The PostgreSQL backend's writer: one task per central that group-commits every operation
+//! waiting when a commit starts, like the SQLite writer thread, but safe beside the writers of the
+//! other centrals of the cluster.
+//!
+//! # One transaction per group
+//!
+//! 1. Lock what the group touches, always in the same order so two centrals cannot deadlock on
+//!    it: the `(origin, queue)` rows of `outpost_origin_positions` (created at 0 if new), sorted,
+//!    then the `outpost_queues` rows, sorted by name, all `FOR UPDATE`. A queue created by the group
+//!    is locked when created. (A deadlock PostgreSQL still detects, e.g. two centrals creating the
+//!    same queues in different orders, retries the whole group.)
+//! 2. Apply the operations in order against the locked rows held in memory: seqs are assigned as
+//!    `last_seq + 1 …` of the locked queue row (so seqs stay gapless cluster-wide), an edge's batch
+//!    is checked against its locked position (so it is stored once cluster-wide), idempotency keys
+//!    are looked up under the queue lock.
+//! 3. Write everything at once: the messages of the whole group in one multi-row `INSERT … SELECT
+//!    FROM unnest(…)`, every touched queue's `last_seq`, `messages`, `bytes`, `first_seq`, oldest
+//!    timestamp and `version` in one `UPDATE … FROM unnest(…)`, the positions likewise, then
+//!    `NOTIFY outpost_commits` naming what changed, and `COMMIT` (durable: `synchronous_commit=on`).
+//! 4. Publish to the views and answer every operation.
+//!
+//! The quota (`max_store_bytes`) is checked against the sum of `outpost_queues.bytes` read at the
+//! start of the group: cluster-wide, and exact for one central; concurrent centrals may overshoot
+//! it by what their groups in flight carry.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use deadpool_postgres::{Pool, Transaction};
+use outpost_core::wire::BatchMessage;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::failed::{
+    FailedChange, FailedOutcome, FailedSelector, NewFailure, ResubmitOutcome, MAX_RESUBMIT_IDS,
+};
+use crate::ops::{Op, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
+use crate::pg::{self, CommitNotice, COMMITS_CHANNEL};
+use crate::{Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError, StoreOptions};
+
+/// How often a group that hit a deadlock or serialization failure is tried again.
+const MAX_GROUP_RETRIES: usize = 5;
+/// The largest NOTIFY payload sent; a bigger change list becomes "reload everything".
+const MAX_NOTICE_BYTES: usize = 7900;
+
+pub(crate) struct PgWriter {
+    pool: Pool,
+    url: String,
+    options: StoreOptions,
+    instance: String,
+    views: Arc<Views>,
+    commits: watch::Sender<u64>,
+    observer: Option<CommitObserver>,
+}
+
+/// Why one try of a group failed.
+enum TryError {
+    Pg(tokio_postgres::Error),
+    Store(StoreError),
+}
+
+impl From<tokio_postgres::Error> for TryError {
+    fn from(e: tokio_postgres::Error) -> TryError {
+        TryError::Pg(e)
+    }
+}
+
+/// The answer to one operation, produced inside the transaction, sent after the commit.
+enum Outcome {
+    Append(Result<Appended, StoreError>),
+    Origin(Result<OriginAppended, StoreError>),
+    Done(Result<(), StoreError>),
+    Failed(Result<FailedOutcome, StoreError>),
+    Nothing,
+}
+
+struct LockedQueue {
+    id: i64,
+    stats: QueueStats,
+    dirty: bool,
+}
+
+/// Message rows of the whole group, column by column, for one `unnest` insert.
+#[derive(Default)]
+struct Rows {
+    queue_ids: Vec<i64>,
+    seqs: Vec<i64>,
+    ids: Vec<String>,
+    origins: Vec<String>,
+    origin_seqs: Vec<i64>,
+    content_types: Vec<String>,
+    accepted_at_ms: Vec<i64>,
+    payloads: Vec<Bytes>,
+}
+
+#[derive(Default)]
+struct Group {
+    queues: HashMap<String, LockedQueue>,
+    /// (origin, queue) → (position, changed).
+    positions: HashMap<(String, String), (u64, bool)>,
+    cursors: BTreeMap<(String, String), u64>,
+    total_bytes: u64,
+    rows: Rows,
+}
+
+/// What a committed group changed, for the views.
+struct Committed {
+    outcomes: Vec<Outcome>,
+    stats: Vec<(QueueStats, i64)>,
+    positions: Vec<((String, String), u64)>,
+    cursors: Vec<((String, String), u64)>,
+}
+
+impl PgWriter {
+    pub(crate) fn new(
+        pool: Pool,
+        url: String,
+        options: StoreOptions,
+        instance: String,
+        views: Arc<Views>,
+        commits: watch::Sender<u64>,
+        observer: Option<CommitObserver>,
+    ) -> PgWriter {
+        PgWriter { pool, url, options, instance, views, commits, observer }
+    }
+
+    pub(crate) async fn run(self, mut ops: mpsc::Receiver<Op>) {
+        let mut shutdown_reply = None;
+        while shutdown_reply.is_none() {
+            let Some(first) = ops.recv().await else { break };
+            let mut group_bytes = first.payload_bytes();
+            let mut group = vec![first];
+            while group.len() < MAX_OPS_PER_COMMIT && group_bytes < MAX_BYTES_PER_COMMIT {
+                match ops.try_recv() {
+                    Ok(op) => {
+                        group_bytes += op.payload_bytes();
+                        group.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            shutdown_reply = self.commit_group(group).await;
+        }
+        ops.close();
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+        tracing::debug!("PostgreSQL store writer stopped");
+    }
+
+    async fn commit_group(&self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
+        let started = Instant::now();
+        let op_count = group.len();
+        let mut tries = 0;
+        let outcome = loop {
+            match self.try_group(&group).await {
+                Ok(committed) => break Ok(committed),
+                Err(TryError::Pg(e)) if pg::is_retryable(&e) && tries < MAX_GROUP_RETRIES => {
+                    tries += 1;
+                    tracing::debug!(
+                        tries,
+                        "group commit met a concurrent central's transaction; trying again: {e}"
+                    );
+                }
+                Err(TryError::Pg(e)) => break Err(pg::pg_error(&self.url, e)),
+                Err(TryError::Store(e)) => break Err(e),
+            }
+        };
+        let mut shutdown = None;
+        match outcome {
+            Ok(committed) => {
+                let changed = !(committed.stats.is_empty()
+                    && committed.positions.is_empty()
+                    && committed.cursors.is_empty());
+                pg::merge_stats(&self.views, committed.stats);
+                pg::merge_max(&self.views.origin_positions, committed.positions);
+                pg::merge_max(&self.views.cursors, committed.cursors);
+                if changed {
+                    self.commits.send_modify(|generation| *generation += 1);
+                }
+                if let Some(observer) = &self.observer {
+                    observer(started.elapsed(), op_count);
+                }
+                for (op, outcome) in group.into_iter().zip(committed.outcomes) {
+                    match (op, outcome) {
+                        (Op::Append { reply, .. }, Outcome::Append(r)) => drop(reply.send(r)),
+                        (Op::AppendFromOrigin { reply, .. }, Outcome::Origin(r)) => drop(reply.send(r)),
+                        (
+                            Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. },
+                            Outcome::Done(r),
+                        ) => drop(reply.send(r)),
+                        (
+                            Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. },
+                            Outcome::Failed(r),
+                        ) => drop(reply.send(r)),
+                        (Op::Ping { reply }, _) => drop(reply.send(())),
+                        (Op::Shutdown { reply }, _) => shutdown = Some(reply),
+                        _ => unreachable!("every operation has the outcome of its kind"),
+                    }
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                tracing::error!(%message, operations = op_count, "PostgreSQL commit failed; every write in it was refused");
+                let failure = || match &error {
+                    StoreError::DiskFull(m) => StoreError::DiskFull(m.clone()),
+                    StoreError::Unavailable { url, detail } => {
+                        StoreError::Unavailable { url: url.clone(), detail: detail.clone() }
+                    }
+                    _ => StoreError::CommitFailed(message.clone()),
+                };
+                for op in group {
+                    match op {
+                        Op::Append { reply, .. } => drop(reply.send(Err(failure()))),
+                        Op::AppendFromOrigin { reply, .. } => drop(reply.send(Err(failure()))),
+                        Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
+                            drop(reply.send(Err(failure())))
+                        }
+                        Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {
+                            drop(reply.send(Err(failure())))
+                        }
+                        Op::Ping { reply } => drop(reply.send(())),
+                        Op::Shutdown { reply } => shutdown = Some(reply),
+                    }
+                }
+            }
+        }
+        shutdown
+    }
+
+    /// One try of a group: everything in one transaction, committed, or nothing.
+    async fn try_group(&self, group: &[Op]) -> Result<Committed, TryError> {
+        let mut client = self.pool.get().await.map_err(|e| TryError::Store(pg::pool_error(&self.url, e)))?;
+        let tx = client.transaction().await?;
+        let now_ms = outpost_core::time::now_unix_ms();
+        let mut state = Group::default();
+
+        // 1. Locks, in a fixed order: positions, then queues, each sorted.
+        let mut origin_keys = BTreeSet::new();
+        let mut queue_names = BTreeSet::new();
+        let mut appends = false;
+        for op in group {
+            match op {
+                Op::Append { queue, .. } => {
+                    queue_names.insert(queue.as_str());
+                    appends = true;
+                }
+                Op::AppendFromOrigin { queue, origin, .. } => {
+                    origin_keys.insert((origin.as_str(), queue.as_str()));
+                    queue_names.insert(queue.as_str());
+                    appends = true;
+                }
+                Op::AdvanceCursor { queue, .. } => {
+                    queue_names.insert(queue.as_str());
+                }
+                Op::FailMessage { failure, .. } => {
+                    queue_names.insert(failure.message.queue.as_str());
+                }
+                _ => {}
+            }
+        }
+        if !origin_keys.is_empty() {
+            let (origins, queues): (Vec<&str>, Vec<&str>) = origin_keys.iter().copied().unzip();
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO outpost_origin_positions (origin, queue, last_origin_seq)
+                     SELECT k.origin, k.queue, 0 FROM unnest($1::text[], $2::text[]) AS k(origin, queue)
+                     ORDER BY k.origin, k.queue
+                     ON CONFLICT DO NOTHING",
+                )
+                .await?;
+            tx.execute(&insert, &[&origins, &queues]).await?;
+            let lock = tx
+                .prepare_cached(
+                    "SELECT p.origin, p.queue, p.last_origin_seq FROM outpost_origin_positions p
+                     JOIN unnest($1::text[], $2::text[]) AS k(origin, queue) ON k.origin = p.origin AND k.queue = p.queue
+                     ORDER BY p.origin, p.queue FOR UPDATE OF p",
+                )
+                .await?;
+            for row in tx.query(&lock, &[&origins, &queues]).await? {
+                state.positions.insert((row.get(0), row.get(1)), (row.get::<_, i64>(2) as u64, false));
+            }
+        }
+        if !queue_names.is_empty() {
+            let names: Vec<&str> = queue_names.iter().copied().collect();
+            let lock = tx
+                .prepare_cached(
+                    "SELECT queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms
+                     FROM outpost_queues WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+                )
+                .await?;
+            for row in tx.query(&lock, &[&names]).await? {
+                let (id, stats) = locked_queue_from_row(&row);
+                state.queues.insert(stats.name.clone(), LockedQueue { id, stats, dirty: false });
+            }
+        }
+        if appends {
+            let total =
+                tx.prepare_cached("SELECT coalesce(sum(bytes), 0)::bigint FROM outpost_queues").await?;
+            state.total_bytes = tx.query_one(&total, &[]).await?.get::<_, i64>(0) as u64;
+        }
+
+        // 2. The operations, in order.
+        let mut outcomes = Vec::with_capacity(group.len());
+        for op in group {
+            let outcome = match op {
+                Op::Append { queue, messages, idempotency_key, .. } => Outcome::Append(per_op(
+                    self.append(&tx, &mut state, queue, messages, idempotency_key.as_deref(), now_ms).await,
+                )?),
+                Op::AppendFromOrigin { queue, origin, messages, .. } => Outcome::Origin(per_op(
+                    self.origin_append(&tx, &mut state, queue, origin, messages, now_ms).await,
+                )?),
+                Op::AdvanceCursor { queue, reader, acked_seq, .. } => Outcome::Done(per_op(
+                    self.advance_cursor(&tx, &mut state, queue, reader, *acked_seq).await,
+                )?),
+                Op::PutDocument { key, value, .. } => {
+                    let upsert = tx
+                        .prepare_cached(
+                            "INSERT INTO outpost_documents (key, value, updated_at_ms) VALUES ($1, $2, $3)
+                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
+                        )
+                        .await?;
+                    tx.execute(&upsert, &[key, value, &now_ms]).await?;
+                    Outcome::Done(Ok(()))
+                }
+                Op::FailMessage { failure, .. } => {
+                    Outcome::Failed(per_op(self.fail_message(&tx, &mut state, failure, now_ms).await)?)
+                }
+                Op::ChangeFailed { change, .. } => {
+                    Outcome::Failed(per_op(change_failed(&tx, change, now_ms).await)?)
+                }
+                Op::Ping { .. } | Op::Shutdown { .. } => Outcome::Nothing,
+            };
+            outcomes.push(outcome);
+        }
+
+        // 3. Batched writes, the notice, the commit.
+        flush_rows(&tx, &mut state.rows).await?;
+        let mut stats = Vec::new();
+        let dirty: Vec<&LockedQueue> = state.queues.values().filter(|q| q.dirty).collect();
+        if !dirty.is_empty() {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE outpost_queues AS q
+                     SET last_seq = u.last_seq, messages = u.messages, bytes = u.bytes, first_seq = u.first_seq,
+                         oldest_accepted_at_ms = u.oldest, version = q.version + 1
+                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                          AS u(queue_id, last_seq, messages, bytes, first_seq, oldest)
+                     WHERE q.queue_id = u.queue_id
+                     RETURNING q.name, q.version",
+                )
+                .await?;
+            let ids: Vec<i64> = dirty.iter().map(|q| q.id).collect();
+            let last: Vec<i64> = dirty.iter().map(|q| q.stats.last_seq as i64).collect();
+            let messages: Vec<i64> = dirty.iter().map(|q| q.stats.messages as i64).collect();
+            let bytes: Vec<i64> = dirty.iter().map(|q| q.stats.bytes as i64).collect();
+            let first: Vec<i64> = dirty.iter().map(|q| q.stats.first_seq as i64).collect();
+            let oldest: Vec<Option<i64>> = dirty.iter().map(|q| q.stats.oldest_accepted_at_ms).collect();
+            for row in tx.query(&update, &[&ids, &last, &messages, &bytes, &first, &oldest]).await? {
+                let name: String = row.get(0);
+                stats.push((state.queues[&name].stats.clone(), row.get::<_, i64>(1)));
+            }
+        }
+        let positions: Vec<((String, String), u64)> = state
+            .positions
+            .iter()
+            .filter(|(_, (_, changed))| *changed)
+            .map(|(key, (seq, _))| (key.clone(), *seq))
+            .collect();
+        if !positions.is_empty() {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE outpost_origin_positions AS p SET last_origin_seq = u.seq
+                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(origin, queue, seq)
+                     WHERE p.origin = u.origin AND p.queue = u.queue",
+                )
+                .await?;
+            let origins: Vec<&str> = positions.iter().map(|((o, _), _)| o.as_str()).collect();
+            let queues: Vec<&str> = positions.iter().map(|((_, q), _)| q.as_str()).collect();
+            let seqs: Vec<i64> = positions.iter().map(|(_, s)| *s as i64).collect();
+            tx.execute(&update, &[&origins, &queues, &seqs]).await?;
+        }
+        let cursors: Vec<((String, String), u64)> = std::mem::take(&mut state.cursors).into_iter().collect();
+        if !(stats.is_empty() && positions.is_empty() && cursors.is_empty()) {
+            let mut notice = CommitNotice {
+                from: self.instance.clone(),
+                queues: stats.iter().map(|(s, _)| s.name.clone()).collect(),
+                positions: positions.iter().map(|(k, _)| k.clone()).collect(),
+                cursors: cursors.iter().map(|(k, _)| k.clone()).collect(),
+                all: false,
+            };
+            let mut payload = serde_json::to_string(&notice).expect("a commit notice serializes");
+            if payload.len() > MAX_NOTICE_BYTES {
+                notice = CommitNotice { from: self.instance.clone(), all: true, ..CommitNotice::default() };
+                payload = serde_json::to_string(&notice).expect("a commit notice serializes");
+            }
+            let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+            tx.execute(&notify, &[&COMMITS_CHANNEL, &payload]).await?;
+        }
+        tx.commit().await?;
+        Ok(Committed { outcomes, stats, positions, cursors })
+    }
+
+    /// Creates `queue` if the group has not locked it (after a quota check, so a refused write
+    /// leaves no empty queue); the new or concurrently created row is locked either way.
+    async fn ensure_queue(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+        needed_bytes: u64,
+    ) -> Result<(), TryError> {
+        if state.queues.contains_key(queue) {
+            return Ok(());
+        }
+        check_quota(&self.options, state.total_bytes, needed_bytes).map_err(TryError::Store)?;
+        let create = tx
+            .prepare_cached(
+                "INSERT INTO outpost_queues (name) VALUES ($1)
+                 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+                 RETURNING queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms",
+            )
+            .await?;
+        let row = tx.query_one(&create, &[&queue]).await?;
+        let (id, stats) = locked_queue_from_row(&row);
+        state.queues.insert(queue.to_string(), LockedQueue { id, stats, dirty: false });
+        Ok(())
+    }
+
+    async fn append(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+        messages: &[NewMessage],
+        idempotency_key: Option<&str>,
+        now_ms: i64,
+    ) -> Result<Appended, TryError> {
+        if messages.is_empty() {
+            return Err(TryError::Store(StoreError::Invalid("an append needs at least one message".into())));
+        }
+        let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+        self.ensure_queue(tx, state, queue, needed).await?;
+        let queue_id = state.queues[queue].id;
+        if let Some(key) = idempotency_key {
+            let lookup = tx
+                .prepare_cached(
+                    "SELECT seq, id FROM outpost_idempotency_keys WHERE queue_id = $1 AND key = $2",
+                )
+                .await?;
+            if let Some(row) = tx.query_opt(&lookup, &[&queue_id, &key]).await? {
+                let seq = row.get::<_, i64>(0) as u64;
+                return Ok(Appended {
+                    first_seq: seq,
+                    last_seq: seq,
+                    ids: vec![row.get(1)],
+                    duplicate: true,
+                });
+            }
+        }
+        check_quota(&self.options, state.total_bytes, needed).map_err(TryError::Store)?;
+        let mut ids = Vec::with_capacity(messages.len());
+        let rows = messages.iter().map(|m| RowIn {
+            id: m.id.clone().unwrap_or_else(outpost_core::new_message_id),
+            origin: &self.options.node_id,
+            origin_seq: None,
+            content_type: &m.content_type,
+            payload: m.payload.clone(),
+        });
+        let (first_seq, last_seq) = add_rows(state, queue, rows, now_ms, &mut ids);
+        if let Some(key) = idempotency_key {
+            let insert = tx
+                .prepare_cached(
+                    "INSERT INTO outpost_idempotency_keys (queue_id, key, seq, id, created_at_ms)
+                     VALUES ($1, $2, $3, $4, $5)",
+                )
+                .await?;
+            tx.execute(&insert, &[&queue_id, &key, &(first_seq as i64), &ids[0], &now_ms]).await?;
+        }
+        Ok(Appended { first_seq, last_seq, ids, duplicate: false })
+    }
+
+    async fn origin_append(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+        origin: &str,
+        messages: &[BatchMessage],
+        now_ms: i64,
+    ) -> Result<OriginAppended, TryError> {
+        let key = (origin.to_string(), queue.to_string());
+        let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
+        let fresh: Vec<&BatchMessage> = messages.iter().filter(|m| m.seq > position).collect();
+        let duplicates = (messages.len() - fresh.len()) as u64;
+        let Some(first) = fresh.first() else {
+            return Ok(OriginAppended {
+                stored_through: position,
+                stored: 0,
+                duplicates,
+                gap_expected_seq: None,
+            });
+        };
+        if first.seq != position + 1 {
+            return Ok(OriginAppended {
+                stored_through: position,
+                stored: 0,
+                duplicates,
+                gap_expected_seq: Some(position + 1),
+            });
+        }
+        let needed: u64 = fresh.iter().map(|m| m.payload.len() as u64).sum();
+        self.ensure_queue(tx, state, queue, needed).await?;
+        check_quota(&self.options, state.total_bytes, needed).map_err(TryError::Store)?;
+        let mut ids = Vec::with_capacity(fresh.len());
+        let rows = fresh.iter().map(|m| RowIn {
+            id: m.id.clone(),
+            origin,
+            origin_seq: Some(m.seq),
+            content_type: &m.content_type,
+            payload: m.payload.clone(),
+        });
+        add_rows(state, queue, rows, now_ms, &mut ids);
+        let stored_through = fresh.last().expect("not empty").seq;
+        state.positions.insert(key, (stored_through, true));
+        Ok(OriginAppended { stored_through, stored: fresh.len() as u64, duplicates, gap_expected_seq: None })
+    }
+
+    async fn advance_cursor(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+        reader: &str,
+        acked_seq: u64,
+    ) -> Result<(), TryError> {
+        let Some(locked) = state.queues.get(queue) else {
+            return Err(TryError::Store(StoreError::Invalid(format!("no queue named {queue:?}"))));
+        };
+        let (queue_id, last_seq) = (locked.id, locked.stats.last_seq);
+        if acked_seq > last_seq {
+            return Err(TryError::Store(StoreError::Invalid(format!(
+                "reader {reader:?} cannot be done with seq {acked_seq} of queue {queue:?}: the last seq is {last_seq}"
+            ))));
+        }
+        let key = (queue.to_string(), reader.to_string());
+        // The view never runs ahead of the database: at or past `acked_seq` there is nothing to do.
+        let known = self.views.cursors.read().expect("views lock poisoned").get(&key).copied().unwrap_or(0);
+        if known.max(state.cursors.get(&key).copied().unwrap_or(0)) >= acked_seq {
+            return Ok(());
+        }
+        let upsert = tx
+            .prepare_cached(
+                "INSERT INTO outpost_cursors (queue, reader, acked_seq) VALUES ($1, $2, $3)
+                 ON CONFLICT (queue, reader) DO UPDATE SET acked_seq = GREATEST(outpost_cursors.acked_seq, EXCLUDED.acked_seq)
+                 RETURNING acked_seq",
+            )
+            .await?;
+        let acked: i64 = tx.query_one(&upsert, &[&queue, &reader, &(acked_seq as i64)]).await?.get(0);
+        state.cursors.insert(key, acked as u64);
+
+        let required = (self.options.readers_of)(queue);
+        if required.is_empty() {
+            return Ok(()); // nobody is required to read this queue: keep everything
+        }
+        let read = tx
+            .prepare_cached(
+                "SELECT reader, acked_seq FROM outpost_cursors WHERE queue = $1 AND reader = ANY($2)",
+            )
+            .await?;
+        let found: HashMap<String, u64> = tx
+            .query(&read, &[&queue, &required])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect();
+        let release_through = required.iter().map(|r| found.get(r).copied().unwrap_or(0)).min().unwrap_or(0);
+        if release_through < state.queues[queue].stats.first_seq {
+            return Ok(());
+        }
+        // Rows of this group not yet written must be in the table before the delete sees them.
+        flush_rows(tx, &mut state.rows).await?;
+        let delete = tx
+            .prepare_cached(
+                "WITH gone AS (DELETE FROM outpost_messages WHERE queue_id = $1 AND seq <= $2
+                               RETURNING octet_length(payload) AS n)
+                 SELECT count(*), coalesce(sum(n), 0)::bigint FROM gone",
+            )
+            .await?;
+        let row = tx.query_one(&delete, &[&queue_id, &(release_through as i64)]).await?;
+        let (count, bytes) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
+        let oldest = tx
+            .prepare_cached(
+                "SELECT accepted_at_ms FROM outpost_messages WHERE queue_id = $1 ORDER BY seq LIMIT 1",
+            )
+            .await?;
+        let oldest: Option<i64> = tx.query_opt(&oldest, &[&queue_id]).await?.map(|r| r.get(0));
+        let locked = state.queues.get_mut(queue).expect("checked above");
+        locked.stats.messages -= count;
+        locked.stats.bytes -= bytes;
+        locked.stats.first_seq = release_through + 1;
+        locked.stats.oldest_accepted_at_ms = oldest;
+        locked.dirty = true;
+        // Read only for groups that append (it is the quota's input): saturate for the others.
+        state.total_bytes = state.total_bytes.saturating_sub(bytes);
+        Ok(())
+    }
+
+    async fn fail_message(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        failure: &NewFailure,
+        now_ms: i64,
+    ) -> Result<FailedOutcome, TryError> {
+        // The cursor first: if it refuses (non-fatal), nothing has been written.
+        self.advance_cursor(tx, state, &failure.message.queue, &failure.reader, failure.message.seq).await?;
+        let m = &failure.message;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO outpost_failed (route, queue, seq, message_id, origin, origin_seq, content_type,
+                     accepted_at_ms, payload, attempts, reason, last_error, first_failed_at_ms, last_failed_at_ms, status)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13, 'failed')
+                 RETURNING id",
+            )
+            .await?;
+        let id: i64 = tx
+            .query_one(
+                &insert,
+                &[
+                    &failure.route,
+                    &m.queue,
+                    &(m.seq as i64),
+                    &m.id,
+                    &m.origin,
+                    &(m.origin_seq as i64),
+                    &m.content_type,
+                    &m.accepted_at_ms,
+                    &&m.payload[..],
+                    &i64::from(failure.attempts),
+                    &failure.reason,
+                    &failure.last_error,
+                    &now_ms,
+                ],
+            )
+            .await?
+            .get(0);
+        Ok(FailedOutcome::Inserted(id))
+    }
+}
+
+/// A refusal of one operation (quota, invalid) is its answer; a database error fails the group.
+fn per_op<T>(result: Result<T, TryError>) -> Result<Result<T, StoreError>, TryError> {
+    match result {
+        Ok(value) => Ok(Ok(value)),
+        Err(TryError::Store(e)) => Ok(Err(e)),
+        Err(pg) => Err(pg),
+    }
+}
+
+fn check_quota(options: &StoreOptions, used_bytes: u64, needed_bytes: u64) -> Result<(), StoreError> {
+    if used_bytes.saturating_add(needed_bytes) > options.max_store_bytes {
+        return Err(StoreError::QuotaReached {
+            used_bytes,
+            needed_bytes,
+            limit_bytes: options.max_store_bytes,
+        });
+    }
+    Ok(())
+}
+
+fn locked_queue_from_row(row: &tokio_postgres::Row) -> (i64, QueueStats) {
+    (
+        row.get(0),
+        QueueStats {
+            name: row.get(1),
+            last_seq: row.get::<_, i64>(2) as u64,
+            messages: row.get::<_, i64>(3) as u64,
+            bytes: row.get::<_, i64>(4) as u64,
+            first_seq: row.get::<_, i64>(5) as u64,
+            oldest_accepted_at_ms: row.get(6),
+        },
+    )
+}
+
+struct RowIn<'a> {
+    id: String,
+    origin: &'a str,
+    origin_seq: Option<u64>,
+    content_type: &'a str,
+    payload: Bytes,
+}
+
+/// Adds rows at the end of a locked queue with consecutive seqs; returns (first_seq, last_seq).
+fn add_rows<'a>(
+    state: &mut Group,
+    queue: &str,
+    rows: impl Iterator<Item = RowIn<'a>>,
+    now_ms: i64,
+    ids: &mut Vec<String>,
+) -> (u64, u64) {
+    let locked = state.queues.get_mut(queue).expect("the queue was locked or created");
+    let first_seq = locked.stats.last_seq + 1;
+    let mut seq = locked.stats.last_seq;
+    let mut bytes = 0u64;
+    for row in rows {
+        seq += 1;
+        bytes += row.payload.len() as u64;
+        let out = &mut state.rows;
+        out.queue_ids.push(locked.id);
+        out.seqs.push(seq as i64);
+        out.ids.push(row.id.clone());
+        out.origins.push(row.origin.to_string());
+        out.origin_seqs.push(row.origin_seq.unwrap_or(seq) as i64);
+        out.content_types.push(row.content_type.to_string());
+        out.accepted_at_ms.push(now_ms);
+        out.payloads.push(row.payload);
+        ids.push(row.id);
+    }
+    let count = seq - locked.stats.last_seq;
+    if locked.stats.messages == 0 && count > 0 {
+        locked.stats.first_seq = first_seq;
+        locked.stats.oldest_accepted_at_ms = Some(now_ms);
+    }
+    locked.stats.last_seq = seq;
+    locked.stats.messages += count;
+    locked.stats.bytes += bytes;
+    locked.dirty = true;
+    state.total_bytes += bytes;
+    (first_seq, seq)
+}
+
+/// Writes the buffered rows in one multi-row insert.
+async fn flush_rows(tx: &Transaction<'_>, rows: &mut Rows) -> Result<(), tokio_postgres::Error> {
+    if rows.seqs.is_empty() {
+        return Ok(());
+    }
+    let rows = std::mem::take(rows);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO outpost_messages (queue_id, seq, id, origin, origin_seq, content_type, accepted_at_ms, payload)
+             SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::bigint[], $6::text[],
+                                  $7::bigint[], $8::bytea[])",
+        )
+        .await?;
+    let payloads: Vec<&[u8]> = rows.payloads.iter().map(|p| &p[..]).collect();
+    tx.execute(
+        &insert,
+        &[
+            &rows.queue_ids,
+            &rows.seqs,
+            &rows.ids,
+            &rows.origins,
+            &rows.origin_seqs,
+            &rows.content_types,
+            &rows.accepted_at_ms,
+            &payloads,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The PostgreSQL form of [`crate::failed`]'s changes to existing entries.
+async fn change_failed(
+    tx: &Transaction<'_>,
+    change: &FailedChange,
+    now_ms: i64,
+) -> Result<FailedOutcome, TryError> {
+    match change {
+        FailedChange::Resubmit(FailedSelector::Route(route)) => {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE outpost_failed SET status = 'resubmitted' WHERE route = $1 AND status = 'failed' RETURNING id",
+                )
+                .await?;
+            let mut ids: Vec<i64> = tx.query(&update, &[route]).await?.iter().map(|r| r.get(0)).collect();
+            ids.sort_unstable();
+            let resubmitted = ids.into_iter().map(|id| (id, route.clone())).collect();
+            Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted, unknown: Vec::new() }))
+        }
+        FailedChange::Resubmit(FailedSelector::Ids(ids)) => {
+            if ids.len() > MAX_RESUBMIT_IDS {
+                return Err(TryError::Store(StoreError::Invalid(format!(
+                    "a resubmit may name at most {MAX_RESUBMIT_IDS} ids; this one names {}",
+                    ids.len()
+                ))));
+            }
+            let lookup = tx.prepare_cached("SELECT id, route FROM outpost_failed WHERE id = ANY($1)").await?;
+            let found: HashMap<i64, String> =
+                tx.query(&lookup, &[ids]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
+            let unknown: Vec<i64> = ids.iter().copied().filter(|id| !found.contains_key(id)).collect();
+            if !unknown.is_empty() {
+                return Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted: Vec::new(), unknown }));
+            }
+            let update = tx
+                .prepare_cached("UPDATE outpost_failed SET status = 'resubmitted' WHERE id = ANY($1)")
+                .await?;
+            tx.execute(&update, &[ids]).await?;
+            let mut resubmitted: Vec<(i64, String)> = found.into_iter().collect();
+            resubmitted.sort_unstable();
+            Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted, unknown: Vec::new() }))
+        }
+        FailedChange::FailedAgain { id, attempts, reason, last_error } => {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE outpost_failed SET status = 'failed', attempts = attempts + $2, reason = $3, last_error = $4,
+                                               last_failed_at_ms = $5
+                     WHERE id = $1",
+                )
+                .await?;
+            let changed =
+                tx.execute(&update, &[id, &i64::from(*attempts), reason, last_error, &now_ms]).await?;
+            Ok(FailedOutcome::Changed(changed > 0))
+        }
+        FailedChange::Remove { id } => {
+            let delete = tx.prepare_cached("DELETE FROM outpost_failed WHERE id = $1").await?;
+            Ok(FailedOutcome::Changed(tx.execute(&delete, &[id]).await? > 0))
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The embedded backend: one SQLite database in the data directory (WAL, `synchronous=FULL`), the
+//! directory lock, a small pool of read connections, and the writer thread of [`crate::writer`].
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OpenFlags};
+use tokio::sync::{mpsc, watch};
+
+use crate::ops::{Op, Views};
+use crate::{schema, writer, CommitObserver, StoreError, StoreOptions, StoredMessage, READ_POOL_SIZE};
+
+pub(crate) struct Sqlite {
+    pub(crate) path: PathBuf,
+    readers: Mutex<Vec<Connection>>,
+    // Held for the life of the store: the flock on outpost.lock is released when it is dropped.
+    _lock: File,
+}
+
+impl Sqlite {
+    /// Takes the directory lock, migrates, and starts the writer thread on `ops`.
+    pub(crate) fn open(
+        data_dir: &Path,
+        options: StoreOptions,
+        views: Arc<Views>,
+        commits: watch::Sender<u64>,
+        observer: Option<CommitObserver>,
+        ops: mpsc::Receiver<Op>,
+    ) -> Result<(Sqlite, std::thread::JoinHandle<()>), StoreError> {
+        let io = |source| StoreError::Io { path: data_dir.to_path_buf(), source };
+        std::fs::create_dir_all(data_dir).map_err(io)?;
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(data_dir.join("outpost.lock"))
+            .map_err(io)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::DirectoryInUse(data_dir.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+
+        let path = data_dir.join("outpost.db");
+        let mut conn = open_connection(&path, false)?;
+        schema::migrate(&mut conn)?;
+        let mut readers = Vec::with_capacity(READ_POOL_SIZE);
+        for _ in 0..READ_POOL_SIZE {
+            readers.push(open_connection(&path, true)?);
+        }
+        let writer = writer::Writer::new(conn, options, views, commits, observer)?;
+        let thread = std::thread::Builder::new()
+            .name("outpost-writer".into())
+            .spawn(move || writer.run(ops))
+            .map_err(io)?;
+        Ok((Sqlite { path, readers: Mutex::new(readers), _lock: lock }, thread))
+    }
+
+    /// Runs `f` on a pooled read connection (a temporary one when every pooled one is busy).
+    pub(crate) fn with_reader<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = match self.readers.lock().expect("reader pool poisoned").pop() {
+            Some(conn) => conn,
+            // Every pooled connection is busy: open a temporary one rather than queue behind them.
+            None => open_connection(&self.path, true)?,
+        };
+        let result = f(&conn);
+        let mut pool = self.readers.lock().expect("reader pool poisoned");
+        if pool.len() < READ_POOL_SIZE {
+            pool.push(conn);
+        }
+        result
+    }
+
+    pub(crate) fn documents(&self, prefix: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        self.with_reader(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT key, value FROM documents WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key",
+            )?;
+            let rows = stmt.query_map([prefix], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect::<Result<BTreeMap<_, _>, _>>().map_err(StoreError::from_sqlite)
+        })
+    }
+
+    pub(crate) fn read(
+        &self,
+        queue: &str,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.with_reader(|conn| read_messages(conn, queue, after_seq, limit))
+    }
+}
+
+fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags).map_err(StoreError::from_sqlite)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    if !read_only {
+        // WAL + FULL: a commit returns only after the WAL is fsynced, so an acknowledged write
+        // survives power loss; readers work beside the writer.
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Corrupt(format!(
+                "cannot switch {} to WAL mode (got {mode})",
+                path.display()
+            )));
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA journal_size_limit=67108864;",
+        )?;
+    }
+    Ok(conn)
+}
+
+fn read_messages(
+    conn: &Connection,
+    queue: &str,
+    after_seq: u64,
+    limit: usize,
+) -> Result<Vec<StoredMessage>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.seq, m.id, m.origin, m.origin_seq, m.content_type, m.accepted_at_ms, m.payload
+         FROM messages m JOIN queues q ON q.queue_id = m.queue_id
+         WHERE q.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![queue, after_seq as i64, limit as i64], |row| {
+        Ok(StoredMessage {
+            seq: row.get::<_, i64>(0)? as u64,
+            id: row.get(1)?,
+            queue: queue.to_string(),
+            origin: row.get(2)?,
+            origin_seq: row.get::<_, i64>(3)? as u64,
+            content_type: row.get(4)?,
+            accepted_at_ms: row.get(5)?,
+            payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
+        })
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
+}
