@@ -1,6 +1,7 @@
 //! The `outpost` binary: command-line parsing and wiring only. Each subcommand lives in its module.
 
 mod bench;
+mod ctl;
 mod node;
 
 use std::ffi::OsString;
@@ -38,6 +39,8 @@ enum Command {
     Central(NodeArgs),
     /// Load generator: sends messages and reports acknowledged throughput and latency.
     Bench(bench::BenchArgs),
+    /// Admin client: status, edges, maintenance, routes and failed messages of a running node.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,7 +87,8 @@ fn main() -> ExitCode {
         Command::Edge(args) => run_node(outpost_core::Role::Edge, args, cli.ha),
         Command::Central(args) => run_node(outpost_core::Role::Central, args, cli.ha),
         Command::Bench(args) if !cli.ha => bench::run(args),
-        Command::Bench(_) => usage_error("--ha applies to `edge` and `central` only"),
+        Command::Ctl(args) if !cli.ha => ctl::run(args),
+        Command::Bench(_) | Command::Ctl(_) => usage_error("--ha applies to `edge` and `central` only"),
     }
 }
 
