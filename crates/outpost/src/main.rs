@@ -2,6 +2,7 @@
 
 mod bench;
 mod ctl;
+mod demo;
 mod node;
 
 use std::ffi::OsString;
@@ -41,6 +42,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Admin client: status, edges, maintenance, routes and failed messages of a running node.
     Ctl(ctl::CtlArgs),
+    /// A central, an edge and a sample downstream service on loopback; Ctrl-C stops all.
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -88,7 +91,10 @@ fn main() -> ExitCode {
         Command::Central(args) => run_node(outpost_core::Role::Central, args, cli.ha),
         Command::Bench(args) if !cli.ha => bench::run(args),
         Command::Ctl(args) if !cli.ha => ctl::run(args),
-        Command::Bench(_) | Command::Ctl(_) => usage_error("--ha applies to `edge` and `central` only"),
+        Command::Demo(args) if !cli.ha => demo::run(args),
+        Command::Bench(_) | Command::Ctl(_) | Command::Demo(_) => {
+            usage_error("--ha applies to `edge` and `central` only")
+        }
     }
 }
 
