@@ -41,7 +41,7 @@ use outpost_store::{
     FailedEntry, FailedQuery, FailedSelector, FailedStatus, NewFailure, ResubmitOutcome, Store, StoreError,
     StoredMessage,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -382,7 +382,8 @@ struct CursorCommit {
     reader: String,
     durable: u64,
     wanted: u64,
-    running: Option<(u64, JoinHandle<Result<(), StoreError>>)>,
+    /// The seq being committed and where its outcome arrives.
+    running: Option<(u64, oneshot::Receiver<Result<(), StoreError>>)>,
 }
 
 impl CursorCommit {
@@ -411,17 +412,28 @@ impl CursorCommit {
 
     /// Collects a finished commit and starts the next one if needed. Never waits.
     fn poll(&mut self) {
-        if self.running.as_ref().is_some_and(|(_, task)| task.is_finished()) {
-            let (seq, task) = self.running.take().expect("checked above");
-            // A finished task's output is ready; this does not wait.
-            let result = futures_ready(task);
-            self.finish(seq, result);
+        if let Some((seq, outcome)) = &mut self.running {
+            let seq = *seq;
+            match outcome.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => {}
+                Ok(result) => {
+                    self.running = None;
+                    self.finish(seq, Some(result));
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.running = None;
+                    self.finish(seq, None);
+                }
+            }
         }
         if self.running.is_none() && self.wanted > self.durable {
             let (store, queue, reader, seq) =
                 (self.store.clone(), self.queue.clone(), self.reader.clone(), self.wanted);
-            self.running =
-                Some((seq, tokio::spawn(async move { store.advance_cursor(&queue, &reader, seq).await })));
+            let (outcome_tx, outcome_rx) = oneshot::channel();
+            tokio::spawn(async move {
+                let _ = outcome_tx.send(store.advance_cursor(&queue, &reader, seq).await);
+            });
+            self.running = Some((seq, outcome_rx));
         }
     }
 
@@ -439,8 +451,8 @@ impl CursorCommit {
 
     /// Waits for the running commit, if any.
     async fn settle(&mut self) {
-        if let Some((seq, task)) = self.running.take() {
-            let result = task.await.ok();
+        if let Some((seq, outcome)) = self.running.take() {
+            let result = outcome.await.ok();
             self.finish(seq, result);
         }
     }
@@ -459,18 +471,6 @@ impl CursorCommit {
 
     fn uncommitted(&self) -> u64 {
         self.wanted - self.durable
-    }
-}
-
-/// The output of a finished task without an executor round trip.
-fn futures_ready<T>(task: JoinHandle<T>) -> Option<T> {
-    use std::future::Future;
-    use std::task::{Context, Poll};
-    let mut task = task;
-    let waker = std::task::Waker::noop();
-    match std::pin::Pin::new(&mut task).poll(&mut Context::from_waker(waker)) {
-        Poll::Ready(result) => result.ok(),
-        Poll::Pending => unreachable!("polled a task that reported itself finished"),
     }
 }
 
