@@ -19,6 +19,15 @@
 //!   otherwise at most every [`REPORT_PERSIST_INTERVAL`] per edge (a deferred write keeps the newest),
 //!   so a flood of reports does not flood the store writer. Whether an edge is connected is not
 //!   persisted: after a restart no edge is.
+//! - **One cluster, one registry.** On a PostgreSQL store every central of the cluster reads and
+//!   writes the same documents; what one central must learn at once goes through the store's
+//!   cluster events ([`Store::publish_cluster_event`], a loopback on SQLite): `edge_updated` after an
+//!   edge's document was written (others reload it, unless the edge is linked to them),
+//!   `edge_linked` when an edge opens a link (others drop a transition request held for its next
+//!   probe), `edge_transition_online` when an operator asks for an edge not linked here (the
+//!   central it is linked to sends it on the link; the others hold it for its next probe) and
+//!   `maintenance` after the maintenance document changed (others switch and tell their edges).
+//!   Each hub ignores its own events (they carry its random instance id).
 //! - **Ordering of batches** is the store's job (`append_from_origin` refuses gaps); the link
 //!   handler only waits briefly for a predecessor batch still in flight, see [`link`].
 
@@ -59,6 +68,11 @@ pub const EDGE_STATES: [&str; 5] =
 
 const EDGE_DOCUMENT_PREFIX: &str = "edge:";
 const MAINTENANCE_DOCUMENT: &str = "central:maintenance";
+/// Cluster event kinds (see the module doc).
+const EVENT_EDGE_UPDATED: &str = "edge_updated";
+const EVENT_EDGE_LINKED: &str = "edge_linked";
+const EVENT_EDGE_TRANSITION_ONLINE: &str = "edge_transition_online";
+const EVENT_MAINTENANCE: &str = "maintenance";
 
 /// Shared state of a central's edge links.
 pub struct CentralHub {
@@ -69,6 +83,18 @@ pub struct CentralHub {
     // Serializes maintenance switches so the persisted value and what edges were told agree.
     maintenance_switch: tokio::sync::Mutex<()>,
     next_link_id: AtomicU64,
+    /// Random per hub: the `from` of its cluster events, so it skips its own.
+    instance: String,
+}
+
+/// The body of every cluster event the hub sends.
+#[derive(Serialize, Deserialize)]
+struct HubEvent {
+    from: String,
+    #[serde(default)]
+    edge: Option<String>,
+    #[serde(default)]
+    maintenance: Option<MaintenanceDocument>,
 }
 
 /// One edge as the central knows it, for the operator's view.
@@ -234,6 +260,7 @@ impl CentralHub {
             }),
             maintenance_switch: tokio::sync::Mutex::new(()),
             next_link_id: AtomicU64::new(1),
+            instance: uuid::Uuid::now_v7().to_string(),
         };
         for listed in hub.config.edges.iter().filter(|e| e.token.is_empty()) {
             tracing::warn!(edge = %listed.id, "[[edge]] {:?} has no token: any client may connect as it", listed.id);
@@ -248,7 +275,70 @@ impl CentralHub {
                 "central edge registry loaded"
             );
         }
-        Ok(Arc::new(hub))
+        let hub = Arc::new(hub);
+        tokio::spawn(follow_cluster(Arc::downgrade(&hub), hub.store.cluster_events()));
+        Ok(hub)
+    }
+
+    /// Tells the other centrals of the cluster (nothing happens on SQLite but a loopback the hub
+    /// ignores). Best effort: what must survive is in a document already.
+    async fn publish(&self, kind: &str, edge: Option<&str>, maintenance: Option<MaintenanceDocument>) {
+        let body = serde_json::to_string(&HubEvent {
+            from: self.instance.clone(),
+            edge: edge.map(str::to_string),
+            maintenance,
+        })
+        .expect("a hub event serializes");
+        if let Err(e) = self.store.publish_cluster_event(kind, &body).await {
+            tracing::warn!(kind, "cannot tell the other centrals: {e}");
+        }
+    }
+
+    /// Another central's event.
+    async fn on_cluster_event(&self, kind: &str, event: HubEvent) {
+        match (kind, event.edge, event.maintenance) {
+            (EVENT_EDGE_UPDATED, Some(edge_id), _) => self.reload_edge(&edge_id).await,
+            (EVENT_EDGE_LINKED, Some(edge_id), _) => {
+                if let Some(entry) = self.registry().edges.get_mut(&edge_id) {
+                    entry.transition_requested = false;
+                }
+            }
+            (EVENT_EDGE_TRANSITION_ONLINE, Some(edge_id), _) => {
+                if self.send_event(&edge_id, LinkEvent::TransitionOnline).is_ok() {
+                    tracing::info!(edge = %edge_id, "transition to online from another central sent on the link");
+                } else if let Some(entry) = self.registry().edges.get_mut(&edge_id) {
+                    entry.transition_requested = true;
+                }
+            }
+            (EVENT_MAINTENANCE, _, Some(document)) => {
+                let _switching = self.maintenance_switch.lock().await;
+                self.apply_maintenance(document.enabled, document.since_ms);
+            }
+            (kind, _, _) => tracing::debug!(kind, "ignoring a cluster event this hub does not handle"),
+        }
+    }
+
+    /// Takes another central's write of an edge's document into the registry, unless the edge is
+    /// linked here (then this central's own entry is the newest).
+    async fn reload_edge(&self, edge_id: &str) {
+        let key = format!("{EDGE_DOCUMENT_PREFIX}{edge_id}");
+        let document = match self.store.documents(&key).await {
+            Ok(documents) => documents.get(&key).and_then(|v| serde_json::from_str::<EdgeDocument>(v).ok()),
+            Err(e) => {
+                tracing::warn!(edge = %edge_id, "cannot reload the edge registry entry: {e}");
+                return;
+            }
+        };
+        let Some(document) = document else { return };
+        let mut registry = self.registry();
+        let Ok(entry) = self.entry(&mut registry, edge_id) else { return };
+        if entry.link.is_some() {
+            return;
+        }
+        entry.report = document.report;
+        entry.version = document.version;
+        entry.last_seen_ms = document.last_seen_ms.max(entry.last_seen_ms);
+        self.refresh_edge_metrics(&registry);
     }
 
     /// True while maintenance mode is on: every edge is told to go and stay offline, and batches
@@ -274,6 +364,16 @@ impl CentralHub {
             .expect("a maintenance document always serializes");
         self.store.put_document(MAINTENANCE_DOCUMENT, document).await?;
 
+        self.apply_maintenance(enabled, since_ms);
+        self.publish(EVENT_MAINTENANCE, None, Some(MaintenanceDocument { enabled, since_ms })).await;
+        Ok(())
+    }
+
+    /// Switches the in-memory flag and tells every edge linked here.
+    fn apply_maintenance(&self, enabled: bool, since_ms: i64) {
+        if self.maintenance() == enabled {
+            return;
+        }
         let mut registry = self.registry();
         registry.maintenance = enabled;
         registry.maintenance_since_ms = since_ms;
@@ -290,7 +390,6 @@ impl CentralHub {
             }
         }
         tracing::info!(enabled, edges_told = told, "central maintenance mode switched");
-        Ok(())
     }
 
     /// Every edge known to this central or listed in `[[edge]]`, by id.
@@ -342,13 +441,20 @@ impl CentralHub {
 
     /// "Send transition to online": on the open link when the edge is connected, otherwise held
     /// for the edge's next probe (an offline edge probes every `offline_probe_interval`).
-    pub fn request_transition_online(&self, edge_id: &str) -> Result<TransitionDelivery, SendEventError> {
+    /// On a cluster, an edge not linked here may be linked to another central: that one sends it.
+    pub async fn request_transition_online(
+        &self,
+        edge_id: &str,
+    ) -> Result<TransitionDelivery, SendEventError> {
         match self.send_event(edge_id, LinkEvent::TransitionOnline) {
             Ok(()) => Ok(TransitionDelivery::Link),
             Err(SendEventError::NotConnected(_) | SendEventError::LinkCongested(_)) => {
-                let mut registry = self.registry();
-                // Listed edges that never connected get an entry here; unknown ones were refused above.
-                registry.edges.entry(edge_id.to_string()).or_default().transition_requested = true;
+                {
+                    let mut registry = self.registry();
+                    // Listed edges that never connected get an entry here; unknown ones were refused above.
+                    registry.edges.entry(edge_id.to_string()).or_default().transition_requested = true;
+                }
+                self.publish(EVENT_EDGE_TRANSITION_ONLINE, Some(edge_id), None).await;
                 Ok(TransitionDelivery::NextProbe)
             }
             Err(unknown @ SendEventError::UnknownEdge(_)) => Err(unknown),
@@ -548,7 +654,7 @@ impl CentralHub {
             .expect("an edge document always serializes")
         };
         match self.store.put_document(&format!("{EDGE_DOCUMENT_PREFIX}{edge_id}"), document).await {
-            Ok(()) => {}
+            Ok(()) => self.publish(EVENT_EDGE_UPDATED, Some(edge_id), None).await,
             Err(StoreError::Closed) => {
                 tracing::debug!(edge = %edge_id, "store closed before the edge registry entry was written")
             }
@@ -621,4 +727,28 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/edges", get(operator::list_edges))
         .route("/v1/edges/{id}/transition-online", post(operator::transition_online))
         .route("/v1/admin/maintenance", post(operator::set_maintenance))
+}
+
+/// Follows the cluster's events for the hub while it exists.
+async fn follow_cluster(
+    hub: std::sync::Weak<CentralHub>,
+    mut events: tokio::sync::broadcast::Receiver<(String, String)>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let (kind, body) = match events.recv().await {
+            Ok(event) => event,
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(missed, "the hub fell behind the cluster's events; some were missed");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let Some(hub) = hub.upgrade() else { return };
+        let Ok(event) = serde_json::from_str::<HubEvent>(&body) else { continue };
+        if event.from == hub.instance {
+            continue;
+        }
+        hub.on_cluster_event(&kind, event).await;
+    }
 }

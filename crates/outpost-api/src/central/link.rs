@@ -168,6 +168,7 @@ pub(crate) async fn open_link(
     let opened = hub.open_link(&edge_id, hello.version, hello.report, now_unix_ms())?;
     // The guard inside `opened` marks the edge disconnected if this request is dropped from here on.
     hub.persist_edge(&edge_id).await;
+    hub.publish(super::EVENT_EDGE_LINKED, Some(&edge_id), None).await;
     let welcome = LinkEvent::Welcome {
         central_id: state.config.node_id.clone(),
         maintenance: opened.maintenance,

@@ -55,7 +55,7 @@ pub(crate) async fn transition_online(
     let hub = hub(&state)?;
     let Path(edge_id) = path.map_err(|e| ApiError::invalid_name(format!("bad edge id in path: {e}")))?;
     outpost_core::validate_name(&edge_id).map_err(|e| ApiError::invalid_name(format!("edge id {e}")))?;
-    match hub.request_transition_online(&edge_id) {
+    match hub.request_transition_online(&edge_id).await {
         Ok(delivery) => {
             tracing::info!(edge = %edge_id, delivery = delivery.as_str(), "operator sent transition to online");
             let body = json!({"edge": edge_id, "transition": "requested", "delivery": delivery.as_str()});
