@@ -153,17 +153,21 @@ async fn run_until_stopped(
         Ok(program) => program,
         Err(e) => return Outcome::Failed(format!("cannot find this executable to run the nodes: {e}")),
     };
-    let central = match NodeProcess::start(&program, Role::Central, dir, None, downstream.addr).await {
-        Ok(central) => nodes.central.insert(central),
-        Err(problem) => return Outcome::Failed(problem),
-    };
-    let central_url = central.url.clone();
-    let edge = match NodeProcess::start(&program, Role::Edge, dir, Some(&central_url), downstream.addr).await
+    // Each node goes into its slot as soon as it is spawned, so a stop signal during its start
+    // still stops it the ordinary way.
+    if let Err(problem) =
+        NodeProcess::start(&mut nodes.central, &program, Role::Central, dir, None, downstream.addr).await
     {
-        Ok(edge) => nodes.edge.insert(edge),
-        Err(problem) => return Outcome::Failed(problem),
-    };
-    let edge_url = edge.url.clone();
+        return Outcome::Failed(problem);
+    }
+    let central_url = nodes.central.as_ref().map(|n| n.url.clone()).unwrap_or_default();
+    if let Err(problem) =
+        NodeProcess::start(&mut nodes.edge, &program, Role::Edge, dir, Some(&central_url), downstream.addr)
+            .await
+    {
+        return Outcome::Failed(problem);
+    }
+    let edge_url = nodes.edge.as_ref().map(|n| n.url.clone()).unwrap_or_default();
     print_banner(&program, dir, &edge_url, &central_url, downstream.addr);
 
     // Aborted when this future ends or is cancelled by a stop signal.
@@ -329,14 +333,16 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Writes the node's config, runs `outpost ROLE --config …` and waits until `/readyz` is 200.
+    /// Writes the node's config, runs `outpost ROLE --config …` into `slot` and waits until
+    /// `/readyz` is 200. On an error a node that still runs is left in `slot` for the caller to stop.
     async fn start(
+        slot: &mut Option<NodeProcess>,
         program: &Path,
         role: Role,
         dir: &Path,
         central_url: Option<&str>,
         downstream: SocketAddr,
-    ) -> Result<NodeProcess, String> {
+    ) -> Result<(), String> {
         let name = role.name();
         let config_path = dir.join(format!("{name}.toml"));
         let log_path = dir.join(format!("{name}.log"));
@@ -346,23 +352,24 @@ impl NodeProcess {
             std::fs::write(&config_path, node_config(role, listen, &dir.join(name).join("data"), downstream))
                 .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
             let log_offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-            let mut node = NodeProcess::spawn(program, role, &config_path, central_url, &log_path, listen)?;
+            let node =
+                slot.insert(NodeProcess::spawn(program, role, &config_path, central_url, &log_path, listen)?);
             match node.wait_ready().await {
-                Ok(()) => return Ok(node),
+                Ok(()) => return Ok(()),
                 Err(Some(status)) if log_since(&log_path, log_offset).contains("cannot listen") => {
+                    *slot = None;
                     eprintln!("outpost demo: port {port} for the {name} was taken (attempt {attempt}, {status}); trying another");
                     port = pick_port(None);
                 }
                 Err(Some(status)) => {
+                    *slot = None;
                     return Err(format!(
                         "the {name} exited with {status} while starting; last lines of {}:\n{}",
                         log_path.display(),
                         log_tail(&log_path, LOG_TAIL_LINES)
-                    ))
+                    ));
                 }
                 Err(None) => {
-                    node.signal_stop();
-                    let _ = node.wait_stopped().await;
                     return Err(format!(
                         "the {name} was not ready within {CHILD_READY_TIMEOUT:?}; last lines of {}:\n{}",
                         log_path.display(),
