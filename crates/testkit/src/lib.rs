@@ -24,6 +24,7 @@
 pub mod client;
 pub mod metrics;
 pub mod node;
+pub mod postgres;
 pub mod raw;
 pub mod rng;
 pub mod wait;
