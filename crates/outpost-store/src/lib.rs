@@ -1,25 +1,44 @@
 //! The durable message store of a node: per-queue append-only logs with gapless sequence numbers,
-//! idempotency keys and a byte quota, on embedded SQLite.
+//! idempotency keys, reader cursors, a byte quota, small documents and failed messages, behind one
+//! [`Store`] API over two backends: embedded SQLite (every edge, and a central by default) and
+//! PostgreSQL (a central with `postgres = "postgres://…"`: every central on the same database is
+//! one cluster). Nothing above the store knows which backend it has.
 //!
 //! # Design constraints
 //!
-//! - **An acknowledgement means fsynced.** Every append resolves only after the SQLite transaction
-//!   holding it has committed with `synchronous=FULL` in WAL mode, i.e. after the WAL was fsynced.
-//! - **One writer, group commit.** A single thread ([`writer`]) owns the only write connection. It
-//!   blocks for the first pending operation, then takes every operation that arrived meanwhile (up to
-//!   [`MAX_OPS_PER_COMMIT`] / [`MAX_BYTES_PER_COMMIT`]) into the same transaction. Writes arriving
-//!   while a commit is in flight therefore join the next one, and N concurrent clients cost one fsync
-//!   per group, not one each.
-//! - **Gapless per-queue sequences.** Only the writer assigns `seq`, always `last_seq + 1`, and a
+//! - **An acknowledgement means durable.** Every write resolves only after the transaction holding
+//!   it has committed: SQLite in WAL mode with `synchronous=FULL` (the WAL was fsynced), PostgreSQL
+//!   with `synchronous_commit=on` (the server flushed its WAL).
+//! - **One writer per node, group commit.** A single writer owns the writes: on SQLite a thread
+//!   ([`writer`]) with the only write connection, on PostgreSQL a task ([`pg_writer`]). It waits
+//!   for the first pending operation ([`ops::Op`]), then takes every operation that arrived meanwhile
+//!   (up to [`MAX_OPS_PER_COMMIT`] / [`MAX_BYTES_PER_COMMIT`]) into the same transaction. Writes
+//!   arriving while a commit is in flight join the next one, and N concurrent clients cost one
+//!   fsync per group, not one each.
+//! - **Gapless per-queue sequences.** Only a writer assigns `seq`, always `last_seq + 1`, and a
 //!   queue's `last_seq` is stored in the same transaction as its messages, so a crash can neither
-//!   leave a gap nor reuse a number. Messages are released only as a prefix of a queue; at open the
-//!   store checks that what is left is contiguous and refuses to start if not.
-//! - **Several readers per queue.** A reader (the upstream forwarder, a route, a pull consumer) has a
-//!   durable cursor row; storage is released up to the lowest cursor.
-//! - **Reads never block the writer.** Readers use their own connections (WAL allows readers beside
-//!   the writer) from a small pool, on the caller's blocking thread.
+//!   leave a gap nor reuse a number. On PostgreSQL the queue's row is locked `FOR UPDATE` for the
+//!   transaction, which serializes the writers of all centrals on that queue. Messages are
+//!   released only as a prefix of a queue; at open the SQLite store checks that what is left is
+//!   contiguous and refuses to start if not.
+//! - **Exactly once from each edge.** A central stores an edge's batch against the edge's position
+//!   `(origin, queue)` in the same transaction; on PostgreSQL that row is locked `FOR UPDATE`, so an
+//!   edge that sends the same batch to two centrals (failover mid-batch) gets it stored once.
+//! - **Several readers per queue.** A reader (the upstream forwarder, a route, a pull consumer) has
+//!   a durable cursor; storage is released up to the lowest cursor of the queue's required readers.
+//!   A cursor never moves back.
+//! - **Cheap sync reads from views.** `queue_stats`, `queue`, `cursor`, `origin_position(s)` read
+//!   in-memory views the writer replaces after each commit. On PostgreSQL they also follow the other
+//!   centrals' commits through `LISTEN/NOTIFY`; the staleness bound is in [`pg`]: they may trail
+//!   another central by a notification round trip, never run ahead of the database.
+//! - **Reads never block the writer.** SQLite readers use their own connections (WAL) from a small
+//!   pool on the caller's blocking thread; PostgreSQL reads use the connection pool.
+//! - **The cluster talks through the store.** [`Store::publish_cluster_event`] /
+//!   [`Store::cluster_events`] (NOTIFY `outpost_events`; a loopback on SQLite) tell every central
+//!   what one did at once; [`Store::lease`] lets exactly one central of the cluster do a job (a
+//!   node alone always holds its leases).
 //!
-//! # On-disk format (schema version 3)
+//! # On-disk format, SQLite (schema version 3)
 //!
 //! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`), `<data_dir>/outpost.lock` (held with an
 //! exclusive `flock` by the running node: a second node on the same directory exits with code 3).
@@ -44,8 +63,16 @@
 //!                                                   `failed` or `resubmitted` (see [`failed`])
 //! ```
 //!
-//! Migrations are numbered; `meta.schema_version` records the last one applied, and a store written
-//! by a newer outpost is refused rather than misread.
+//! # PostgreSQL schema
+//!
+//! The same tables prefixed `outpost_`, with queue sizes (`messages`, `bytes`, `first_seq`, oldest
+//! timestamp, a `version`) kept in `outpost_queues` in the same transaction as the messages, cursors
+//! and positions keyed by queue name, and `outpost_leases`; see [`pg`]. A PostgreSQL central keeps
+//! nothing in its data directory (the HA watcher's log goes there) and takes no directory lock.
+//!
+//! Migrations are numbered on both backends; `meta.schema_version` (`outpost_meta` on PostgreSQL)
+//! records the last one applied, and a store written by a newer outpost is refused rather than
+//! misread. On PostgreSQL they run in one transaction under an advisory lock.
 
 pub mod failed;
 mod ops;

@@ -70,7 +70,7 @@ async fn edge_batches_sent_to_both_stores_are_stored_once_in_order() {
                 // batch was in flight), overlapping the previous batch by a few messages.
                 let from = next.saturating_sub(3).max(1);
                 let to = (next + 19).min(400);
-                let (first, second) = if round % 2 == 0 { (&a, &b) } else { (&b, &a) };
+                let (first, second) = if round.is_multiple_of(2) { (&a, &b) } else { (&b, &a) };
                 let (x, y) = tokio::join!(
                     first.append_from_origin("q", &origin, batch(&origin, from..=to)),
                     second.append_from_origin("q", &origin, batch(&origin, from..=to)),
@@ -128,8 +128,8 @@ async fn concurrent_appends_on_two_stores_keep_sequences_gapless() {
     .unwrap();
     let b = open(&database.url, "b").await;
     let mut tasks = Vec::new();
-    for task in 0..32 {
-        let store = if task % 2 == 0 { a.clone() } else { b.clone() };
+    for task in 0..32u32 {
+        let store = if task.is_multiple_of(2) { a.clone() } else { b.clone() };
         tasks.push(tokio::spawn(async move {
             let mut seqs = Vec::new();
             for i in 0..25 {
