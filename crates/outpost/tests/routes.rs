@@ -3,7 +3,8 @@
 //! 503) switches the route to `store` and nothing is lost or sent meanwhile; `forward` delivers
 //! everything in order; poison and exhausted messages end in `/v1/failed` while the rest flows,
 //! and a resubmit delivers them again with their original id; `auto_forward`; kill -9 during
-//! delivery skips nothing; the mode survives restarts; fan-out to two routes; routes on a central.
+//! delivery skips nothing; the mode survives restarts; fan-out to two routes; routes on a central;
+//! messages past `limits.message_ttl` fail as `expired`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -727,6 +728,43 @@ async fn routes_fail_over_across_urls_and_work_on_a_central() {
     wait_delivered(&up, 10).await;
     assert_eq!(route(&client, "erp").await["mode"], "forward", "the second url answered: no outage");
     assert!(up.delivered().iter().all(|d| d.origin == "hq"));
+}
+
+#[tokio::test]
+async fn messages_past_their_ttl_fail_as_expired_instead_of_being_sent() {
+    let downstream = Downstream::start().await;
+    let config = format!(
+        "[limits]\nmessage_ttl = \"300ms\"\n{}",
+        route_toml("erp", "orders", &[downstream.url()], "")
+    );
+    let node = start_edge(&config).await;
+    let client = node.client();
+    switch(&client, "erp", "store").await;
+    let accepted = post_all(&client, "orders", &payloads("old", 0..3)).await;
+    wait_until_async(WAIT, "the stored messages to pass their TTL", || async {
+        client.queue("orders").await.is_some_and(|q| q.oldest_age_seconds >= 0.5)
+    })
+    .await;
+    switch(&client, "erp", "forward").await;
+    wait_until_async(WAIT, "three expired entries", || async { failed(&client, "erp").await.len() == 3 })
+        .await;
+    for (entry, (id, seq)) in failed(&client, "erp").await.iter().zip(&accepted) {
+        assert_eq!(
+            (entry["reason"].as_str(), entry["attempts"].as_u64()),
+            (Some("expired"), Some(0)),
+            "{entry}"
+        );
+        assert_eq!((entry["message_id"].as_str(), entry["seq"].as_u64()), (Some(id.as_str()), Some(*seq)));
+    }
+    assert!(downstream.log().is_empty(), "expired messages are not sent");
+
+    // Fresh messages still flow; a resubmitted expired one is delivered (the operator chose to).
+    post_all(&client, "orders", &payloads("new", 0..2)).await;
+    wait_delivered(&downstream, 2).await;
+    let body = format!(r#"{{"ids":[{}]}}"#, failed(&client, "erp").await[0]["id"]);
+    client.post("/v1/failed/resubmit", Some("application/json"), body).await.unwrap().expect_status(200);
+    wait_delivered(&downstream, 3).await;
+    assert_eq!(downstream.delivered().pop().unwrap().message_id, accepted[0].0);
 }
 
 /// Figures for the report (release build):
