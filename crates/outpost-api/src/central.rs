@@ -687,29 +687,6 @@ fn bound_offline_log(report: &mut EdgeReport) {
     report.offline_log.drain(..excess);
 }
 
-/// Reads a request body of at most `limit_bytes`, refusing early when `Content-Length` already says
-/// more (413). The same rule as the ingest endpoints' reader, kept here so the central's modules do
-/// not reach into the ingest module.
-async fn read_limited_body(
-    headers: &axum::http::HeaderMap,
-    body: axum::body::Body,
-    limit_bytes: u64,
-    what: &str,
-) -> Result<bytes::Bytes, ApiError> {
-    use http_body_util::BodyExt;
-    let too_large = || ApiError::too_large(format!("{what} is larger than the limit of {limit_bytes} bytes"));
-    let declared_length =
-        headers.get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared_length.is_some_and(|length| length > limit_bytes) {
-        return Err(too_large());
-    }
-    match http_body_util::Limited::new(body, limit_bytes as usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
-    }
-}
-
 /// The hub, or 404 on an edge.
 fn hub(state: &ApiState) -> Result<&Arc<CentralHub>, ApiError> {
     state.central.as_ref().ok_or_else(|| {

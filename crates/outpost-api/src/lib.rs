@@ -2,6 +2,7 @@
 //! crate that knows HTTP and JSON shapes; everything else it calls through typed handles.
 
 pub mod auth;
+mod body;
 pub mod central;
 mod console;
 pub mod error;

@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine;
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use outpost_core::metrics::QueueLabel;
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
 use outpost_store::NewMessage;
@@ -40,23 +39,6 @@ fn check_writes_allowed(state: &ApiState) -> Result<(), ApiError> {
         ));
     }
     Ok(())
-}
-
-/// Reads a body of at most `limit_bytes`, refusing early when `Content-Length` already says more.
-async fn read_body(headers: &HeaderMap, body: Body, limit_bytes: u64, what: &str) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::too_large(format!("{what} is larger than the limit of {limit_bytes} bytes"));
-    if let Some(length) =
-        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-    {
-        if length > limit_bytes {
-            return Err(too_large());
-        }
-    }
-    match http_body_util::Limited::new(body, limit_bytes as usize).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
-    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -94,7 +76,9 @@ pub async fn post_message(
     let content_type = content_type(&headers)?;
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    let payload = read_body(&headers, body, state.config.limits.max_message_bytes, "the message").await?;
+    let payload =
+        crate::body::read_bounded(&headers, body, state.config.limits.max_message_bytes, "the message")
+            .await?;
 
     let message = NewMessage { payload, content_type, origin: None, id: None };
     let appended = state.store.append(&queue, vec![message], key).await?;
@@ -124,7 +108,7 @@ pub async fn post_batch(
     let limits = &state.config.limits;
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    let body = read_body(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
+    let body = crate::body::read_bounded(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
 
     let mut messages = Vec::new();
     for line in split_lines(&body) {

@@ -10,7 +10,6 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use http_body_util::BodyExt;
 use outpost_core::time::rfc3339_from_unix_ms;
 use outpost_forward::route::{RouteView, Routes};
 use outpost_forward::route_modes::{Mode, RouteError};
@@ -122,7 +121,7 @@ async fn switch_route(
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let Path(name) = path.map_err(|e| ApiError::invalid_name(format!("bad route name in path: {e}")))?;
     outpost_core::validate_name(&name).map_err(|e| ApiError::invalid_name(format!("route {e}")))?;
-    let reason = match json_body(body).await? {
+    let reason = match json_body(&headers, body).await? {
         None => format!("{} requested through the API", mode.as_str()),
         Some(value) => match value.get("reason") {
             None | Some(Value::Null) => format!("{} requested through the API", mode.as_str()),
@@ -211,7 +210,7 @@ async fn resubmit_many(
     body: Body,
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
-    let body = json_body(body)
+    let body = json_body(&headers, body)
         .await?
         .ok_or_else(|| ApiError::bad_request(r#"send {"route": "R"} or {"ids": [..]}"#))?;
     let selector = match (body.get("route"), body.get("ids")) {
@@ -272,13 +271,8 @@ async fn discard(
 }
 
 /// An optional JSON object body of at most [`MAX_BODY_BYTES`]: `None` when empty.
-async fn json_body(body: Body) -> Result<Option<Value>, ApiError> {
-    let too_large = || ApiError::too_large(format!("the body is larger than {MAX_BODY_BYTES} bytes"));
-    let body = match http_body_util::Limited::new(body, MAX_BODY_BYTES).collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
-        Err(e) => return Err(ApiError::bad_request(format!("could not read the request body: {e}"))),
-    };
+async fn json_body(headers: &HeaderMap, body: Body) -> Result<Option<Value>, ApiError> {
+    let body = crate::body::read_bounded(headers, body, MAX_BODY_BYTES as u64, "the body").await?;
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }

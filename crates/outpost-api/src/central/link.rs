@@ -26,7 +26,8 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{bound_offline_log, hub, read_limited_body as read_body, CentralHub, OpenedLink};
+use super::{bound_offline_log, hub, CentralHub, OpenedLink};
+use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
 use crate::ApiState;
 

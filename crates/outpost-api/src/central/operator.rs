@@ -10,8 +10,9 @@ use outpost_core::time::rfc3339_from_unix_ms;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{hub, read_limited_body as read_body, EdgeView};
+use super::{hub, EdgeView};
 use crate::auth::{authorize, Access};
+use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
 use crate::ApiState;
 
