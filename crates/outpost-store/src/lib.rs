@@ -561,6 +561,7 @@ impl Store {
         }
         if let Backend::Postgres(pg) = &self.inner.backend {
             pg.stop_background();
+            pg.release_leases().await;
         }
     }
 }

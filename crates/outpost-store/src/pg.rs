@@ -362,6 +362,13 @@ impl Postgres {
         self.pool.get().await.map_err(|e| pool_error(&self.url(), e))
     }
 
+    /// Gives up every lease this store holds, so another central takes them at its next renewal
+    /// instead of after [`LEASE_TTL`]. Best effort: an unreachable database lets them expire.
+    pub(crate) async fn release_leases(&self) {
+        let Ok(client) = self.pool.get().await else { return };
+        let _ = client.execute("DELETE FROM outpost_leases WHERE holder = $1", &[&self.instance]).await;
+    }
+
     /// Ends the listener, the refresher and the lease tasks (after the writer stopped).
     pub(crate) fn stop_background(&self) {
         for task in self.background.lock().expect("background tasks poisoned").drain(..) {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use outpost_core::wire::BatchMessage;
 use outpost_store::{
     FailedQuery, FailedSelector, FailedStatus, NewFailure, NewMessage, Store, StoreOptions, StoredMessage,
+    LEASE_TTL,
 };
 use pg_common::TestDatabase;
 
@@ -208,8 +209,17 @@ async fn a_lease_is_held_by_one_store_at_a_time_and_passes_on_release() {
     let started = std::time::Instant::now();
     tokio::time::timeout(Duration::from_secs(4), on_b.wait_for(|held| *held)).await.unwrap().unwrap();
     eprintln!("the lease passed to the other store in {:?}", started.elapsed());
-    a.shutdown().await;
+    // A store that shuts down gives its leases up too (not only when they expire).
+    let c = open(&database.url, "c").await;
+    let mut on_c = c.lease("route:r");
     b.shutdown().await;
+    tokio::time::timeout(LEASE_TTL - Duration::from_millis(500), on_c.wait_for(|held| *held))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(on_b);
+    a.shutdown().await;
+    c.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
