@@ -2,8 +2,6 @@
 //! whichever store takes it, gapless seqs, views and `commits()` that follow the other store,
 //! cluster events, leases held by one store at a time, documents, cursors and failed messages.
 
-mod pg_common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +12,7 @@ use outpost_store::{
     FailedQuery, FailedSelector, FailedStatus, NewFailure, NewMessage, Store, StoreOptions, StoredMessage,
     LEASE_TTL,
 };
-use pg_common::TestDatabase;
+use testkit::postgres::TestDatabase;
 
 async fn open(url: &str, node: &str) -> Store {
     Store::open_postgres(url, StoreOptions::keep_everything(1 << 30, node), None).await.unwrap()

@@ -1,8 +1,6 @@
 //! The model property test of `model.rs`, run against the PostgreSQL backend (a throwaway
 //! database on `OUTPOST_TEST_POSTGRES`), reopen included.
 
-mod pg_common;
-
 use std::collections::HashMap;
 
 use bytes::Bytes;
@@ -142,7 +140,7 @@ async fn run_case(url: &str, actions: Vec<Action>) {
 #[test]
 fn postgres_store_matches_model() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let database = runtime.block_on(pg_common::TestDatabase::create());
+    let database = runtime.block_on(testkit::postgres::TestDatabase::create());
     // The first open migrates; every case then starts from empty tables.
     runtime.block_on(async { open(&database.url).await.shutdown().await });
     let mut runner =
