@@ -27,6 +27,23 @@
 //!
 //! Startup and recovery are the same path: the position comes from the durable cursor, resubmitted
 //! entries from the failed table and the mode from the route's document.
+//!
+//! # On a cluster (centrals sharing PostgreSQL)
+//!
+//! - **One deliverer per route.** A task delivers only while it holds the store lease
+//!   `route:<name>` ([`Store::lease`]; on SQLite always held, so a node alone behaves as above).
+//!   Gaining it, the task starts over from the cursor as the database has it
+//!   ([`Store::fresh_cursor`]), with no read-ahead and a new commit pipeline: the previous holder may
+//!   have delivered further than this node's views show. Losing it, the task starts nothing new (a
+//!   delivery in flight may complete) and commits what it delivered. The store's holder gives a
+//!   lease up before another central can take it, so two centrals never deliver at once; after a
+//!   kill -9 the next holder repeats at most the previous holder's uncommitted deliveries.
+//! - **Modes follow cluster-wide** through [`RouteModes`]: every change is persisted, then announced
+//!   with a cluster event; [`follow_cluster`] re-reads the document on every central. Only the
+//!   holder delivers, so only it switches automatically (`service_down`, probe); operators may
+//!   switch from any central.
+//! - **Resubmits** are announced the same way ([`ROUTE_RESUBMITTED_EVENT`]), so the holder picks
+//!   up entries resubmitted on another central; a periodic look repairs a missed event.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -46,7 +63,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::route_delivery::{Deliverer, DeliveryFailure, Outgoing};
-use crate::route_modes::{Mode, ModeState, RouteError, RouteModes, CHANGED_BY_OPERATOR};
+use crate::route_modes::{Mode, ModeState, RouteError, RouteModes, CHANGED_BY_OPERATOR, ROUTE_MODE_EVENT};
 use crate::route_policy::{Class, RoutePolicy, Verdict};
 
 /// The most deliveries a route makes beyond its last committed cursor (the bound on repeats after
@@ -66,6 +83,13 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 const STORE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How long [`RouteTasks::stop`] lets a task finish its cursor commit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the cluster follower re-reads every route's mode document and looks for resubmitted
+/// entries, whatever the events said (an event is lost while a central's listener reconnects).
+const CLUSTER_RESYNC_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a task that lost its lease waits for its cursor commit before letting go of it.
+const LEASE_LOST_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// The cluster event published after entries of a route were resubmitted; body `{"route": name}`.
+pub const ROUTE_RESUBMITTED_EVENT: &str = "route_resubmitted";
 /// `changed_by` of the task's own switches.
 const CHANGED_BY_SERVICE_DOWN: &str = "auto:service_down";
 const CHANGED_BY_PROBE: &str = "auto:probe";
@@ -130,6 +154,8 @@ pub async fn start(
             .map_err(|e| format!("cannot load the route modes: {e}"))?,
     );
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Subscribed before any task runs, so no change made from now on is missed.
+    let cluster_events = store.cluster_events();
     let mut resubmit_notices = BTreeMap::new();
     let mut tasks = Vec::new();
     // Seeded per node and start, so routes of many nodes do not retry in lockstep.
@@ -154,6 +180,8 @@ pub async fn start(
             metrics: metrics.clone(),
             modes: modes.clone(),
             mode: modes.subscribe(&route.name).expect("modes were loaded for every route"),
+            lease: store.lease(&reader_name(&route.name)),
+            holding: false,
             commits: store.commits(),
             resubmit_notices: notice_rx,
             stop: stop_rx.clone(),
@@ -181,6 +209,7 @@ pub async fn start(
         resubmit_notices,
     });
     routes.refresh_failed_metric().await;
+    tasks.push(tokio::spawn(follow_cluster(routes.clone(), cluster_events, stop_rx)));
     Ok((routes, RouteTasks { stop: stop_tx, tasks }))
 }
 
@@ -279,10 +308,14 @@ impl Routes {
             FailedSelector::Route(_) => {}
         }
         let outcome = self.store.resubmit_failed(selector).await?;
-        for (_, route) in &outcome.resubmitted {
-            if let Some(notice) = self.resubmit_notices.get(route) {
-                // Full: a notice is already pending, which is all the task needs.
-                let _ = notice.try_send(());
+        let routes: std::collections::BTreeSet<&String> =
+            outcome.resubmitted.iter().map(|(_, r)| r).collect();
+        for route in routes {
+            self.notify_resubmitted(route);
+            // The route's lease holder may be another central.
+            let body = serde_json::json!({ "route": route }).to_string();
+            if let Err(e) = self.store.publish_cluster_event(ROUTE_RESUBMITTED_EVENT, &body).await {
+                tracing::warn!(route = %route, "cannot tell the other centrals about resubmitted entries: {e}");
             }
         }
         if !outcome.resubmitted.is_empty() {
@@ -290,6 +323,14 @@ impl Routes {
         }
         self.refresh_failed_metric().await;
         Ok(outcome)
+    }
+
+    /// Tells the route's task (here) that resubmitted entries may be waiting.
+    fn notify_resubmitted(&self, route: &str) {
+        if let Some(notice) = self.resubmit_notices.get(route) {
+            // Full: a notice is already pending, which is all the task needs.
+            let _ = notice.try_send(());
+        }
     }
 
     /// Discards a failed entry. False if there was none.
@@ -326,6 +367,71 @@ async fn refresh_failed_metric<'a>(
             }
         }
         Err(e) => tracing::warn!("cannot count failed messages for the metrics: {e}"),
+    }
+}
+
+/// The body of the routes' cluster events.
+#[derive(serde::Deserialize)]
+struct RouteEvent {
+    route: String,
+}
+
+/// Follows what other centrals do to routes: a mode document changed ([`ROUTE_MODE_EVENT`]) is
+/// re-read and adopted, resubmitted entries ([`ROUTE_RESUBMITTED_EVENT`]) wake the route's task.
+/// Every [`CLUSTER_RESYNC_INTERVAL`], and after missing events, it does both for every route and
+/// refreshes the failed-messages metric (another central may have failed or discarded entries).
+/// On SQLite the events are this node's own, and the re-reads find nothing new.
+async fn follow_cluster(
+    routes: Arc<Routes>,
+    mut events: tokio::sync::broadcast::Receiver<(String, String)>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut resync = tokio::time::interval(CLUSTER_RESYNC_INTERVAL);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await; // the first tick is immediate, and everything was just loaded
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Ok((kind, body)) if kind == ROUTE_MODE_EVENT || kind == ROUTE_RESUBMITTED_EVENT => {
+                    let Ok(RouteEvent { route }) = serde_json::from_str(&body) else {
+                        tracing::warn!(kind, body, "ignoring a malformed route event");
+                        continue;
+                    };
+                    if kind == ROUTE_MODE_EVENT {
+                        if let Err(e) = routes.modes.reload(&route).await {
+                            tracing::warn!(route = %route, "cannot follow the route's mode change: {e}");
+                        }
+                    } else {
+                        routes.notify_resubmitted(&route);
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    tracing::warn!(missed, "route follower missed cluster events; re-reading every route");
+                    resync_routes(&routes).await;
+                }
+                Err(RecvError::Closed) => return,
+            },
+            _ = resync.tick() => resync_routes(&routes).await,
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn resync_routes(routes: &Routes) {
+    routes.modes.reload_all().await;
+    for route in routes.routes.keys() {
+        routes.notify_resubmitted(route);
+    }
+    routes.refresh_failed_metric().await;
+}
+
+/// Resolves when the lease changes hands; never when its sender is gone (SQLite's lease is a
+/// constant: always held).
+async fn lease_changed(lease: &mut watch::Receiver<bool>) {
+    if lease.changed().await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -496,6 +602,10 @@ struct RouteTask {
     metrics: Arc<Metrics>,
     modes: Arc<RouteModes>,
     mode: watch::Receiver<ModeState>,
+    /// Whether this node may deliver the route (store lease `route:<name>`).
+    lease: watch::Receiver<bool>,
+    /// Whether the task has taken over the route under the lease (see [`RouteTask::gain_lease`]).
+    holding: bool,
     commits: watch::Receiver<u64>,
     resubmit_notices: mpsc::Receiver<()>,
     stop: watch::Receiver<bool>,
@@ -517,6 +627,27 @@ impl RouteTask {
     async fn run(mut self) {
         let mut last_mode = self.mode.borrow().mode;
         while !*self.stop.borrow() {
+            let held = *self.lease.borrow_and_update();
+            if !held {
+                if self.holding {
+                    self.lose_lease().await;
+                }
+                tokio::select! {
+                    _ = lease_changed(&mut self.lease) => {}
+                    _ = self.stop.changed() => {}
+                }
+                continue;
+            }
+            if !self.holding {
+                if let Err(e) = self.gain_lease().await {
+                    if matches!(e, StoreError::Closed) {
+                        break;
+                    }
+                    tracing::warn!(route = %self.name, "cannot read the route's cursor after taking it over, retrying in {STORE_RETRY_PAUSE:?}: {e}");
+                    self.pause(STORE_RETRY_PAUSE).await;
+                    continue;
+                }
+            }
             let mode = self.mode.borrow_and_update().mode;
             if mode == Mode::Forward && last_mode == Mode::Store {
                 // Back in service: primary endpoint first, no leftover backoff.
@@ -541,12 +672,45 @@ impl RouteTask {
         tracing::debug!(route = %self.name, position = self.cursor.durable, "route stopped");
     }
 
-    /// Sleeps, waking early for a stop or a mode change.
+    /// This node now delivers the route: start from the cursor as the database has it (another
+    /// central may have delivered since this node last looked), with nothing read ahead.
+    async fn gain_lease(&mut self) -> Result<(), StoreError> {
+        let position = self.store.fresh_cursor(&self.queue, &self.reader).await?;
+        self.delivered_through = position;
+        self.read_ahead.clear();
+        self.read_ahead_limit = FIRST_READ_MESSAGES;
+        self.cursor = CursorCommit::new(&self.store, &self.queue, &self.reader);
+        self.head = None;
+        self.retry_at = None;
+        self.resubmits_pending = true;
+        self.deliverer.prefer_primary();
+        self.holding = true;
+        if self.store.is_shared() {
+            tracing::info!(route = %self.name, position, "this central now delivers the route (lease taken)");
+        }
+        Ok(())
+    }
+
+    /// Another central delivers the route now (or may, soon): start nothing new and commit what was
+    /// delivered, so the next holder repeats as little as possible.
+    async fn lose_lease(&mut self) {
+        self.holding = false;
+        self.head = None;
+        self.retry_at = None;
+        self.read_ahead.clear();
+        if tokio::time::timeout(LEASE_LOST_FLUSH_TIMEOUT, self.cursor.flush()).await.is_err() {
+            tracing::warn!(route = %self.name, "the cursor commit did not finish within {LEASE_LOST_FLUSH_TIMEOUT:?} after losing the lease; the next holder may repeat those deliveries");
+        }
+        tracing::info!(route = %self.name, position = self.cursor.durable, "this central stopped delivering the route (lease lost)");
+    }
+
+    /// Sleeps, waking early for a stop, a mode change or the lease changing hands.
     async fn pause(&mut self, duration: Duration) {
         tokio::select! {
             _ = tokio::time::sleep(duration) => {}
             _ = self.stop.changed() => {}
             _ = self.mode.changed() => {}
+            _ = lease_changed(&mut self.lease) => {}
         }
     }
 
@@ -572,6 +736,7 @@ impl RouteTask {
                 _ = self.resubmit_notices.recv() => self.resubmits_pending = true,
                 _ = self.mode.changed() => {}
                 _ = self.stop.changed() => {}
+                _ = lease_changed(&mut self.lease) => {}
                 _ = tokio::time::sleep(IDLE_RECHECK) => {}
             }
             return Ok(());
@@ -586,6 +751,7 @@ impl RouteTask {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = self.stop.changed() => return Ok(()),
                     _ = self.mode.changed() => return Ok(()),
+                    _ = lease_changed(&mut self.lease) => return Ok(()),
                 }
             }
             self.retry_at = None;
@@ -608,6 +774,7 @@ impl RouteTask {
             tokio::select! {
                 _ = self.mode.changed() => {}
                 _ = self.stop.changed() => {}
+                _ = lease_changed(&mut self.lease) => {}
             }
             return Ok(());
         }
@@ -615,6 +782,7 @@ impl RouteTask {
             _ = tokio::time::sleep(self.probe_interval) => {}
             _ = self.mode.changed() => return Ok(()),
             _ = self.stop.changed() => return Ok(()),
+            _ = lease_changed(&mut self.lease) => return Ok(()),
         }
         self.take_notices();
         if self.head.is_none() {
@@ -679,8 +847,13 @@ impl RouteTask {
             .is_some_and(|ttl| now_unix_ms().saturating_sub(message.accepted_at_ms) > ttl.as_millis() as i64)
     }
 
-    /// One delivery attempt of the head (abandoned if the node stops).
+    /// One delivery attempt of the head (abandoned if the node stops). Nothing is started once the
+    /// lease is gone, even if the loop has not seen it yet (the reads before an attempt take time);
+    /// an attempt already started may complete.
     async fn attempt(&mut self) -> Attempt {
+        if !*self.lease.borrow() {
+            return Attempt::Stopped;
+        }
         let current = self.head.as_ref().expect("attempt needs a head");
         let outgoing = current.head.outgoing();
         tokio::select! {

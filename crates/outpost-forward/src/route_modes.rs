@@ -8,9 +8,17 @@
 //! and the auto-forward probe) and, on a PostgreSQL cluster, every other central: the contract says
 //! a mode change on one central is followed by all within 1 s. Everything that changes a mode goes
 //! through [`RouteModes`], which persists the change first and publishes it second; the watches are
-//! the only thing route tasks read. A cluster backend adds one path: a change persisted by another
-//! central arrives (LISTEN/NOTIFY or polling) and is published with [`RouteModes::adopt`], without
-//! persisting it again.
+//! the only thing route tasks read.
+//!
+//! # On a cluster
+//!
+//! Every change (mode or reason) is followed by the cluster event [`ROUTE_MODE_EVENT`]
+//! (`{"route": name}`): it only says "look again", the document is the truth. Each central's
+//! follower (in [`crate::route`]) answers it with [`RouteModes::reload`], which re-reads the
+//! document and publishes it with [`RouteModes::adopt`] without persisting it again. Reading the
+//! document under the same lock as local changes makes every central converge on the document's
+//! last write, whatever order two racing changes (say, operators on two centrals) arrive in. A
+//! missed event (a listener reconnecting) is repaired by the follower's periodic reload.
 //!
 //! Setting the mode a route already has changes nothing (its `mode_since`, `changed_by` and
 //! `reason` stay those of the change that put it there).
@@ -30,6 +38,8 @@ pub const ROUTE_MODE_DOCUMENT_PREFIX: &str = "route:";
 pub const CHANGED_BY_START: &str = "start";
 /// `changed_by` of the operator's API calls.
 pub const CHANGED_BY_OPERATOR: &str = "operator";
+/// The cluster event published after a route's document changed; body `{"route": name}`.
+pub const ROUTE_MODE_EVENT: &str = "route_mode";
 
 /// Whether a route delivers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,7 +151,7 @@ impl RouteModes {
         reason: &str,
     ) -> Result<ModeState, RouteError> {
         let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
-        let _guard = self.change_lock.lock().await;
+        let guard = self.change_lock.lock().await;
         let current = sender.borrow().clone();
         if current.mode == mode {
             return Ok(current);
@@ -163,13 +173,15 @@ impl RouteModes {
         );
         set_mode_metric(&self.metrics, route, mode);
         sender.send_replace(next.clone());
+        drop(guard);
+        self.tell_cluster(route).await;
         Ok(next)
     }
 
     /// Records what the failure policy last decided without changing the mode.
     pub async fn set_reason(&self, route: &str, reason: &str) -> Result<(), RouteError> {
         let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
-        let _guard = self.change_lock.lock().await;
+        let guard = self.change_lock.lock().await;
         let mut next = sender.borrow().clone();
         if next.reason == reason {
             return Ok(());
@@ -177,15 +189,76 @@ impl RouteModes {
         next.reason = reason.to_string();
         self.persist(route, &next).await?;
         sender.send_replace(next);
+        drop(guard);
+        self.tell_cluster(route).await;
         Ok(())
     }
 
-    /// Publishes a state another node already persisted (the cluster backend's path).
+    /// Publishes a state another node already persisted (the cluster path; see [`Self::reload`]).
     pub fn adopt(&self, route: &str, state: ModeState) -> Result<(), RouteError> {
         let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
         set_mode_metric(&self.metrics, route, state.mode);
         sender.send_replace(state);
         Ok(())
+    }
+
+    /// Re-reads a route's document (another central may have changed it) and adopts it if it
+    /// differs from what this node shows. A route not configured here, or without a document, is
+    /// left alone. Returns true when the state changed here.
+    pub async fn reload(&self, route: &str) -> Result<bool, RouteError> {
+        let Some(sender) = self.routes.get(route) else { return Ok(false) };
+        // Under the change lock: a local change cannot slip between the read and the adopt, so the
+        // last document write is what every node ends up showing.
+        let _guard = self.change_lock.lock().await;
+        let key = document_key(route);
+        // `documents` matches a prefix: `route:a` also finds `route:ab`, hence the exact lookup.
+        let documents = self.store.documents(&key).await?;
+        let Some(text) = documents.get(&key) else { return Ok(false) };
+        let state = match serde_json::from_str::<ModeState>(text) {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::warn!(
+                    route,
+                    "the stored mode document {key} is unreadable ({e}); keeping the current mode"
+                );
+                return Ok(false);
+            }
+        };
+        let current = sender.borrow().clone();
+        if current == state {
+            return Ok(false);
+        }
+        if current.mode != state.mode {
+            tracing::info!(
+                route,
+                mode = state.mode.as_str(),
+                changed_by = %state.changed_by,
+                reason = %state.reason,
+                from = current.mode.as_str(),
+                "route mode changed (followed from another central)"
+            );
+        }
+        self.adopt(route, state)?;
+        Ok(true)
+    }
+
+    /// Every configured route's document again (after missed events).
+    pub async fn reload_all(&self) {
+        for route in self.routes.keys() {
+            if let Err(e) = self.reload(route).await {
+                tracing::warn!(route = %route, "cannot re-read the route's mode document: {e}");
+            }
+        }
+    }
+
+    /// Tells the other centrals to re-read the route's document. Best effort: the document is
+    /// durable already, and a missed event is repaired by the periodic reload.
+    /// On SQLite the event only loops back to this node's follower, which finds nothing new.
+    async fn tell_cluster(&self, route: &str) {
+        let body = serde_json::json!({ "route": route }).to_string();
+        if let Err(e) = self.store.publish_cluster_event(ROUTE_MODE_EVENT, &body).await {
+            tracing::warn!(route, "cannot tell the other centrals about the route's mode: {e}");
+        }
     }
 
     async fn persist(&self, route: &str, state: &ModeState) -> Result<(), StoreError> {
