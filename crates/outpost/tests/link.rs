@@ -279,3 +279,24 @@ async fn a_trigger_from_the_central_ends_the_failed_transition_wait() {
     assert!(response.status.is_success(), "trigger accepted: {}", response.text());
     wait_state(&edge, "online", Duration::from_secs(15)).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_central_is_noticed_by_missed_pings() {
+    // SIGSTOP freezes the central: its sockets stay open and nothing answers, as when a cable is
+    // cut between two routers. Only the missing pings can tell.
+    let central = start_central().await;
+    let edge = start_edge(&central, "store-6").await;
+    wait_state(&edge, "online", Duration::from_secs(20)).await;
+    wait_until_async(Duration::from_secs(10), "a first ping", || async {
+        edge.client().status().await["last_ping_at"].is_string()
+    })
+    .await;
+    central.signal(nix::sys::signal::Signal::SIGSTOP);
+    // missed_pings (3) × ping_interval (1 s) + transition_to_offline_wait (1 s) + probe timeouts.
+    wait_state(&edge, "offline", Duration::from_secs(20)).await;
+    let status = edge.client().status().await;
+    let last = status["offline_log"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["cause"], "missed_pings", "{last}");
+    central.signal(nix::sys::signal::Signal::SIGCONT);
+    wait_state(&edge, "online", Duration::from_secs(20)).await;
+}
