@@ -68,6 +68,9 @@ pub const EDGE_STATES: [&str; 5] =
 
 const EDGE_DOCUMENT_PREFIX: &str = "edge:";
 const MAINTENANCE_DOCUMENT: &str = "central:maintenance";
+/// How often a central of a cluster re-reads the shared registry and maintenance flag, repairing
+/// any cluster event it missed.
+const CLUSTER_RESYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Cluster event kinds (see the module doc).
 const EVENT_EDGE_UPDATED: &str = "edge_updated";
 const EVENT_EDGE_LINKED: &str = "edge_linked";
@@ -315,6 +318,36 @@ impl CentralHub {
                 self.apply_maintenance(document.enabled, document.since_ms);
             }
             (kind, _, _) => tracing::debug!(kind, "ignoring a cluster event this hub does not handle"),
+        }
+    }
+
+    /// Re-reads what other centrals may have changed: maintenance and every edge's registry entry.
+    async fn resync(&self) {
+        match self.store.documents(MAINTENANCE_DOCUMENT).await {
+            Ok(documents) => {
+                if let Some(document) = documents
+                    .get(MAINTENANCE_DOCUMENT)
+                    .and_then(|value| serde_json::from_str::<MaintenanceDocument>(value).ok())
+                {
+                    let _switching = self.maintenance_switch.lock().await;
+                    self.apply_maintenance(document.enabled, document.since_ms);
+                }
+            }
+            Err(e) => tracing::warn!("cannot re-read the maintenance document: {e}"),
+        }
+        let edge_ids: Vec<String> = match self.store.documents(EDGE_DOCUMENT_PREFIX).await {
+            Ok(documents) => documents
+                .keys()
+                .filter_map(|key| key.strip_prefix(EDGE_DOCUMENT_PREFIX))
+                .map(str::to_string)
+                .collect(),
+            Err(e) => {
+                tracing::warn!("cannot re-read the edge registry: {e}");
+                return;
+            }
+        };
+        for edge_id in edge_ids {
+            self.reload_edge(&edge_id).await;
         }
     }
 
@@ -712,11 +745,30 @@ async fn follow_cluster(
     mut events: tokio::sync::broadcast::Receiver<(String, String)>,
 ) {
     use tokio::sync::broadcast::error::RecvError;
+    // Events are not durable (a listener reconnecting or a lagging receiver misses some): what
+    // they announce is always in a document too, so a periodic re-read repairs any miss.
+    let mut resync = tokio::time::interval(CLUSTER_RESYNC_INTERVAL);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let (kind, body) = match events.recv().await {
+        let received = tokio::select! {
+            received = events.recv() => received,
+            _ = resync.tick() => {
+                let Some(hub) = hub.upgrade() else { return };
+                if hub.store.is_shared() {
+                    hub.resync().await;
+                }
+                continue;
+            }
+        };
+        let (kind, body) = match received {
             Ok(event) => event,
             Err(RecvError::Lagged(missed)) => {
-                tracing::warn!(missed, "the hub fell behind the cluster's events; some were missed");
+                tracing::warn!(
+                    missed,
+                    "the hub fell behind the cluster's events; re-reading the shared state"
+                );
+                let Some(hub) = hub.upgrade() else { return };
+                hub.resync().await;
                 continue;
             }
             Err(RecvError::Closed) => return,
