@@ -19,7 +19,6 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use rusqlite::{params, OptionalExtension, Transaction};
-use tokio::sync::oneshot;
 
 use crate::ops::Op;
 use crate::{Backend, Store, StoreError, StoredMessage};
@@ -270,18 +269,14 @@ impl Store {
     /// Records that `failure.route` gave up on a message: stores a copy in the failed table and
     /// moves the route's cursor past the message, in one commit. Returns the entry's id.
     pub async fn fail_message(&self, failure: NewFailure) -> Result<i64, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::FailMessage { failure: Box::new(failure), reply }).await?;
-        match rx.await.map_err(|_| StoreError::Closed)?? {
+        match self.call(|reply| Op::FailMessage { failure: Box::new(failure), reply }).await? {
             FailedOutcome::Inserted(id) => Ok(id),
             other => unreachable!("fail_message answered {other:?}"),
         }
     }
 
     async fn change_failed(&self, change: FailedChange) -> Result<FailedOutcome, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Op::ChangeFailed { change, reply }).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.call(|reply| Op::ChangeFailed { change, reply }).await
     }
 
     /// Puts entries back on their routes (`status = resubmitted`). With [`FailedSelector::Ids`],

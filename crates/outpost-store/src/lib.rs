@@ -346,9 +346,8 @@ impl Store {
         messages: Vec<NewMessage>,
         idempotency_key: Option<String>,
     ) -> Result<Appended, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(ops::Op::Append { queue: queue.to_string(), messages, idempotency_key, reply }).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.call(|reply| ops::Op::Append { queue: queue.to_string(), messages, idempotency_key, reply })
+            .await
     }
 
     /// Stores an edge's consecutive messages of one queue on a central, each (origin, queue, seq)
@@ -360,15 +359,13 @@ impl Store {
         origin: &str,
         messages: Vec<outpost_core::wire::BatchMessage>,
     ) -> Result<OriginAppended, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(ops::Op::AppendFromOrigin {
+        self.call(|reply| ops::Op::AppendFromOrigin {
             queue: queue.to_string(),
             origin: origin.to_string(),
             messages,
             reply,
         })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        .await
     }
 
     /// Highest seq of `queue` from `origin` stored here (0: none). From the views: on PostgreSQL it
@@ -393,15 +390,13 @@ impl Store {
     /// Records durably that `reader` is done with `queue` through `acked_seq`, and releases the
     /// messages every required reader is done with. A cursor never moves back.
     pub async fn advance_cursor(&self, queue: &str, reader: &str, acked_seq: u64) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(ops::Op::AdvanceCursor {
+        self.call(|reply| ops::Op::AdvanceCursor {
             queue: queue.to_string(),
             reader: reader.to_string(),
             acked_seq,
             reply,
         })
-        .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        .await
     }
 
     /// Where `reader` is in `queue` (0: it has taken nothing yet), from the views.
@@ -422,9 +417,7 @@ impl Store {
 
     /// Stores a small document durably under `key` (replacing any previous value).
     pub async fn put_document(&self, key: &str, value: String) -> Result<(), StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(ops::Op::PutDocument { key: key.to_string(), value, reply }).await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.call(|reply| ops::Op::PutDocument { key: key.to_string(), value, reply }).await
     }
 
     /// Every document whose key starts with `prefix`, by key. Blocking: call it from a blocking
@@ -453,6 +446,16 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         self.send(ops::Op::Ping { reply }).await?;
         rx.await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Sends an operation to the writer and waits for its answer (after its commit).
+    async fn call<T>(
+        &self,
+        op: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> ops::Op,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(op(reply)).await?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 
     async fn send(&self, op: ops::Op) -> Result<(), StoreError> {
