@@ -109,6 +109,10 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
     let conn = Connection::open_with_flags(path, flags).map_err(StoreError::from_sqlite)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     if !read_only {
+        // 64 KiB pages (only a new database takes them; an existing one keeps its page size): a
+        // group of thousands of rows dirties far fewer pages, which halved the writer's time per
+        // batch in bench/experiments (1.9-2.6x batch ingest, single messages unchanged).
+        conn.execute_batch("PRAGMA page_size=65536;")?;
         // WAL + FULL: a commit returns only after the WAL is fsynced, so an acknowledged write
         // survives power loss; readers work beside the writer.
         let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
