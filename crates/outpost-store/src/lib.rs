@@ -40,7 +40,7 @@
 //!
 //! # On-disk format, SQLite (schema version 3)
 //!
-//! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`), `<data_dir>/outpost.lock` (held with an
+//! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`, 64 KiB pages when created), `<data_dir>/outpost.lock` (held with an
 //! exclusive `flock` by the running node: a second node on the same directory exits with code 3).
 //!
 //! ```text
