@@ -16,6 +16,23 @@ pub const MAX_BYTES_PER_COMMIT: usize = 32 << 20;
 
 pub(crate) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// The exactly-once rule for an edge's batch, the same on both backends: given the highest edge
+/// seq stored for (edge, queue), either the messages to store (consecutive, starting right after
+/// the position) or the answer when there is nothing to store (all duplicates, or a gap).
+pub(crate) fn plan_origin_append(
+    position: u64,
+    messages: &[BatchMessage],
+) -> Result<(Vec<&BatchMessage>, u64), OriginAppended> {
+    let fresh: Vec<&BatchMessage> = messages.iter().filter(|m| m.seq > position).collect();
+    let duplicates = (messages.len() - fresh.len()) as u64;
+    let gap_expected_seq = match fresh.first() {
+        None => None,
+        Some(first) if first.seq == position + 1 => return Ok((fresh, duplicates)),
+        Some(_) => Some(position + 1),
+    };
+    Err(OriginAppended { stored_through: position, stored: 0, duplicates, gap_expected_seq })
+}
+
 pub(crate) enum Op {
     Append {
         queue: String,

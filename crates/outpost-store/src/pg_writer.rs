@@ -492,24 +492,10 @@ impl PgWriter {
     ) -> Result<OriginAppended, TryError> {
         let key = (origin.to_string(), queue.to_string());
         let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
-        let fresh: Vec<&BatchMessage> = messages.iter().filter(|m| m.seq > position).collect();
-        let duplicates = (messages.len() - fresh.len()) as u64;
-        let Some(first) = fresh.first() else {
-            return Ok(OriginAppended {
-                stored_through: position,
-                stored: 0,
-                duplicates,
-                gap_expected_seq: None,
-            });
+        let (fresh, duplicates) = match crate::ops::plan_origin_append(position, messages) {
+            Ok(plan) => plan,
+            Err(answer) => return Ok(answer),
         };
-        if first.seq != position + 1 {
-            return Ok(OriginAppended {
-                stored_through: position,
-                stored: 0,
-                duplicates,
-                gap_expected_seq: Some(position + 1),
-            });
-        }
         let needed: u64 = fresh.iter().map(|m| m.payload.len() as u64).sum();
         self.ensure_queue(tx, state, queue, needed).await?;
         check_quota(&self.options, state.total_bytes, needed).map_err(TryError::Store)?;

@@ -461,24 +461,10 @@ fn apply_origin_append(
 ) -> Result<OriginAppended, StoreError> {
     let key = (origin.to_string(), queue.to_string());
     let position = state.origin_positions.get(&key).copied().unwrap_or(0);
-    let fresh: Vec<&BatchMessage> = messages.iter().filter(|m| m.seq > position).collect();
-    let duplicates = (messages.len() - fresh.len()) as u64;
-    let Some(first) = fresh.first() else {
-        return Ok(OriginAppended {
-            stored_through: position,
-            stored: 0,
-            duplicates,
-            gap_expected_seq: None,
-        });
+    let (fresh, duplicates) = match crate::ops::plan_origin_append(position, &messages) {
+        Ok(plan) => plan,
+        Err(answer) => return Ok(answer),
     };
-    if first.seq != position + 1 {
-        return Ok(OriginAppended {
-            stored_through: position,
-            stored: 0,
-            duplicates,
-            gap_expected_seq: Some(position + 1),
-        });
-    }
     let needed: u64 = fresh.iter().map(|m| m.payload.len() as u64).sum();
     let queue_id = ensure_queue(tx, options, state, queue, needed)?;
     check_quota(options, state.total_bytes, needed)?;
