@@ -18,18 +18,13 @@ pub enum Access {
 /// means no checks.
 pub fn authorize(auth: Option<&AuthConfig>, headers: &HeaderMap, needed: Access) -> Result<(), ApiError> {
     let Some(auth) = auth else { return Ok(()) };
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing `Authorization: Bearer TOKEN` header; this node requires a token",
-            )
-        })?;
+    let token = bearer_token(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing `Authorization: Bearer TOKEN` header; this node requires a token",
+        )
+    })?;
     let is_admin = auth.admin_tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
     let is_client = auth.client_tokens.iter().any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
     match (needed, is_admin, is_client) {
@@ -41,6 +36,15 @@ pub fn authorize(auth: Option<&AuthConfig>, headers: &HeaderMap, needed: Access)
         )),
         _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")),
     }
+}
+
+/// The token of an `Authorization: Bearer TOKEN` header, if there is one.
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// Compares without an early exit on the first differing byte, so response timing does not reveal

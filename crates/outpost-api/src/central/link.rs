@@ -87,21 +87,16 @@ pub(crate) fn authenticate_edge(config: &Config, headers: &HeaderMap) -> Result<
         // Listed without a token (the hub warned at start): the edge sends none either.
         return Ok(edge_id.to_string());
     }
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                format!(
-                    "missing `Authorization: Bearer TOKEN`; edge {edge_id:?} must send the token listed for it \
+    let token = crate::auth::bearer_token(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!(
+                "missing `Authorization: Bearer TOKEN`; edge {edge_id:?} must send the token listed for it \
                      in the central's [[edge]] section (upstream.token on the edge)"
-                ),
-            )
-        })?;
+            ),
+        )
+    })?;
     if !crate::auth::constant_time_eq(credential.token.as_bytes(), token.as_bytes()) {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
