@@ -1,6 +1,7 @@
 //! What outpost's system tests share: start the real `outpost` binary on a free loopback port with
 //! its own data directory, kill or stop it, talk to it over HTTP (typed and raw), read its metrics,
-//! and wait on conditions with deadlines instead of sleeping.
+//! wait on conditions with deadlines instead of sleeping, and put a slow or broken line between
+//! nodes ([`proxy::LinkProxy`]).
 //!
 //! Tests pass the binary in, because `CARGO_BIN_EXE_outpost` exists only while the `outpost`
 //! package's own integration tests compile:
@@ -25,11 +26,13 @@ pub mod client;
 pub mod metrics;
 pub mod node;
 pub mod postgres;
+pub mod proxy;
 pub mod raw;
 pub mod rng;
 pub mod wait;
 
 pub use client::{Accepted, BatchAccepted, Client, QueueInfo, Response, StoredMessage};
 pub use node::{free_port, Node, NodeBuilder};
+pub use proxy::{LinkProxy, LinkShape};
 pub use rng::Rng;
 pub use wait::{wait_until, wait_until_async};
