@@ -45,7 +45,7 @@ pub struct ApiState {
     /// Edge: asks the connectivity task to start a transition to online now.
     pub edge_trigger: Option<mpsc::Sender<()>>,
     /// Central: the edge registry, the connected edges' links and maintenance mode.
-    pub central: Option<Arc<central::CentralHub>>,
+    pub central: Option<Arc<outpost_central::CentralHub>>,
     /// Both roles: the routes (modes, failed messages); `None` on a node started without them.
     pub routes: Option<Arc<outpost_forward::route::Routes>>,
 }

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use outpost_api::central::CentralHub;
 use outpost_api::ApiState;
+use outpost_central::CentralHub;
 use outpost_core::config::{AuthConfig, EdgeCredential};
 use outpost_core::metrics::Metrics;
 use outpost_core::status::{LinkStatus, OfflineLogEntry};
@@ -67,7 +67,14 @@ impl Central {
         let config = Arc::new(config);
         let store = open_store(&config).await;
         let metrics = Arc::new(Metrics::new());
-        let hub = CentralHub::start(store.clone(), config.clone(), metrics.clone()).await.unwrap();
+        let hub = CentralHub::start(
+            store.clone(),
+            config.clone(),
+            metrics.clone(),
+            outpost_core::time::now_unix_ms(),
+        )
+        .await
+        .unwrap();
         let (_link_tx, link_rx) = watch::channel(LinkStatus::new("online", 0));
         let mut state = ApiState::new(config, store.clone(), metrics, link_rx);
         state.central = Some(hub.clone());
@@ -554,10 +561,14 @@ async fn an_edge_node_has_no_central_endpoints() {
     // A hub is needed only to build the harness; the edge's state has none.
     let hub_dir = tempfile::tempdir().unwrap();
     let hub_store = open_store(&central_config(hub_dir.path())).await;
-    let hub =
-        CentralHub::start(hub_store, Arc::new(central_config(hub_dir.path())), Arc::new(Metrics::new()))
-            .await
-            .unwrap();
+    let hub = CentralHub::start(
+        hub_store,
+        Arc::new(central_config(hub_dir.path())),
+        Arc::new(Metrics::new()),
+        outpost_core::time::now_unix_ms(),
+    )
+    .await
+    .unwrap();
     let edge = Central::serve(state, store, hub).await;
     for (method, path) in [
         (reqwest::Method::POST, "/v1/link"),

@@ -118,7 +118,14 @@ async fn serve(config: Config) -> ExitCode {
         }
     }
     if config.role == Role::Central {
-        match outpost_api::central::CentralHub::start(store.clone(), config.clone(), metrics.clone()).await {
+        match outpost_central::CentralHub::start(
+            store.clone(),
+            config.clone(),
+            metrics.clone(),
+            now_unix_ms(),
+        )
+        .await
+        {
             Ok(hub) => state.central = Some(hub),
             Err(e) => {
                 tracing::error!("cannot load the edge registry: {e}");

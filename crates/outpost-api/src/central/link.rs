@@ -1,13 +1,7 @@
-//! The central's side of the edge link (`/v1/link*`, see `outpost_core::wire`): edge
-//! authentication, the handshake and its event stream, batches, reports and the probe.
-//!
-//! Batches of one (edge, queue) may arrive out of order when an edge keeps several in flight: a
-//! batch that starts past what the central holds waits up to [`PREDECESSOR_WAIT`] for the batch
-//! before it to commit (re-checking after every store commit) and is then submitted; the store
-//! answers a remaining gap with `expected_seq`, and the edge resends from there.
+//! The HTTP side of the edge link (`/v1/link*`, see `outpost_core::wire`): edge authentication,
+//! bounded bodies, the NDJSON event stream and the answers; the hub (`outpost-central`) decides.
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -16,17 +10,16 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
+use outpost_central::{BatchStored, LinkGuard, OpenedLink};
 use outpost_core::config::Limits;
-use outpost_core::metrics::QueueLabel;
 use outpost_core::time::now_unix_ms;
-use outpost_core::wire::{self, Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer};
+use outpost_core::wire::{self, Batch, EdgeReport, Hello, LinkEvent};
 use outpost_core::Config;
-use outpost_store::Store;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::{bound_offline_log, hub, CentralHub, OpenedLink};
+use super::hub;
 use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
 use crate::ApiState;
@@ -37,17 +30,11 @@ pub const MAX_REPORT_BODY_BYTES: u64 = 256 << 10;
 pub const BATCH_FRAME_OVERHEAD_BYTES_PER_MESSAGE: u64 = 300;
 /// No single batch request may make the central buffer more than this.
 pub const MAX_BATCH_FRAME_BYTES: u64 = 64 << 20;
-/// How long a batch that starts past what the central holds waits for its predecessor.
-pub const PREDECESSOR_WAIT: Duration = Duration::from_secs(2);
 /// Bounds of the ping interval an edge may ask for.
 pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_PING_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-/// How long an edge should wait before sending batches again while the central is in maintenance.
-const MAINTENANCE_RETRY_AFTER_SECONDS: u64 = 30;
 
 const NDJSON: &str = "application/x-ndjson";
-const EDGE_STATES_REPORTED: [&str; 4] =
-    ["online", "offline", "transition_to_online", "transition_to_offline"];
 
 /// The largest batch frame this central reads.
 pub fn max_batch_frame_bytes(limits: &Limits) -> u64 {
@@ -107,34 +94,6 @@ pub(crate) fn authenticate_edge(config: &Config, headers: &HeaderMap) -> Result<
     Ok(edge_id.to_string())
 }
 
-fn check_version(edge_id: &str, version: &str) -> Result<(), ApiError> {
-    let major = |v: &str| v.split('.').next().unwrap_or_default().to_string();
-    if version.is_empty() || major(version) != major(outpost_core::VERSION) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "version_mismatch",
-            format!(
-                "edge {edge_id:?} runs outpost {version:?} and this central runs {}: the major versions differ; \
-                 upgrade one of them",
-                outpost_core::VERSION
-            ),
-        ));
-    }
-    Ok(())
-}
-
-fn check_report(report: &mut EdgeReport) -> Result<(), ApiError> {
-    if !EDGE_STATES_REPORTED.contains(&report.state.as_str()) {
-        return Err(ApiError::bad_request(format!(
-            "reported state {:?} is not one of {}",
-            report.state,
-            EDGE_STATES_REPORTED.join(", ")
-        )));
-    }
-    bound_offline_log(report);
-    Ok(())
-}
-
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("{what} is not valid: {e}")))
 }
@@ -148,7 +107,7 @@ pub(crate) async fn open_link(
     let hub = hub(&state)?.clone();
     let edge_id = authenticate_edge(&state.config, &headers)?;
     let body = read_body(&headers, body, MAX_REPORT_BODY_BYTES, "the handshake").await?;
-    let mut hello: Hello = parse_json(&body, "the handshake (Hello JSON)")?;
+    let hello: Hello = parse_json(&body, "the handshake (Hello JSON)")?;
     if hello.edge_id != edge_id {
         return Err(ApiError::bad_request(format!(
             "the handshake names edge {:?} but the {} header says {edge_id:?}",
@@ -156,21 +115,10 @@ pub(crate) async fn open_link(
             wire::EDGE_ID_HEADER
         )));
     }
-    check_version(&edge_id, &hello.version)?;
-    check_report(&mut hello.report)?;
     let ping_interval =
         Duration::from_millis(hello.ping_interval_ms).clamp(MIN_PING_INTERVAL, MAX_PING_INTERVAL);
-
-    let opened = hub.open_link(&edge_id, hello.version, hello.report, now_unix_ms())?;
-    // The guard inside `opened` marks the edge disconnected if this request is dropped from here on.
-    hub.persist_edge(&edge_id).await;
-    hub.publish(super::EVENT_EDGE_LINKED, Some(&edge_id), None).await;
-    let welcome = LinkEvent::Welcome {
-        central_id: state.config.node_id.clone(),
-        maintenance: opened.maintenance,
-        positions: state.store.origin_positions(&edge_id),
-    };
-    let stream = LinkStream::new(welcome, ping_interval, opened);
+    let opened = hub.open_link(&edge_id, hello, now_unix_ms()).await?;
+    let stream = LinkStream::new(ping_interval, opened);
     let body = Body::from_stream(futures_util::stream::unfold(stream, |mut stream| async move {
         let line = stream.next_line().await?;
         Some((Ok::<_, Infallible>(line), stream))
@@ -184,27 +132,6 @@ pub(crate) async fn open_link(
     Ok(response)
 }
 
-/// Marks the edge disconnected when its link stream is dropped.
-pub(crate) struct LinkGuard {
-    pub(super) hub: Arc<CentralHub>,
-    pub(super) edge_id: String,
-    pub(super) link_id: u64,
-}
-
-impl Drop for LinkGuard {
-    fn drop(&mut self) {
-        if !self.hub.link_closed(&self.edge_id, self.link_id, now_unix_ms()) {
-            return;
-        }
-        // Persist last_seen; without a runtime (the process is ending) there is nothing to do.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let hub = self.hub.clone();
-            let edge_id = std::mem::take(&mut self.edge_id);
-            runtime.spawn(async move { hub.persist_edge(&edge_id).await });
-        }
-    }
-}
-
 /// One link's event stream: Welcome, then pings and the events the hub sends, one JSON line each.
 struct LinkStream {
     welcome: Option<LinkEvent>,
@@ -214,10 +141,10 @@ struct LinkStream {
 }
 
 impl LinkStream {
-    fn new(welcome: LinkEvent, ping_interval: Duration, opened: OpenedLink) -> LinkStream {
+    fn new(ping_interval: Duration, opened: OpenedLink) -> LinkStream {
         let mut pings = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        LinkStream { welcome: Some(welcome), pings, events: opened.events, guard: opened.guard }
+        LinkStream { welcome: Some(opened.welcome), pings, events: opened.events, guard: opened.guard }
     }
 
     /// The next line, or `None` when the link ends (replaced by a newer link, or the central stops).
@@ -229,7 +156,7 @@ impl LinkStream {
                 event = self.events.recv() => event?,
                 _ = self.pings.tick() => {
                     let at_ms = now_unix_ms();
-                    let _ = self.guard.hub.touch(&self.guard.edge_id, at_ms, false);
+                    self.guard.seen(at_ms);
                     LinkEvent::Ping { at_ms }
                 }
             },
@@ -255,71 +182,28 @@ pub(crate) async fn post_batch(
             wire::BATCH_CONTENT_TYPE
         )));
     }
-    if hub.maintenance() {
-        return Err(ApiError {
-            retry_after_seconds: Some(MAINTENANCE_RETRY_AFTER_SECONDS),
-            ..ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "maintenance",
-                "the central is in maintenance and stores no batches; keep them until it is back online",
-            )
-        });
-    }
+    hub.check_accepting_batches()?;
     let limits = &state.config.limits;
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
     let frame = read_body(&headers, body, max_batch_frame_bytes(limits), "the batch frame").await?;
     let batch = Batch::decode(&frame, limits.max_message_bytes, limits.max_batch_messages)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", e.to_string()))?;
-    hub.touch(&edge_id, now_unix_ms(), true)?;
-
-    let first_seq = batch.messages[0].seq;
-    wait_for_predecessor(&state.store, &edge_id, &batch.queue, first_seq).await;
-    let queue = batch.queue;
-    let outcome = state.store.append_from_origin(&queue, &edge_id, batch.messages).await?;
-    state.metrics.duplicates_dropped.inc_by(outcome.duplicates);
-    if let Some(expected_seq) = outcome.gap_expected_seq {
-        tracing::info!(edge = %edge_id, %queue, first_seq, expected_seq, "batch starts after a gap; edge told to resend");
-        let body = json!({
-            "error": {
-                "code": "gap",
-                "message": format!(
-                    "the batch of queue {queue:?} starts at seq {first_seq} but this central holds edge \
-                     {edge_id:?}'s messages only through {}; resend from seq {expected_seq}",
-                    expected_seq - 1
-                ),
-            },
-            "expected_seq": expected_seq,
-        });
-        return Ok((StatusCode::CONFLICT, Json(body)).into_response());
-    }
-    if outcome.stored > 0 {
-        state
-            .metrics
-            .messages_accepted
-            .get_or_create(&QueueLabel { queue: queue.clone() })
-            .inc_by(outcome.stored);
-    }
-    Ok(Json(BatchAck {
-        queue,
-        stored_through: outcome.stored_through,
-        stored: outcome.stored,
-        duplicates: outcome.duplicates,
-    })
-    .into_response())
-}
-
-/// Waits up to [`PREDECESSOR_WAIT`] until the central holds the (edge, queue) messages just before
-/// `first_seq`, re-checking after each store commit. Returns either way: the store decides.
-async fn wait_for_predecessor(store: &Store, edge_id: &str, queue: &str, first_seq: u64) {
-    let mut commits = store.commits();
-    // Marks the current commit as seen before checking, so a commit after the check wakes us.
-    commits.borrow_and_update();
-    let deadline = Instant::now() + PREDECESSOR_WAIT;
-    while store.origin_position(edge_id, queue).saturating_add(1) < first_seq {
-        match tokio::time::timeout_at(deadline, commits.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return,
+    match hub.store_batch(&edge_id, batch, now_unix_ms()).await? {
+        BatchStored::Acked(ack) => Ok(Json(ack).into_response()),
+        BatchStored::Gap { queue, first_seq, expected_seq } => {
+            let body = json!({
+                "error": {
+                    "code": "gap",
+                    "message": format!(
+                        "the batch of queue {queue:?} starts at seq {first_seq} but this central holds edge \
+                         {edge_id:?}'s messages only through {}; resend from seq {expected_seq}",
+                        expected_seq - 1
+                    ),
+                },
+                "expected_seq": expected_seq,
+            });
+            Ok((StatusCode::CONFLICT, Json(body)).into_response())
         }
     }
 }
@@ -333,8 +217,7 @@ pub(crate) async fn post_report(
     let hub = hub(&state)?.clone();
     let edge_id = authenticate_edge(&state.config, &headers)?;
     let body = read_body(&headers, body, MAX_REPORT_BODY_BYTES, "the report").await?;
-    let mut report: EdgeReport = parse_json(&body, "the report (EdgeReport JSON)")?;
-    check_report(&mut report)?;
+    let report: EdgeReport = parse_json(&body, "the report (EdgeReport JSON)")?;
     hub.record_report(&edge_id, report, now_unix_ms()).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -343,11 +226,7 @@ pub(crate) async fn post_report(
 pub(crate) async fn probe(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let hub = hub(&state)?;
     let edge_id = authenticate_edge(&state.config, &headers)?;
-    let maintenance = hub.maintenance();
-    // In maintenance the edge stays offline whatever it is asked; keep the request for later.
-    let transition_requested = !maintenance && hub.probed(&edge_id, now_unix_ms());
-    Ok(Json(ProbeAnswer { central_id: state.config.node_id.clone(), maintenance, transition_requested })
-        .into_response())
+    Ok(Json(hub.probe(&edge_id, now_unix_ms())).into_response())
 }
 
 #[cfg(test)]
@@ -361,38 +240,6 @@ mod tests {
         assert_eq!(max_batch_frame_bytes(&Limits::default()), MAX_BATCH_FRAME_BYTES);
         let huge = Limits { max_message_bytes: u64::MAX, ..Limits::default() };
         assert_eq!(max_batch_frame_bytes(&huge), MAX_BATCH_FRAME_BYTES);
-    }
-
-    #[test]
-    fn versions() {
-        let major = outpost_core::VERSION.split('.').next().unwrap();
-        assert!(check_version("e", outpost_core::VERSION).is_ok());
-        assert!(check_version("e", &format!("{major}.999.0")).is_ok());
-        for bad in ["", "999.0.0", "garbage"] {
-            let error = check_version("e", bad).unwrap_err();
-            assert_eq!((error.status, error.code), (StatusCode::CONFLICT, "version_mismatch"), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn reports_are_checked_and_bounded() {
-        let entry = |n: usize| outpost_core::status::OfflineLogEntry {
-            at: format!("t{n}"),
-            cause: "c".into(),
-            detail: "d".into(),
-        };
-        let mut report = EdgeReport {
-            state: "offline".into(),
-            state_since_ms: 1,
-            upstream_url: None,
-            backlog_messages: 0,
-            offline_log: (0..150).map(entry).collect(),
-        };
-        check_report(&mut report).unwrap();
-        assert_eq!(report.offline_log.len(), 100);
-        assert_eq!(report.offline_log[0].at, "t50");
-        report.state = "unknown".into();
-        assert_eq!(check_report(&mut report).unwrap_err().status, StatusCode::BAD_REQUEST);
     }
 
     #[test]

@@ -10,7 +10,10 @@ use outpost_core::time::rfc3339_from_unix_ms;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{hub, EdgeView};
+use outpost_central::EdgeView;
+use outpost_core::time::now_unix_ms;
+
+use super::hub;
 use crate::auth::{authorize, Access};
 use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
@@ -83,6 +86,6 @@ pub(crate) async fn set_maintenance(
     let body = read_body(&headers, body, MAX_MAINTENANCE_BODY_BYTES, "the request").await?;
     let request: MaintenanceRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("expected {{\"enabled\": true|false}}: {e}")))?;
-    hub.set_maintenance(request.enabled).await?;
+    hub.set_maintenance(request.enabled, now_unix_ms()).await?;
     Ok(Json(json!({ "maintenance": request.enabled })).into_response())
 }

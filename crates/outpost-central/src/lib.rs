@@ -1,0 +1,49 @@
+//! The central's domain logic, without HTTP: the edge registry, the links edges open (handshake,
+//! events, batches, reports, probes), maintenance mode, the operator's "transition to online"
+//! trigger and what the centrals of a cluster tell each other. `outpost-api` maps HTTP to these
+//! plain methods and [`CentralError`] to statuses; time comes in as `now_ms` arguments (only the
+//! background tasks — deferred writes, the link guard's drop — read the clock).
+//!
+//! # Design
+//!
+//! - **One hub per central, shared by every request.** [`CentralHub`] holds the edge registry
+//!   behind one mutex. It is shared state rather than a task of its own because every request
+//!   touches it for a few field updates (link open/close, report, last seen) and answers need the
+//!   result at once; the lock is never held across an `.await`.
+//! - **A link is a stream that owns its receiver.** `POST /v1/link` registers a bounded
+//!   `mpsc::Sender<LinkEvent>` for the edge and answers with an NDJSON stream that owns the
+//!   receiver, the ping timer and a [`LinkGuard`]. The stream ends when the client goes away
+//!   (hyper drops the body), when a newer link of the same edge replaces it (its sender is dropped)
+//!   or at shutdown ([`CentralHub::close_links`]); in every case the guard's `Drop` marks the edge
+//!   disconnected.
+//! - **Persisted as documents.** `edge:<id>` holds `{"report","version","last_seen_ms"}`;
+//!   `central:maintenance` holds `{"enabled","since_ms"}`. Both are loaded by [`CentralHub::start`],
+//!   so a restart is just a start. A report is written at once when the edge's state changed, and
+//!   otherwise at most every [`REPORT_PERSIST_INTERVAL`] per edge (a deferred write keeps the newest),
+//!   so a flood of reports does not flood the store writer. Whether an edge is connected is not
+//!   persisted: after a restart no edge is.
+//! - **One cluster, one registry.** On a PostgreSQL store every central of the cluster reads and
+//!   writes the same documents; what one central must learn at once goes through the store's
+//!   cluster events ([`outpost_store::Store::publish_cluster_event`], a loopback on SQLite): `edge_updated` after an
+//!   edge's document was written (others reload it, unless the edge is linked to them),
+//!   `edge_linked` when an edge opens a link (others drop a transition request held for its next
+//!   probe), `edge_transition_online` when an operator asks for an edge not linked here (the
+//!   central it is linked to sends it on the link; the others hold it for its next probe) and
+//!   `maintenance` after the maintenance document changed (others switch and tell their edges).
+//!   Each hub ignores its own events (they carry its random instance id).
+//! - **Ordering of batches** is the store's job (`append_from_origin` refuses gaps); [`CentralHub::store_batch`]
+//!   only waits briefly for a predecessor batch still in flight.
+
+mod cluster;
+mod error;
+mod hub;
+mod link;
+
+pub use error::{CentralError, SendEventError};
+pub use hub::{
+    CentralHub, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY, MAX_KNOWN_EDGES,
+    REPORT_PERSIST_INTERVAL,
+};
+pub use link::{
+    check_report, check_version, BatchStored, LinkGuard, OpenedLink, EDGE_STATES_REPORTED, PREDECESSOR_WAIT,
+};
