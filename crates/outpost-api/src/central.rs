@@ -2,6 +2,7 @@
 //! links, maintenance, triggers, cluster events) lives in `outpost-central`; this module maps
 //! requests to its methods and [`CentralError`] to answers.
 
+mod downlink;
 mod link;
 mod operator;
 
@@ -62,4 +63,9 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/edges", get(operator::list_edges))
         .route("/v1/edges/{id}/transition-online", post(operator::transition_online))
         .route("/v1/admin/maintenance", post(operator::set_maintenance))
+        .route("/v1/edges/{id}/queues/{queue}/messages", post(downlink::post_message))
+        .route("/v1/edges/{id}/queues/{queue}/batch", post(downlink::post_batch))
+        .route("/v1/edges/{id}/downlink", get(downlink::edge_downlink))
+        .route("/v1/broadcast/queues/{queue}/messages", post(downlink::broadcast_message))
+        .route("/v1/broadcast/queues/{queue}/batch", post(downlink::broadcast_batch))
 }

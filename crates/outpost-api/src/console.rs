@@ -24,7 +24,7 @@ const CONSOLE_HTML: &str = r#"<!doctype html>
 <div id="err"></div>
 <h2>Status</h2><table id="status"></table>
 <h2>Queues</h2><table id="queues"><thead><tr><th>queue</th><th>messages</th><th>bytes</th><th>oldest age (s)</th><th>first seq</th><th>last seq</th></tr></thead><tbody></tbody></table>
-<div id="edges-section" hidden><h2>Edges</h2><table id="edges"><thead><tr><th>edge</th><th>state</th><th>since</th><th>last seen</th><th>upstream</th><th>backlog</th><th>last offline cause</th></tr></thead><tbody></tbody></table></div>
+<div id="edges-section" hidden><h2>Edges</h2><table id="edges"><thead><tr><th>edge</th><th>state</th><th>since</th><th>last seen</th><th>upstream</th><th>backlog</th><th>downlink</th><th>last offline cause</th></tr></thead><tbody></tbody></table></div>
 <div id="routes-section" hidden><h2>Routes</h2><table id="routes"><thead><tr><th>route</th><th>queue</th><th>mode</th><th>since</th><th>changed by</th><th>reason</th><th>backlog</th><th>failed</th></tr></thead><tbody></tbody></table></div>
 <div id="log-section"><h2>Offline log</h2><table id="log"><thead><tr><th>at</th><th>cause</th><th>detail</th></tr></thead><tbody></tbody></table></div>
 <script>
@@ -62,7 +62,7 @@ async function refresh() {
     if (edges) $('edges').querySelector('tbody').innerHTML = edges.map(e => {
       const last = (e.offline_log || []).slice(-1)[0];
       return '<tr><td>' + esc(e.id) + '</td><td><span class="state ' + esc(e.state) + '">' + esc(e.state) + '</span></td><td>' + esc(e.state_since) +
-        '</td><td>' + esc(e.last_seen) + '</td><td>' + esc(e.upstream_url) + '</td><td>' + esc(e.backlog_messages) + '</td><td>' + esc(last ? last.cause : '') + '</td></tr>';
+        '</td><td>' + esc(e.last_seen) + '</td><td>' + esc(e.upstream_url) + '</td><td>' + esc(e.backlog_messages) + '</td><td>' + esc(e.downlink_pending) + '</td><td>' + esc(last ? last.cause : '') + '</td></tr>';
     }).join('');
     const routes = await optional('/v1/routes');
     $('routes-section').hidden = !routes || routes.length === 0;

@@ -12,6 +12,7 @@ use outpost_core::metrics::QueueLabel;
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
 use outpost_store::NewMessage;
 use serde_json::json;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
@@ -25,7 +26,7 @@ pub const MAX_READ_LIMIT: usize = 1000;
 
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
-fn queue_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn queue_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(queue) = path.map_err(|e| ApiError::invalid_name(format!("bad queue name in path: {e}")))?;
     outpost_core::validate_name(&queue).map_err(|e| ApiError::invalid_name(format!("queue {e}")))?;
     Ok(queue)
@@ -41,7 +42,7 @@ fn check_writes_allowed(state: &ApiState) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+pub(crate) fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
     let key =
         value.to_str().map_err(|_| ApiError::bad_request("Idempotency-Key must be visible ASCII"))?.trim();
@@ -63,42 +64,37 @@ fn content_type(headers: &HeaderMap) -> Result<String, ApiError> {
     }
 }
 
-pub async fn post_message(
-    State(state): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, ApiError> {
-    authorize(state.config.auth.as_ref(), &headers, Access::Client)?;
-    let queue = queue_name(path)?;
-    check_writes_allowed(&state)?;
-    let key = idempotency_key(&headers)?;
-    let content_type = content_type(&headers)?;
-    let _permit =
-        state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    let payload =
-        crate::body::read_bounded(&headers, body, state.config.limits.max_message_bytes, "the message")
-            .await?;
-
-    let message = NewMessage { payload, content_type, origin: None, id: None };
-    let appended = state.store.append(&queue, vec![message], key).await?;
-    let body = json!({ "id": appended.ids[0], "queue": queue, "seq": appended.first_seq });
-    if appended.duplicate {
-        return Ok((StatusCode::OK, Json(body)).into_response());
-    }
-    state.metrics.messages_accepted.get_or_create(&QueueLabel { queue }).inc();
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+/// A write's messages as read from its request, with the write permit held until it is answered.
+pub(crate) struct Incoming {
+    pub messages: Vec<NewMessage>,
+    pub key: Option<String>,
+    pub _permit: OwnedSemaphorePermit,
 }
 
-pub async fn post_batch(
-    State(state): State<ApiState>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
+/// Reads a single-message write: `Idempotency-Key`, `Content-Type` and the payload within
+/// `limits.max_message_bytes`.
+pub(crate) async fn read_single(
+    state: &ApiState,
+    headers: &HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
-    authorize(state.config.auth.as_ref(), &headers, Access::Client)?;
-    let queue = queue_name(path)?;
-    check_writes_allowed(&state)?;
+) -> Result<Incoming, ApiError> {
+    let key = idempotency_key(headers)?;
+    let content_type = content_type(headers)?;
+    let permit = write_permit(state).await?;
+    let payload =
+        crate::body::read_bounded(headers, body, state.config.limits.max_message_bytes, "the message")
+            .await?;
+    let message = NewMessage { payload, content_type, origin: None, id: None };
+    Ok(Incoming { messages: vec![message], key, _permit: permit })
+}
+
+/// Reads an NDJSON batch write (all or nothing: one payload per non-empty line, within the limits);
+/// the caller reads an `Idempotency-Key` if it takes one.
+pub(crate) async fn read_batch(
+    state: &ApiState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Incoming, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.trim_start().starts_with("application/x-ndjson") {
         return Err(ApiError::bad_request(format!(
@@ -106,9 +102,8 @@ pub async fn post_batch(
         )));
     }
     let limits = &state.config.limits;
-    let _permit =
-        state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    let body = crate::body::read_bounded(&headers, body, limits.max_batch_body_bytes(), "the batch").await?;
+    let permit = write_permit(state).await?;
+    let body = crate::body::read_bounded(headers, body, limits.max_batch_body_bytes(), "the batch").await?;
 
     let mut messages = Vec::new();
     for line in split_lines(&body) {
@@ -136,8 +131,45 @@ pub async fn post_batch(
     if messages.is_empty() {
         return Err(ApiError::bad_request("the batch holds no message: send one payload per non-empty line"));
     }
-    let count = messages.len();
-    let appended = state.store.append(&queue, messages, None).await?;
+    Ok(Incoming { messages, key: None, _permit: permit })
+}
+
+async fn write_permit(state: &ApiState) -> Result<OwnedSemaphorePermit, ApiError> {
+    state.write_permits.clone().acquire_owned().await.map_err(|_| ApiError::unavailable("shutting down", 5))
+}
+
+pub async fn post_message(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Client)?;
+    let queue = queue_name(path)?;
+    check_writes_allowed(&state)?;
+    let incoming = read_single(&state, &headers, body).await?;
+    let appended = state.store.append(&queue, incoming.messages, incoming.key).await?;
+    let body = json!({ "id": appended.ids[0], "queue": queue, "seq": appended.first_seq });
+    if appended.duplicate {
+        return Ok((StatusCode::OK, Json(body)).into_response());
+    }
+    state.metrics.messages_accepted.get_or_create(&QueueLabel { queue }).inc();
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
+pub async fn post_batch(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Client)?;
+    let queue = queue_name(path)?;
+    check_writes_allowed(&state)?;
+    let incoming = read_batch(&state, &headers, body).await?;
+    let count = incoming.messages.len();
+    // An upward batch is all or nothing without idempotency keys (CONTRACT section 3).
+    let appended = state.store.append(&queue, incoming.messages, None).await?;
     state.metrics.messages_accepted.get_or_create(&QueueLabel { queue: queue.clone() }).inc_by(count as u64);
     Ok((
         StatusCode::ACCEPTED,
@@ -168,6 +200,7 @@ pub async fn list_queues(State(state): State<ApiState>, headers: HeaderMap) -> R
         .store
         .queue_stats()
         .into_iter()
+        .filter(|q| !outpost_central::is_downlink_queue(&q.name))
         .map(|q| {
             json!({
                 "name": q.name,

@@ -71,18 +71,27 @@ fn route_json(view: &RouteView) -> Value {
 }
 
 fn failed_json(entry: &FailedEntry) -> Value {
-    json!({
+    // A downlink message that expired at the central: its queue as the client named it, and the edge.
+    let (edge, queue) = match outpost_central::parse_downlink_queue(&entry.queue) {
+        Some((edge, queue)) => (Some(edge), queue),
+        None => (None, entry.queue.as_str()),
+    };
+    let mut json = json!({
         "id": entry.id,
         "message_id": entry.message_id,
         "route": entry.route,
-        "queue": entry.queue,
+        "queue": queue,
         "seq": entry.seq,
         "attempts": entry.attempts,
         "reason": entry.reason,
         "last_error": entry.last_error,
         "first_failed_at": rfc3339_from_unix_ms(entry.first_failed_at_ms),
         "last_failed_at": rfc3339_from_unix_ms(entry.last_failed_at_ms),
-    })
+    });
+    if let Some(edge) = edge {
+        json["edge"] = json!(edge);
+    }
+    json
 }
 
 async fn list_routes(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -20,7 +20,9 @@ pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result
         link.state_since_ms = hub.maintenance_since_ms();
     }
     let now_ms = now_unix_ms();
-    let queues = state.store.queue_stats();
+    // Downlink messages waiting at a central are shown per edge (`GET /v1/edges`), not as backlog.
+    let mut queues = state.store.queue_stats();
+    queues.retain(|q| !outpost_central::is_downlink_queue(&q.name));
     let backlog_messages: u64 = queues.iter().map(|q| q.messages).sum();
     let backlog_bytes: u64 = queues.iter().map(|q| q.bytes).sum();
     let oldest = queues.iter().filter_map(|q| q.oldest_accepted_at_ms).min();
@@ -47,7 +49,7 @@ pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result
 pub fn refresh_backlog_metrics(state: &ApiState) {
     let now_ms = now_unix_ms();
     let metrics = &state.metrics;
-    for q in state.store.queue_stats() {
+    for q in state.store.queue_stats().into_iter().filter(|q| !outpost_central::is_downlink_queue(&q.name)) {
         let label = QueueLabel { queue: q.name.clone() };
         metrics.backlog_messages.get_or_create(&label).set(q.messages as i64);
         metrics.backlog_bytes.get_or_create(&label).set(q.bytes as i64);

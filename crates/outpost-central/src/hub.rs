@@ -207,6 +207,9 @@ impl CentralHub {
         }
         let hub = Arc::new(hub);
         tokio::spawn(follow_cluster(Arc::downgrade(&hub), hub.store.cluster_events()));
+        if let Some(ttl) = hub.config.limits.message_ttl {
+            tokio::spawn(crate::downlink::expire_loop(Arc::downgrade(&hub), ttl));
+        }
         Ok(hub)
     }
 

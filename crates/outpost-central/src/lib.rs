@@ -35,10 +35,15 @@
 //!   only waits briefly for a predecessor batch still in flight.
 
 mod cluster;
+mod downlink;
 mod error;
 mod hub;
 mod link;
 
+pub use downlink::{
+    downlink_queue, downlink_readers, downlink_route, is_downlink_queue, parse_downlink_queue, DownlinkQueue,
+    DOWNLINK_QUEUE_PREFIX, DOWNLINK_READER, EXPIRY_INTERVAL, EXPIRY_LEASE,
+};
 pub use error::{CentralError, SendEventError};
 pub use hub::{
     CentralHub, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY, MAX_KNOWN_EDGES,

@@ -518,8 +518,16 @@ fn render_edges(edges: &Value, now_ms: i64) -> String {
     if edges.is_empty() {
         return "no edges known to this central yet\n".into();
     }
-    let mut table =
-        Table::new(&["EDGE", "STATE", "SINCE", "LAST SEEN", "UPSTREAM", "BACKLOG", "LAST OFFLINE"]);
+    let mut table = Table::new(&[
+        "EDGE",
+        "STATE",
+        "SINCE",
+        "LAST SEEN",
+        "UPSTREAM",
+        "BACKLOG",
+        "DOWNLINK",
+        "LAST OFFLINE",
+    ]);
     for edge in edges {
         let last_offline = edge
             .get("offline_log")
@@ -534,6 +542,7 @@ fn render_edges(edges: &Value, now_ms: i64) -> String {
             age(edge.get("last_seen"), now_ms),
             text(edge, "upstream_url"),
             text(edge, "backlog_messages"),
+            text(edge, "downlink_pending"),
             last_offline,
         ]);
     }

@@ -179,6 +179,9 @@ fn store_options(config: &Config) -> StoreOptions {
         max_store_bytes: config.limits.max_store_bytes,
         node_id: config.node_id.clone(),
         readers_of: Arc::new(move |queue: &str| {
+            if let Some(readers) = outpost_central::downlink_readers(queue) {
+                return readers;
+            }
             let mut readers: Vec<String> = Vec::new();
             if forwards {
                 readers.push(outpost_forward::UPSTREAM_READER.to_string());

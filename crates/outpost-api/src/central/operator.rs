@@ -22,7 +22,7 @@ use crate::ApiState;
 /// The largest `POST /v1/admin/maintenance` body.
 const MAX_MAINTENANCE_BODY_BYTES: u64 = 1024;
 
-fn edge_json(edge: &EdgeView) -> serde_json::Value {
+fn edge_json(edge: &EdgeView, downlink_pending: u64) -> serde_json::Value {
     let report = edge.report.as_ref();
     json!({
         "id": edge.id,
@@ -34,6 +34,7 @@ fn edge_json(edge: &EdgeView) -> serde_json::Value {
         "offline_log": report.map(|r| r.offline_log.clone()).unwrap_or_default(),
         "connected": edge.connected,
         "version": edge.version,
+        "downlink_pending": downlink_pending,
     })
 }
 
@@ -44,7 +45,9 @@ pub(crate) async fn list_edges(
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let hub = hub(&state)?;
-    let edges: Vec<_> = hub.edges().iter().map(edge_json).collect();
+    let pending = hub.downlink_pending();
+    let edges: Vec<_> =
+        hub.edges().iter().map(|edge| edge_json(edge, pending.get(&edge.id).copied().unwrap_or(0))).collect();
     Ok(Json(edges).into_response())
 }
 
