@@ -23,6 +23,7 @@
 //!   what it waited for when the deadline passes.
 
 pub mod client;
+pub mod edgesim;
 pub mod metrics;
 pub mod node;
 pub mod postgres;
