@@ -14,7 +14,10 @@ use clap::Parser;
 use testkit::edgesim::{self, SimConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "outpost-edgesim", about = "Simulated edges against an outpost central; checks exactly once and order")]
+#[command(
+    name = "outpost-edgesim",
+    about = "Simulated edges against an outpost central; checks exactly once and order"
+)]
 struct Args {
     /// A central's base URL; repeat for a cluster (edge i uses central i mod count).
     #[arg(long = "central", required = true)]
@@ -81,7 +84,8 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: f64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
+    let number: f64 =
+        number.parse().map_err(|_| format!("{text:?} is not a duration like 500ms, 10s or 2m"))?;
     let seconds = match unit {
         "ms" => number / 1000.0,
         "s" => number,

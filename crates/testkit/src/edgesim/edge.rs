@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::{frame, SimConfig, Shared};
+use super::{frame, Shared, SimConfig};
 
 /// Events the link reader hands to the edge loop; more wait in the stream's socket.
 const EVENT_CHANNEL_CAPACITY: usize = 32;
@@ -47,9 +47,9 @@ impl EdgeSpec {
         drain_deadline: Instant,
     ) -> Result<EdgeSpec, String> {
         let mut builder = reqwest::Client::builder().no_proxy().tcp_nodelay(true);
-        if config.edges_per_source_ip > 0 {
-            let block = index / config.edges_per_source_ip;
-            let host = u32::try_from(block + 1).ok().filter(|h| *h < 1 << 24).ok_or("too many source addresses")?;
+        if let Some(block) = index.checked_div(config.edges_per_source_ip) {
+            let host =
+                u32::try_from(block + 1).ok().filter(|h| *h < 1 << 24).ok_or("too many source addresses")?;
             builder = builder.local_address(IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | host)));
         }
         let http = builder.build().map_err(|e| format!("cannot build an HTTP client: {e}"))?;
@@ -228,10 +228,7 @@ pub(super) async fn run(
     if let Some(report) = edge.report.take() {
         report.abort();
     }
-    edge.queues
-        .iter()
-        .map(|q| ((edge.spec.id.clone(), q.name.clone()), q.generated, q.acked))
-        .collect()
+    edge.queues.iter().map(|q| ((edge.spec.id.clone(), q.name.clone()), q.generated, q.acked)).collect()
 }
 
 struct Edge {
@@ -375,7 +372,9 @@ impl Edge {
                 return Err("the central is in maintenance".into())
             }
             Some(LinkEvent::Welcome { positions, .. }) => positions,
-            Some(LinkEvent::Lost(e)) | Some(LinkEvent::Other(e)) => return Err(format!("instead of a welcome: {e}")),
+            Some(LinkEvent::Lost(e)) | Some(LinkEvent::Other(e)) => {
+                return Err(format!("instead of a welcome: {e}"))
+            }
             Some(LinkEvent::Ping) => return Err("a ping before the welcome".into()),
             None => return Err("the link ended before the welcome".into()),
         };
@@ -443,7 +442,16 @@ impl Edge {
                     last_seq,
                     self.config.payload_bytes,
                 ));
-                send_batch(&self.spec, &self.config, &self.shared, &mut self.batches, index, (first_seq, last_seq), frame, false);
+                send_batch(
+                    &self.spec,
+                    &self.config,
+                    &self.shared,
+                    &mut self.batches,
+                    index,
+                    (first_seq, last_seq),
+                    frame,
+                    false,
+                );
             }
         }
     }
@@ -480,11 +488,23 @@ impl Edge {
                 if !done.replay {
                     self.acked_batches += 1;
                     let replay_every = self.config.replay_every;
-                    if replay_every > 0 && self.acked_batches % replay_every == 0 && !queue.replay_in_flight {
+                    if replay_every > 0
+                        && self.acked_batches.is_multiple_of(replay_every)
+                        && !queue.replay_in_flight
+                    {
                         queue.replay_in_flight = true;
                         self.shared.replays.fetch_add(1, Ordering::Relaxed);
                         let seqs = (done.first_seq, done.last_seq);
-                        send_batch(&self.spec, &self.config, &self.shared, &mut self.batches, done.queue, seqs, done.frame, true);
+                        send_batch(
+                            &self.spec,
+                            &self.config,
+                            &self.shared,
+                            &mut self.batches,
+                            done.queue,
+                            seqs,
+                            done.frame,
+                            true,
+                        );
                     }
                 }
             }
@@ -554,7 +574,6 @@ impl Edge {
             }
         }));
     }
-
 }
 
 /// The next event of the open link; pending forever while there is none.
@@ -568,13 +587,14 @@ async fn next_event(link: &mut Option<Link>) -> LinkEvent {
 async fn send(request: reqwest::RequestBuilder) -> Result<Ack, BatchError> {
     let response = request.send().await.map_err(|e| BatchError::Transient(error_chain(&e)))?;
     let status = response.status();
-    let body: Value = response
-        .json()
-        .await
-        .map_err(|e| BatchError::Transient(format!("{status} with an unreadable body: {}", error_chain(&e))))?;
+    let body: Value = response.json().await.map_err(|e| {
+        BatchError::Transient(format!("{status} with an unreadable body: {}", error_chain(&e)))
+    })?;
     if status == reqwest::StatusCode::OK {
         let field = |name: &str| {
-            body[name].as_u64().ok_or_else(|| BatchError::Refused(format!("acknowledgement without {name}: {body}")))
+            body[name]
+                .as_u64()
+                .ok_or_else(|| BatchError::Refused(format!("acknowledgement without {name}: {body}")))
         };
         return Ok(Ack {
             stored_through: field("stored_through")?,

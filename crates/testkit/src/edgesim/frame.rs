@@ -59,7 +59,10 @@ mod tests {
         let p = payload("sim-1", "q0", 42, 200);
         assert_eq!(p.len(), 200);
         let v: serde_json::Value = serde_json::from_slice(&p).unwrap();
-        assert_eq!((v["edge"].as_str(), v["queue"].as_str(), v["seq"].as_u64()), (Some("sim-1"), Some("q0"), Some(42)));
+        assert_eq!(
+            (v["edge"].as_str(), v["queue"].as_str(), v["seq"].as_u64()),
+            (Some("sim-1"), Some("q0"), Some(42))
+        );
         // Smaller than the object: the object, unpadded.
         assert!(serde_json::from_slice::<serde_json::Value>(&payload("e", "q", 1, 3)).is_ok());
     }

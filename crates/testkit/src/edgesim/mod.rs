@@ -277,10 +277,12 @@ pub async fn run(config: SimConfig) -> Result<SimReport, String> {
     let generation_end = generation_start + config.duration;
     let drain_deadline = generation_end + config.drain_timeout;
 
-    let sampler = tokio::spawn(sample_backlog(shared.clone(), config.clone(), generation_start, generation_end));
+    let sampler =
+        tokio::spawn(sample_backlog(shared.clone(), config.clone(), generation_start, generation_end));
     let mut edges = tokio::task::JoinSet::new();
     for index in 0..config.edges {
-        let spec = edge::EdgeSpec::new(&config, index, started, generation_start, generation_end, drain_deadline)?;
+        let spec =
+            edge::EdgeSpec::new(&config, index, started, generation_start, generation_end, drain_deadline)?;
         edges.spawn(edge::run(spec, config.clone(), shared.clone()));
     }
     let mut acked_at_generation_end = None;

@@ -147,7 +147,6 @@ async fn verify_queue(
 ) -> Verification {
     let mut found = Verification { queues_read: 1, pairs_checked: edges.len(), ..Verification::default() };
     let mut after_seq = 0u64;
-    let base64 = base64::engine::general_purpose::STANDARD;
     loop {
         let url = format!("{base}/v1/queues/{queue}/messages?after_seq={after_seq}&limit={PAGE_LIMIT}");
         let mut request = http.get(&url).timeout(PAGE_TIMEOUT);
@@ -156,7 +155,9 @@ async fn verify_queue(
         }
         let page = match request.send().await {
             Ok(response) if response.status() == reqwest::StatusCode::NOT_FOUND && after_seq == 0 => break,
-            Ok(response) if response.status().is_success() => response.json::<Page>().await.map_err(|e| e.to_string()),
+            Ok(response) if response.status().is_success() => {
+                response.json::<Page>().await.map_err(|e| e.to_string())
+            }
             Ok(response) => Err(format!("answered {}", response.status())),
             Err(e) => Err(e.to_string()),
         };
@@ -172,65 +173,90 @@ async fn verify_queue(
         let last_seq = last.seq;
         if page.next_after_seq != last_seq || last_seq <= after_seq {
             found.read_failures += 1;
-            found.problem(format!("queue {queue}: a page after seq {after_seq} ends at seq {last_seq} with next_after_seq {}", page.next_after_seq));
+            found.problem(format!(
+                "queue {queue}: a page after seq {after_seq} ends at seq {last_seq} with next_after_seq {}",
+                page.next_after_seq
+            ));
             return found;
         }
-        for message in page.messages {
-            found.messages_read += 1;
-            if !message.origin.starts_with(edge_prefix) {
-                continue;
-            }
-            found.messages_checked += 1;
-            let Some(expected) = edges.get_mut(&message.origin) else {
-                found.unexpected += 1;
-                found.problem(format!("queue {queue} seq {}: origin {} did not write this queue", message.seq, message.origin));
-                continue;
-            };
-            let seq = message.origin_seq;
-            if seq <= expected.seen {
-                found.repeated_or_reordered += 1;
-                found.problem(format!(
-                    "queue {queue} seq {}: edge {} seq {seq} after its seq {} (stored twice or out of order)",
-                    message.seq, message.origin, expected.seen
-                ));
-                continue;
-            }
-            if seq > expected.seen + 1 {
-                found.gaps += 1;
-                found.problem(format!(
-                    "queue {queue} seq {}: edge {} seq {seq} follows its seq {}: {} missing",
-                    message.seq,
-                    message.origin,
-                    expected.seen,
-                    seq - expected.seen - 1
-                ));
-            }
-            if seq > expected.generated {
-                found.unexpected += 1;
-                found.problem(format!(
-                    "queue {queue}: edge {} seq {seq} stored, but it generated only {}",
-                    message.origin, expected.generated
-                ));
-            }
-            expected.seen = seq;
-            let payload = base64.decode(message.payload_base64.as_bytes()).unwrap_or_default();
-            if payload != frame::payload(&message.origin, queue, seq, payload_bytes)
-                || message.id != frame::message_id(&message.origin, queue, seq)
-                || message.content_type != frame::CONTENT_TYPE
-            {
-                found.payload_mismatches += 1;
-                found.problem(format!(
-                    "queue {queue} seq {}: edge {} seq {seq} is not the message sent (id {}, {} payload bytes)",
-                    message.seq,
-                    message.origin,
-                    message.id,
-                    payload.len()
-                ));
-            }
-        }
+        check_messages(&mut found, &mut edges, queue, page.messages, edge_prefix, payload_bytes);
         after_seq = last_seq;
     }
-    for (edge, expected) in &edges {
+    check_complete(&mut found, &edges, queue);
+    found
+}
+
+/// Checks messages of `queue` in the order the central stores them against what each edge sent.
+fn check_messages(
+    found: &mut Verification,
+    edges: &mut HashMap<String, Expected>,
+    queue: &str,
+    messages: Vec<StoredMessage>,
+    edge_prefix: &str,
+    payload_bytes: usize,
+) {
+    let base64 = base64::engine::general_purpose::STANDARD;
+    for message in messages {
+        found.messages_read += 1;
+        if !message.origin.starts_with(edge_prefix) {
+            continue;
+        }
+        found.messages_checked += 1;
+        let Some(expected) = edges.get_mut(&message.origin) else {
+            found.unexpected += 1;
+            found.problem(format!(
+                "queue {queue} seq {}: origin {} did not write this queue",
+                message.seq, message.origin
+            ));
+            continue;
+        };
+        let seq = message.origin_seq;
+        if seq <= expected.seen {
+            found.repeated_or_reordered += 1;
+            found.problem(format!(
+                "queue {queue} seq {}: edge {} seq {seq} after its seq {} (stored twice or out of order)",
+                message.seq, message.origin, expected.seen
+            ));
+            continue;
+        }
+        if seq > expected.seen + 1 {
+            found.gaps += 1;
+            found.problem(format!(
+                "queue {queue} seq {}: edge {} seq {seq} follows its seq {}: {} missing",
+                message.seq,
+                message.origin,
+                expected.seen,
+                seq - expected.seen - 1
+            ));
+        }
+        if seq > expected.generated {
+            found.unexpected += 1;
+            found.problem(format!(
+                "queue {queue}: edge {} seq {seq} stored, but it generated only {}",
+                message.origin, expected.generated
+            ));
+        }
+        expected.seen = seq;
+        let payload = base64.decode(message.payload_base64.as_bytes()).unwrap_or_default();
+        if payload != frame::payload(&message.origin, queue, seq, payload_bytes)
+            || message.id != frame::message_id(&message.origin, queue, seq)
+            || message.content_type != frame::CONTENT_TYPE
+        {
+            found.payload_mismatches += 1;
+            found.problem(format!(
+                "queue {queue} seq {}: edge {} seq {seq} is not the message sent (id {}, {} payload bytes)",
+                message.seq,
+                message.origin,
+                message.id,
+                payload.len()
+            ));
+        }
+    }
+}
+
+/// After the last page: everything acknowledged must have been seen.
+fn check_complete(found: &mut Verification, edges: &HashMap<String, Expected>, queue: &str) {
+    for (edge, expected) in edges {
         if expected.seen < expected.acknowledged {
             found.acknowledged_but_missing += expected.acknowledged - expected.seen;
             found.problem(format!(
@@ -239,5 +265,86 @@ async fn verify_queue(
             ));
         }
     }
-    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(seq: u64, origin: &str, origin_seq: u64) -> StoredMessage {
+        let payload = frame::payload(origin, "q", origin_seq, 64);
+        StoredMessage {
+            id: frame::message_id(origin, "q", origin_seq),
+            seq,
+            origin: origin.into(),
+            origin_seq,
+            content_type: frame::CONTENT_TYPE.into(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+        }
+    }
+
+    /// Runs the check over `messages` for edges `a` and `b` of run prefix `sim-` that each
+    /// generated and had acknowledged 3 messages of queue `q`.
+    fn check(messages: Vec<StoredMessage>) -> Verification {
+        let mut edges: HashMap<String, Expected> = ["sim-a", "sim-b"]
+            .into_iter()
+            .map(|e| (e.to_string(), Expected { generated: 3, acknowledged: 3, seen: 0 }))
+            .collect();
+        let mut found = Verification::default();
+        check_messages(&mut found, &mut edges, "q", messages, "sim-", 64);
+        check_complete(&mut found, &edges, "q");
+        found
+    }
+
+    #[test]
+    fn interleaved_edges_each_in_order_pass() {
+        let found = check(vec![
+            stored(1, "sim-a", 1),
+            stored(2, "sim-b", 1),
+            stored(3, "other-edge", 7),
+            stored(4, "sim-a", 2),
+            stored(5, "sim-b", 2),
+            stored(6, "sim-b", 3),
+            stored(7, "sim-a", 3),
+        ]);
+        assert!(found.ok(), "{found:?}");
+        assert_eq!((found.messages_read, found.messages_checked), (7, 6));
+    }
+
+    #[test]
+    fn finds_duplicates_reordering_gaps_losses_and_foreign_payloads() {
+        let all = |edge| (1..=3).map(move |s| stored(s, edge, s));
+        let duplicate: Vec<_> = all("sim-a").chain([stored(9, "sim-a", 3)]).chain(all("sim-b")).collect();
+        assert_eq!(check(duplicate).repeated_or_reordered, 1);
+
+        let reordered = vec![stored(1, "sim-a", 2), stored(2, "sim-a", 1), stored(3, "sim-a", 3)]
+            .into_iter()
+            .chain(all("sim-b"))
+            .collect();
+        let found = check(reordered);
+        assert!(found.gaps == 1 && found.repeated_or_reordered == 1, "{found:?}");
+
+        let lost_middle =
+            vec![stored(1, "sim-a", 1), stored(2, "sim-a", 3)].into_iter().chain(all("sim-b")).collect();
+        assert_eq!(check(lost_middle).gaps, 1);
+
+        let lost_tail = vec![stored(1, "sim-a", 1)].into_iter().chain(all("sim-b")).collect();
+        assert_eq!(check(lost_tail).acknowledged_but_missing, 2);
+
+        let mut wrong = stored(2, "sim-a", 2);
+        wrong.payload_base64 =
+            base64::engine::general_purpose::STANDARD.encode(frame::payload("sim-b", "q", 2, 64));
+        let foreign = vec![stored(1, "sim-a", 1), wrong, stored(3, "sim-a", 3)]
+            .into_iter()
+            .chain(all("sim-b"))
+            .collect();
+        assert_eq!(check(foreign).payload_mismatches, 1);
+
+        let beyond = all("sim-a")
+            .chain([stored(9, "sim-a", 4)])
+            .chain(all("sim-b"))
+            .chain([stored(10, "sim-c", 1)])
+            .collect();
+        assert_eq!(check(beyond).unexpected, 2);
+    }
 }
