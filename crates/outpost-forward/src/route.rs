@@ -21,7 +21,12 @@
 //!   deliver the first waiting message (the probe is a real delivery): delivered, or answered with
 //!   a status that is not `service_down`, means the service is back, and the route returns to
 //!   `forward` (`changed_by = auto:probe`). With nothing waiting there is nothing to probe with and
-//!   the route waits for a message.
+//!   the route waits for a message. A route an operator put (or held) in `store` is not probed:
+//!   it stays stored until an operator's `forward`.
+//! - **The operator's word stands.** The task's own switches and reasons are decisions about what
+//!   it saw when an attempt began; they are recorded only if nobody changed the route since
+//!   ([`RouteModes::set_mode_if_unchanged`]). An answer arriving after an operator's `store
+//!   --reason` leaves the operator's mode and reason alone.
 //! - **Message TTL** (`limits.message_ttl`): a queue message older than the TTL when the route
 //!   reaches it is failed with reason `expired` instead of being sent.
 //!
@@ -193,6 +198,7 @@ pub async fn start(
             resubmits_pending: true,
             head: None,
             retry_at: None,
+            seen: modes.current(&route.name).expect("modes were loaded for every route"),
         };
         tracing::info!(
             route = %route.name, queue = %route.queue, urls = ?route.urls,
@@ -621,6 +627,9 @@ struct RouteTask {
     /// The message being delivered; it stays first in line through retries and store mode.
     head: Option<Current>,
     retry_at: Option<Instant>,
+    /// The route's mode state when the current decision began (an attempt, or an expiry): the
+    /// task's switches and reasons apply only if it is still in force.
+    seen: ModeState,
 }
 
 impl RouteTask {
@@ -743,6 +752,7 @@ impl RouteTask {
         };
         let expired = matches!(&current.head, Head::Queued(message) if self.expired(message));
         if expired {
+            self.seen = self.mode.borrow().clone();
             return self.fail_head(Verdict::FailExhausted, None).await;
         }
         if let Some(at) = self.retry_at {
@@ -770,7 +780,8 @@ impl RouteTask {
     /// Store mode: send nothing; with `auto_forward`, probe every `probe_interval`.
     async fn store_step(&mut self) -> Result<(), StoreError> {
         self.cursor.flush().await;
-        if !self.auto_forward {
+        let held_by_operator = self.mode.borrow().changed_by == CHANGED_BY_OPERATOR;
+        if !self.auto_forward || held_by_operator {
             tokio::select! {
                 _ = self.mode.changed() => {}
                 _ = self.stop.changed() => {}
@@ -854,6 +865,7 @@ impl RouteTask {
         if !*self.lease.borrow() {
             return Attempt::Stopped;
         }
+        self.seen = self.mode.borrow().clone();
         let current = self.head.as_ref().expect("attempt needs a head");
         let outgoing = current.head.outgoing();
         tokio::select! {
@@ -982,15 +994,21 @@ impl RouteTask {
         Ok(())
     }
 
+    /// Switches the mode, unless someone changed the route since [`Self::seen`].
     async fn set_mode(&mut self, mode: Mode, changed_by: &str, reason: &str) {
-        if let Err(e) = self.modes.set_mode(&self.name, mode, changed_by, reason).await {
-            tracing::warn!(route = %self.name, "cannot record the route's mode change: {e}");
+        match self.modes.set_mode_if_unchanged(&self.name, &self.seen, mode, changed_by, reason).await {
+            Ok(Some(now)) => self.seen = now,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(route = %self.name, "cannot record the route's mode change: {e}"),
         }
     }
 
+    /// Records the policy's decision, unless someone changed the route since [`Self::seen`].
     async fn set_reason(&mut self, reason: &str) {
-        if let Err(e) = self.modes.set_reason(&self.name, reason).await {
-            tracing::warn!(route = %self.name, "cannot record the route's reason: {e}");
+        match self.modes.set_reason_if_unchanged(&self.name, &self.seen, reason).await {
+            Ok(Some(now)) => self.seen = now,
+            Ok(None) => {}
+            Err(e) => tracing::warn!(route = %self.name, "cannot record the route's reason: {e}"),
         }
     }
 }

@@ -21,7 +21,19 @@
 //! missed event (a listener reconnecting) is repaired by the follower's periodic reload.
 //!
 //! Setting the mode a route already has changes nothing (its `mode_since`, `changed_by` and
-//! `reason` stay those of the change that put it there).
+//! `reason` stay those of the change that put it there), except that an operator's switch to the
+//! mode a route already has makes it the operator's: `changed_by = operator` and the operator's
+//! reason, `mode_since` kept (so an operator can hold a route the policy stored, and give why).
+//!
+//! # The operator's word stands
+//!
+//! The route's task decides on what it saw when a delivery began, and the answer may arrive after
+//! an operator acted (say, `store` with a reason while a resubmitted message was on the wire). Its
+//! changes therefore go through [`RouteModes::set_mode_if_unchanged`] and
+//! [`RouteModes::set_reason_if_unchanged`]: they apply only if the route's state is still the one
+//! the task saw, checked under the change lock (and, on a cluster, against the document, which an
+//! operator on another central may have written a moment ago). Otherwise the task's decision is
+//! dropped: the operator acted later, with more knowledge.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -141,7 +153,8 @@ impl RouteModes {
         self.routes.get(route).map(|sender| sender.borrow().clone())
     }
 
-    /// Switches a route's mode (persisted, then published). The same mode again changes nothing.
+    /// Switches a route's mode (persisted, then published). The same mode again changes nothing,
+    /// unless an operator takes over a route someone else put there (see the module doc).
     /// Returns the state now in force.
     pub async fn set_mode(
         &self,
@@ -150,11 +163,128 @@ impl RouteModes {
         changed_by: &str,
         reason: &str,
     ) -> Result<ModeState, RouteError> {
-        let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
+        let sender = self.sender(route)?;
         let guard = self.change_lock.lock().await;
+        let (next, changed) = self.change_mode_locked(route, sender, mode, changed_by, reason).await?;
+        drop(guard);
+        if changed {
+            self.tell_cluster(route).await;
+        }
+        Ok(next)
+    }
+
+    /// The route's task switches the mode, if the route is still in the state `seen` it decided
+    /// on (else nothing happens and `None` is returned: someone acted after the task looked).
+    pub async fn set_mode_if_unchanged(
+        &self,
+        route: &str,
+        seen: &ModeState,
+        mode: Mode,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<Option<ModeState>, RouteError> {
+        let sender = self.sender(route)?;
+        let guard = self.change_lock.lock().await;
+        if !self.unchanged_since_locked(route, sender, seen).await? {
+            tracing::info!(
+                route,
+                mode = mode.as_str(),
+                changed_by,
+                reason,
+                "the route changed while its task decided; the task's switch is dropped"
+            );
+            return Ok(None);
+        }
+        let (next, changed) = self.change_mode_locked(route, sender, mode, changed_by, reason).await?;
+        drop(guard);
+        if changed {
+            self.tell_cluster(route).await;
+        }
+        Ok(Some(next))
+    }
+
+    /// Records what the failure policy last decided without changing the mode.
+    pub async fn set_reason(&self, route: &str, reason: &str) -> Result<(), RouteError> {
+        let sender = self.sender(route)?;
+        let guard = self.change_lock.lock().await;
+        let changed = self.change_reason_locked(route, sender, reason).await?;
+        drop(guard);
+        if changed {
+            self.tell_cluster(route).await;
+        }
+        Ok(())
+    }
+
+    /// The route's task records a reason, if the route is still in the state `seen` it decided on.
+    /// Returns the state now in force, or `None` when the reason was dropped.
+    pub async fn set_reason_if_unchanged(
+        &self,
+        route: &str,
+        seen: &ModeState,
+        reason: &str,
+    ) -> Result<Option<ModeState>, RouteError> {
+        let sender = self.sender(route)?;
+        let guard = self.change_lock.lock().await;
+        if !self.unchanged_since_locked(route, sender, seen).await? {
+            tracing::debug!(route, reason, "the route changed while its task decided; its reason is dropped");
+            return Ok(None);
+        }
+        let changed = self.change_reason_locked(route, sender, reason).await?;
+        let now = sender.borrow().clone();
+        drop(guard);
+        if changed {
+            self.tell_cluster(route).await;
+        }
+        Ok(Some(now))
+    }
+
+    fn sender(&self, route: &str) -> Result<&watch::Sender<ModeState>, RouteError> {
+        self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))
+    }
+
+    /// Whether the route's state is still `seen`. On a cluster the document is read first: an
+    /// operator on another central may have changed it before this node heard of it.
+    /// Call with the change lock held.
+    async fn unchanged_since_locked(
+        &self,
+        route: &str,
+        sender: &watch::Sender<ModeState>,
+        seen: &ModeState,
+    ) -> Result<bool, RouteError> {
+        if self.store.is_shared() {
+            self.reload_locked(route, sender).await?;
+        }
+        Ok(*sender.borrow() == *seen)
+    }
+
+    /// Call with the change lock held. Returns the state in force and whether it changed.
+    async fn change_mode_locked(
+        &self,
+        route: &str,
+        sender: &watch::Sender<ModeState>,
+        mode: Mode,
+        changed_by: &str,
+        reason: &str,
+    ) -> Result<(ModeState, bool), RouteError> {
         let current = sender.borrow().clone();
         if current.mode == mode {
-            return Ok(current);
+            let operator_takes_over = changed_by == CHANGED_BY_OPERATOR
+                && (current.changed_by != CHANGED_BY_OPERATOR || current.reason != reason);
+            if !operator_takes_over {
+                return Ok((current, false));
+            }
+            let next =
+                ModeState { changed_by: changed_by.to_string(), reason: reason.to_string(), ..current };
+            self.persist(route, &next).await?;
+            tracing::info!(
+                route,
+                mode = mode.as_str(),
+                changed_by,
+                reason,
+                "route mode confirmed by an operator"
+            );
+            sender.send_replace(next.clone());
+            return Ok((next, true));
         }
         let next = ModeState {
             mode,
@@ -173,25 +303,24 @@ impl RouteModes {
         );
         set_mode_metric(&self.metrics, route, mode);
         sender.send_replace(next.clone());
-        drop(guard);
-        self.tell_cluster(route).await;
-        Ok(next)
+        Ok((next, true))
     }
 
-    /// Records what the failure policy last decided without changing the mode.
-    pub async fn set_reason(&self, route: &str, reason: &str) -> Result<(), RouteError> {
-        let sender = self.routes.get(route).ok_or_else(|| RouteError::UnknownRoute(route.to_string()))?;
-        let guard = self.change_lock.lock().await;
+    /// Call with the change lock held. Returns whether anything changed.
+    async fn change_reason_locked(
+        &self,
+        route: &str,
+        sender: &watch::Sender<ModeState>,
+        reason: &str,
+    ) -> Result<bool, RouteError> {
         let mut next = sender.borrow().clone();
         if next.reason == reason {
-            return Ok(());
+            return Ok(false);
         }
         next.reason = reason.to_string();
         self.persist(route, &next).await?;
         sender.send_replace(next);
-        drop(guard);
-        self.tell_cluster(route).await;
-        Ok(())
+        Ok(true)
     }
 
     /// Publishes a state another node already persisted (the cluster path; see [`Self::reload`]).
@@ -210,6 +339,15 @@ impl RouteModes {
         // Under the change lock: a local change cannot slip between the read and the adopt, so the
         // last document write is what every node ends up showing.
         let _guard = self.change_lock.lock().await;
+        self.reload_locked(route, sender).await
+    }
+
+    /// Call with the change lock held.
+    async fn reload_locked(
+        &self,
+        route: &str,
+        sender: &watch::Sender<ModeState>,
+    ) -> Result<bool, RouteError> {
         let key = document_key(route);
         // `documents` matches a prefix: `route:a` also finds `route:ab`, hence the exact lookup.
         let documents = self.store.documents(&key).await?;
@@ -307,10 +445,27 @@ mod tests {
         let stored = modes.set_mode("a", Mode::Store, "auto:service_down", "connect").await.unwrap();
         assert!(watch_a.has_changed().unwrap());
         assert_eq!(watch_a.borrow_and_update().clone(), stored);
-        let again = modes.set_mode("a", Mode::Store, "operator", "again").await.unwrap();
+        let again = modes.set_mode("a", Mode::Store, "auto:service_down", "again").await.unwrap();
         assert_eq!(again, stored, "the same mode again changes nothing");
         assert!(!watch_a.has_changed().unwrap());
         modes.set_reason("a", "poison: http:400").await.unwrap();
+        let seen = modes.current("a").unwrap();
+        // An operator's switch to the same mode makes the route the operator's; mode_since stays.
+        let held = modes.set_mode("a", Mode::Store, "operator", "erp upgrade").await.unwrap();
+        assert_eq!(
+            (held.changed_by.as_str(), held.reason.as_str(), held.mode_since_ms),
+            ("operator", "erp upgrade", stored.mode_since_ms)
+        );
+        // The task decided on `seen`, before the operator acted: its decisions are dropped.
+        assert_eq!(modes.set_reason_if_unchanged("a", &seen, "poison: http:400 again").await.unwrap(), None);
+        assert_eq!(
+            modes.set_mode_if_unchanged("a", &seen, Mode::Forward, "auto:probe", "back").await.unwrap(),
+            None
+        );
+        assert_eq!(modes.current("a").unwrap(), held);
+        // Decided on the current state, they apply.
+        let recorded = modes.set_reason_if_unchanged("a", &held, "poison: http:400").await.unwrap();
+        assert_eq!(recorded.map(|state| state.reason), Some("poison: http:400".to_string()));
         let text = metrics.encode();
         assert!(text.contains("outpost_route_mode{route=\"a\",mode=\"store\"} 1"), "{text}");
         assert!(text.contains("outpost_route_mode{route=\"a\",mode=\"forward\"} 0"), "{text}");
@@ -322,7 +477,7 @@ mod tests {
         let a = modes.current("a").unwrap();
         assert_eq!(
             (a.mode, a.changed_by.as_str(), a.reason.as_str()),
-            (Mode::Store, "auto:service_down", "poison: http:400")
+            (Mode::Store, "operator", "poison: http:400")
         );
         assert_eq!(a.mode_since_ms, stored.mode_since_ms);
         assert_eq!(modes.current("b").unwrap().mode, Mode::Forward);

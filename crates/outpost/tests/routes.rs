@@ -41,6 +41,8 @@ enum Behaviour {
     Hang,
     /// 503 to everything.
     Unavailable,
+    /// Holds each request until [`Downstream::release`], then answers this status.
+    Gate(u16),
 }
 
 /// One request the downstream received.
@@ -116,6 +118,11 @@ impl Downstream {
         self.shared.release.notify_waiters();
     }
 
+    /// Lets the requests held by [`Behaviour::Gate`] (and [`Behaviour::Hang`]) answer.
+    fn release(&self) {
+        self.shared.release.notify_waiters();
+    }
+
     fn answer(&self, payload: &[u8], status: Option<u16>) {
         let mut state = self.shared.state.lock().unwrap();
         match status {
@@ -173,9 +180,15 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
             Behaviour::Accept => state.status_for_payload.get(&body[..]).copied().unwrap_or(200),
             Behaviour::Unavailable => 503,
             Behaviour::Hang => 0,
+            Behaviour::Gate(status) => status,
         };
         (state.behaviour, status)
     };
+    // Registered before the request is logged: a release the test sends once it sees the request
+    // in the log reaches it.
+    let released = shared.release.notified();
+    tokio::pin!(released);
+    released.as_mut().enable();
     let delivery = Delivery {
         status,
         message_id: header("outpost-message-id"),
@@ -187,9 +200,15 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
         body: body.to_vec(),
     };
     shared.state.lock().unwrap().log.push(delivery);
-    if behaviour == Behaviour::Hang {
-        let _ = tokio::time::timeout(Duration::from_secs(60), shared.release.notified()).await;
-        return StatusCode::SERVICE_UNAVAILABLE;
+    match behaviour {
+        Behaviour::Hang => {
+            let _ = tokio::time::timeout(Duration::from_secs(60), released).await;
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
+        Behaviour::Gate(_) => {
+            let _ = tokio::time::timeout(Duration::from_secs(60), released).await;
+        }
+        Behaviour::Accept | Behaviour::Unavailable => {}
     }
     StatusCode::from_u16(status).unwrap()
 }
@@ -571,6 +590,59 @@ async fn discard_unknown_ids_unknown_routes_and_admin_auth() {
     let again = admin.send(admin.request(Method::DELETE, &format!("/v1/failed/{id}"))).await.unwrap();
     again.expect_error(404);
     assert_eq!(route(&admin, "erp").await["failed"], 0);
+}
+
+/// Regression (issue 10): a resubmitted delivery that fails after the operator switched the route
+/// to `store` with a reason used to overwrite the operator's reason with its own. The operator's
+/// word stands: the route's task records its decisions only if nobody changed the route since the
+/// attempt began. The race is forced each time (the downstream holds the request until the
+/// operator's switch is done), 50 times.
+#[tokio::test]
+async fn an_operators_store_during_a_resubmitted_delivery_keeps_the_operators_reason() {
+    let downstream = Downstream::start().await;
+    downstream.set(Behaviour::Accept);
+    downstream.answer(b"refused", Some(400));
+    let node = start_edge(&route_toml("erp", "orders", &[downstream.url()], "")).await;
+    let client = node.client();
+    post_all(&client, "orders", &["refused".to_string()]).await;
+    wait_until_async(WAIT, "the refused message failed", || async {
+        failed(&client, "erp").await.len() == 1
+    })
+    .await;
+    let id = failed(&client, "erp").await[0]["id"].clone();
+    downstream.set(Behaviour::Gate(400));
+    let failed_metric =
+        || async { metric(&client.metrics().await, "outpost_failed_messages", &[("route", "erp")]) };
+
+    for round in 0..50 {
+        switch(&client, "erp", "forward").await;
+        let requests_before = downstream.log().len();
+        client.post(&format!("/v1/failed/{id}/resubmit"), None, "").await.unwrap().expect_status(200);
+        // Refreshed before the resubmit answers: the entry is no longer failed.
+        assert_eq!(failed_metric().await, 0.0, "round {round}");
+        wait_until_async(WAIT, &format!("round {round}: the resubmitted delivery in flight"), || async {
+            downstream.log().len() > requests_before
+        })
+        .await;
+
+        let reason = format!("erp upgrade, round {round}");
+        let body = serde_json::json!({ "reason": reason }).to_string();
+        let stored = client.post("/v1/routes/erp/store", Some("application/json"), body).await.unwrap();
+        stored.expect_status(200);
+        downstream.release();
+        // The task counts the failed entries again only after it recorded (or, now, declined to
+        // record) its own reason.
+        wait_until_async(WAIT, &format!("round {round}: the delivery failed again"), || async {
+            failed_metric().await == 1.0
+        })
+        .await;
+        let erp = route(&client, "erp").await;
+        assert_eq!(
+            (erp["mode"].as_str(), erp["changed_by"].as_str(), erp["reason"].as_str()),
+            (Some("store"), Some("operator"), Some(reason.as_str())),
+            "round {round}: the operator's store and reason stand: {erp}"
+        );
+    }
 }
 
 #[tokio::test]
