@@ -1,7 +1,8 @@
 //! The central's edge registry: who is known, linked, what each reported; maintenance mode and the
 //! operator's transition-to-online trigger; persistence of all of it as store documents.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -42,6 +43,24 @@ pub struct CentralHub {
     pub(crate) next_link_id: AtomicU64,
     /// Random per hub: the `from` of its cluster events, so it skips its own.
     pub(crate) instance: String,
+    /// The ids in `[[edge]]`, for lookups that stay cheap with ten thousand listed edges.
+    listed: BTreeSet<String>,
+}
+
+/// Which edges [`CentralHub::edges_matching`] returns: in id order, only those after `after`,
+/// only those whose [`EdgeView::state`] is `state`, at most `limit`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EdgeQuery {
+    pub state: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// A page of edges and whether more edges match after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgePage {
+    pub edges: Vec<EdgeView>,
+    pub more: bool,
 }
 
 /// One edge as the central knows it, for the operator's view.
@@ -60,6 +79,18 @@ pub struct EdgeView {
 }
 
 impl EdgeView {
+    /// A listed edge that never connected.
+    fn never_seen(id: &str) -> EdgeView {
+        EdgeView {
+            id: id.to_string(),
+            listed: true,
+            connected: false,
+            last_seen_ms: None,
+            version: None,
+            report: None,
+        }
+    }
+
     /// The state the edge last reported, `unknown` if none.
     pub fn state(&self) -> &str {
         self.report.as_ref().map_or("unknown", |r| r.state.as_str())
@@ -143,6 +174,7 @@ impl CentralHub {
         metrics: Arc<Metrics>,
         now_ms: i64,
     ) -> Result<Arc<CentralHub>, StoreError> {
+        let listed = config.edges.iter().map(|e| e.id.clone()).collect();
         let mut edges = BTreeMap::new();
         for (key, value) in store.documents(EDGE_DOCUMENT_PREFIX).await? {
             let id = &key[EDGE_DOCUMENT_PREFIX.len()..];
@@ -191,6 +223,7 @@ impl CentralHub {
             maintenance_switch: tokio::sync::Mutex::new(()),
             next_link_id: AtomicU64::new(1),
             instance: uuid::Uuid::now_v7().to_string(),
+            listed,
         };
         for listed in hub.config.edges.iter().filter(|e| e.token.is_empty()) {
             tracing::warn!(edge = %listed.id, "[[edge]] {:?} has no token: any client may connect as it", listed.id);
@@ -266,25 +299,59 @@ impl CentralHub {
 
     /// Every edge known to this central or listed in `[[edge]]`, by id.
     pub fn edges(&self) -> Vec<EdgeView> {
+        self.edges_matching(&EdgeQuery::default()).edges
+    }
+
+    /// The edges `query` asks for, known to this central or listed in `[[edge]]`, by id. Views are
+    /// built only for the edges looked at: from `after` on, until the page is full.
+    pub fn edges_matching(&self, query: &EdgeQuery) -> EdgePage {
         let registry = self.registry();
-        let mut views: BTreeMap<String, EdgeView> =
-            registry.edges.iter().map(|(id, entry)| (id.clone(), self.view(id, entry))).collect();
-        for listed in &self.config.edges {
-            views.entry(listed.id.clone()).or_insert_with(|| EdgeView {
-                id: listed.id.clone(),
-                listed: true,
-                connected: false,
-                last_seen_ms: None,
-                version: None,
-                report: None,
-            });
+        let from = match &query.after {
+            Some(after) => Bound::Excluded(after.as_str()),
+            None => Bound::Unbounded,
+        };
+        let mut known = registry.edges.range::<str, _>((from, Bound::Unbounded)).peekable();
+        let mut listed = self
+            .listed
+            .range::<str, _>((from, Bound::Unbounded))
+            .filter(|id| !registry.edges.contains_key(id.as_str()))
+            .peekable();
+        let limit = query.limit.unwrap_or(usize::MAX);
+        let mut page = EdgePage { edges: Vec::new(), more: false };
+        loop {
+            // Merge the two id-ordered sequences.
+            let take_known = match (known.peek(), listed.peek()) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((known_id, _)), Some(listed_id)) => known_id.as_str() < listed_id.as_str(),
+            };
+            let view = if take_known {
+                let (id, entry) = known.next().expect("peeked");
+                self.view(id, entry)
+            } else {
+                let id = listed.next().expect("peeked");
+                EdgeView::never_seen(id)
+            };
+            if query.state.as_deref().is_some_and(|state| view.state() != state) {
+                continue;
+            }
+            if page.edges.len() == limit {
+                page.more = true;
+                break;
+            }
+            page.edges.push(view);
         }
-        views.into_values().collect()
+        page
     }
 
     /// One edge, if it is known or listed.
     pub fn edge(&self, id: &str) -> Option<EdgeView> {
-        self.edges().into_iter().find(|e| e.id == id)
+        let registry = self.registry();
+        match registry.edges.get(id) {
+            Some(entry) => Some(self.view(id, entry)),
+            None => self.is_listed(id).then(|| EdgeView::never_seen(id)),
+        }
     }
 
     /// Sends `event` on the edge's open link.
@@ -350,7 +417,7 @@ impl CentralHub {
     }
 
     pub(crate) fn is_listed(&self, edge_id: &str) -> bool {
-        self.config.edges.iter().any(|e| e.id == edge_id)
+        self.listed.contains(edge_id)
     }
 
     fn view(&self, id: &str, entry: &EdgeEntry) -> EdgeView {
@@ -419,7 +486,7 @@ impl CentralHub {
             let state = if counts.contains_key(state) { state } else { "unknown" };
             *counts.get_mut(state).expect("every state is counted") += 1;
         }
-        let never_seen = self.config.edges.iter().filter(|e| !registry.edges.contains_key(&e.id)).count();
+        let never_seen = self.listed.iter().filter(|id| !registry.edges.contains_key(id.as_str())).count();
         *counts.get_mut("unknown").expect("unknown is counted") += never_seen as i64;
         for (state, count) in counts {
             self.metrics.edges.get_or_create(&StateLabel { state: state.to_string() }).set(count);

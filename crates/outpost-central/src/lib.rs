@@ -46,7 +46,7 @@ pub use downlink::{
 };
 pub use error::{CentralError, SendEventError};
 pub use hub::{
-    CentralHub, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY, MAX_KNOWN_EDGES,
+    CentralHub, EdgePage, EdgeQuery, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY, MAX_KNOWN_EDGES,
     REPORT_PERSIST_INTERVAL,
 };
 pub use link::{

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -10,7 +10,7 @@ use outpost_core::time::rfc3339_from_unix_ms;
 use serde::Deserialize;
 use serde_json::json;
 
-use outpost_central::EdgeView;
+use outpost_central::{EdgeQuery, EdgeView, EDGE_STATES};
 use outpost_core::time::now_unix_ms;
 
 use super::hub;
@@ -18,6 +18,11 @@ use crate::auth::{authorize, Access};
 use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
 use crate::ApiState;
+
+/// The largest `limit` of `GET /v1/edges`.
+pub const MAX_EDGES_LIMIT: usize = 1000;
+/// The header naming the `after` of the next page when more edges match.
+pub const NEXT_AFTER_HEADER: &str = "outpost-next-after";
 
 /// The largest `POST /v1/admin/maintenance` body.
 const MAX_MAINTENANCE_BODY_BYTES: u64 = 1024;
@@ -38,17 +43,71 @@ fn edge_json(edge: &EdgeView, downlink_pending: u64) -> serde_json::Value {
     })
 }
 
-/// `GET /v1/edges`: every known or listed edge as it last reported.
+/// `GET /v1/edges[?state=S][&limit=N][&after=ID]`: the known or listed edges as they last
+/// reported, by id. Without a query, every edge (the answer older clients expect). `state` keeps
+/// the edges in that state, `after` starts after that id, `limit` (1 to [`MAX_EDGES_LIMIT`]) cuts
+/// the page; when more edges match after it, the answer carries the header `Outpost-Next-After`
+/// with the `after` of the next page.
 pub(crate) async fn list_edges(
     State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let hub = hub(&state)?;
+    let query = parse_edge_query(query.as_deref().unwrap_or(""))?;
+    let page = hub.edges_matching(&query);
     let pending = hub.downlink_pending();
-    let edges: Vec<_> =
-        hub.edges().iter().map(|edge| edge_json(edge, pending.get(&edge.id).copied().unwrap_or(0))).collect();
-    Ok(Json(edges).into_response())
+    let edges: Vec<_> = page
+        .edges
+        .iter()
+        .map(|edge| edge_json(edge, pending.get(&edge.id).copied().unwrap_or(0)))
+        .collect();
+    let next_after = page.more.then(|| page.edges.last().map(|e| e.id.clone())).flatten();
+    let mut response = Json(edges).into_response();
+    if let Some(next_after) = next_after {
+        let value = axum::http::HeaderValue::from_str(&next_after).expect("edge ids are visible ASCII");
+        response.headers_mut().insert(NEXT_AFTER_HEADER, value);
+    }
+    Ok(response)
+}
+
+fn parse_edge_query(query: &str) -> Result<EdgeQuery, ApiError> {
+    let mut parsed = EdgeQuery::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "state" => {
+                if !EDGE_STATES.contains(&value) {
+                    return Err(ApiError::bad_request(format!(
+                        "state={value:?} is not one of {}",
+                        EDGE_STATES.join(", ")
+                    )));
+                }
+                parsed.state = Some(value.to_string());
+            }
+            "after" => {
+                outpost_core::validate_name(value)
+                    .map_err(|e| ApiError::invalid_name(format!("after={value:?}: edge id {e}")))?;
+                parsed.after = Some(value.to_string());
+            }
+            "limit" => {
+                let limit: usize = value
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("limit={value:?} is not a number")))?;
+                if limit == 0 || limit > MAX_EDGES_LIMIT {
+                    return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_EDGES_LIMIT}")));
+                }
+                parsed.limit = Some(limit);
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {other:?}; GET /v1/edges takes state, after and limit"
+                )))
+            }
+        }
+    }
+    Ok(parsed)
 }
 
 /// `POST /v1/edges/{id}/transition-online`: "send transition to online" to a known edge: 202 with
