@@ -46,8 +46,8 @@ pub use downlink::{
 };
 pub use error::{CentralError, SendEventError};
 pub use hub::{
-    CentralHub, EdgePage, EdgeQuery, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY, MAX_KNOWN_EDGES,
-    REPORT_PERSIST_INTERVAL,
+    CentralHub, EdgePage, EdgeQuery, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY,
+    MAX_KNOWN_EDGES, REPORT_PERSIST_INTERVAL,
 };
 pub use link::{
     check_report, check_version, BatchStored, LinkGuard, OpenedLink, EDGE_STATES_REPORTED, PREDECESSOR_WAIT,

@@ -30,7 +30,8 @@ async fn open_link(http: &reqwest::Client, central: &str, id: &str, state: &str)
         .await
         .unwrap();
     assert_eq!(response.status(), 200, "handshake of {id}");
-    let first = tokio::time::timeout(Duration::from_secs(30), response.chunk()).await.unwrap().unwrap().unwrap();
+    let first =
+        tokio::time::timeout(Duration::from_secs(30), response.chunk()).await.unwrap().unwrap().unwrap();
     assert!(String::from_utf8_lossy(&first).contains("welcome"), "{id}: {first:?}");
     response
 }
@@ -62,7 +63,11 @@ async fn all_pages(http: &reqwest::Client, central: &str, query: &str, limit: us
         match next {
             Some(next) => {
                 assert_eq!(page.len(), limit, "{url}: a page with more after it is full");
-                assert_eq!(Some(&next), page.last(), "{url}: the next page starts after this one's last edge");
+                assert_eq!(
+                    Some(&next),
+                    page.last(),
+                    "{url}: the next page starts after this one's last edge"
+                );
                 seen.extend(page);
                 after = Some(next);
             }
@@ -146,7 +151,11 @@ async fn edges_page_and_filter_by_state() {
         assert_eq!((status, next), (200, None));
         assert_eq!(ids(&unpaged), want, "state {state}");
         for limit in [1, 3, 100] {
-            assert_eq!(all_pages(&http, &url, &format!("&state={state}"), limit).await, want, "{state} by {limit}");
+            assert_eq!(
+                all_pages(&http, &url, &format!("&state={state}"), limit).await,
+                want,
+                "{state} by {limit}"
+            );
         }
     }
     // `after` alone: everything after that id; after the last one, nothing.

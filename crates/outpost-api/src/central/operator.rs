@@ -58,11 +58,8 @@ pub(crate) async fn list_edges(
     let query = parse_edge_query(query.as_deref().unwrap_or(""))?;
     let page = hub.edges_matching(&query);
     let pending = hub.downlink_pending();
-    let edges: Vec<_> = page
-        .edges
-        .iter()
-        .map(|edge| edge_json(edge, pending.get(&edge.id).copied().unwrap_or(0)))
-        .collect();
+    let edges: Vec<_> =
+        page.edges.iter().map(|edge| edge_json(edge, pending.get(&edge.id).copied().unwrap_or(0))).collect();
     let next_after = page.more.then(|| page.edges.last().map(|e| e.id.clone())).flatten();
     let mut response = Json(edges).into_response();
     if let Some(next_after) = next_after {
