@@ -52,7 +52,7 @@ impl From<StoreError> for ApiError {
             StoreError::QuotaReached { .. } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "store_full", error.to_string())
             }
-            StoreError::DiskFull(_) => ApiError::new(
+            StoreError::DiskFull(_) | StoreError::DiskReserve { .. } => ApiError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "store_full",
                 format!("{error}; free disk space on the data directory's file system"),

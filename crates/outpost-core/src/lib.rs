@@ -2,6 +2,7 @@
 //! No I/O beyond reading the configuration file; no async.
 
 pub mod config;
+pub mod failpoint;
 pub mod metrics;
 pub mod names;
 pub mod status;

@@ -116,6 +116,13 @@ pub enum StoreError {
     QuotaReached { used_bytes: u64, needed_bytes: u64, limit_bytes: u64 },
     #[error("the disk holding the store is full: {0}")]
     DiskFull(String),
+    /// Refused before the disk filled: what is left is kept for checkpoints and releases, so the
+    /// node can still drain. Nothing was written.
+    #[error(
+        "the disk holding the store is nearly full: {room_bytes} bytes are free for messages beyond \
+         the reserve kept for checkpoints and releases, and this write needs {needed_bytes}"
+    )]
+    DiskReserve { room_bytes: u64, needed_bytes: u64 },
     #[error("the store is shutting down")]
     Closed,
     #[error(

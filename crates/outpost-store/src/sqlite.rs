@@ -48,13 +48,24 @@ impl Sqlite {
         }
 
         let path = data_dir.join("outpost.db");
+        let wal_limit_bytes = wal_limit_bytes(data_dir, options.max_store_bytes);
         let mut conn = open_connection(&path, false)?;
+        bound_the_wal(&conn, wal_limit_bytes)?;
         schema::migrate(&mut conn)?;
         let mut readers = Vec::with_capacity(READ_POOL_SIZE);
         for _ in 0..READ_POOL_SIZE {
             readers.push(open_connection(&path, true)?);
         }
-        let writer = writer::Writer::new(conn, options, views, commits, observer)?;
+        // A release deletes at most a quarter of the WAL's bound per transaction, so even a disk
+        // with no room left can release what it forwarded (see `writer::release_chunk`).
+        // New messages leave twice the WAL's bound free: room for a checkpoint to move the WAL into
+        // the database and for releases, so a full disk can always drain.
+        let disk = writer::DiskBounds {
+            data_dir: data_dir.to_path_buf(),
+            release_chunk_bytes: wal_limit_bytes / 4,
+            reserve_bytes: 2 * wal_limit_bytes,
+        };
+        let writer = writer::Writer::new(conn, options, views, commits, observer, disk)?;
         let thread = std::thread::Builder::new()
             .name("outpost-writer".into())
             .spawn(move || writer.run(ops))
@@ -122,11 +133,55 @@ fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreErro
                 path.display()
             )));
         }
-        conn.execute_batch(
-            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF; PRAGMA journal_size_limit=67108864;",
-        )?;
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=OFF;")?;
     }
     Ok(conn)
+}
+
+/// The most the write-ahead log may hold between checkpoints: 1/16 of the smaller of the quota
+/// (`limits.max_store_bytes`) and the filesystem holding the data directory, between 1 MiB and
+/// 64 MiB. SQLite's default (1,000 pages, 62.5 MiB with 64 KiB pages) filled a 64 MiB disk with
+/// WAL alone, and then nothing could be released.
+pub(crate) fn wal_limit_bytes(data_dir: &Path, max_store_bytes: u64) -> u64 {
+    const MIN_WAL_BYTES: u64 = 1 << 20;
+    const MAX_WAL_BYTES: u64 = 64 << 20;
+    let filesystem_bytes = filesystem_size_bytes(data_dir).unwrap_or(u64::MAX);
+    (max_store_bytes.min(filesystem_bytes) / 16).clamp(MIN_WAL_BYTES, MAX_WAL_BYTES)
+}
+
+/// The size of the filesystem holding `path` (`statvfs`); `None` when it cannot be read.
+fn filesystem_size_bytes(path: &Path) -> Option<u64> {
+    statvfs(path).map(|(size, _)| size)
+}
+
+/// The space an unprivileged process may still take on the filesystem holding `path`.
+pub(crate) fn filesystem_free_bytes(path: &Path) -> Option<u64> {
+    statvfs(path).map(|(_, free)| free)
+}
+
+/// (size, available) of the filesystem holding `path`.
+fn statvfs(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `statvfs` writes only into the zeroed struct we own; the path is NUL-terminated.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+    let block = stat.f_frsize as u64;
+    Some(((stat.f_blocks as u64).saturating_mul(block), (stat.f_bavail as u64).saturating_mul(block)))
+}
+
+/// Checkpoints once the WAL holds `wal_limit_bytes`, and truncates it back to that size after
+/// each checkpoint (a large transaction may grow it past the bound for its own duration).
+fn bound_the_wal(conn: &Connection, wal_limit_bytes: u64) -> Result<(), StoreError> {
+    let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let pages = (wal_limit_bytes / page_size.max(512) as u64).max(1);
+    conn.execute_batch(&format!(
+        "PRAGMA wal_autocheckpoint={pages}; PRAGMA journal_size_limit={wal_limit_bytes};"
+    ))?;
+    Ok(())
 }
 
 fn read_messages(

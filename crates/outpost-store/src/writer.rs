@@ -3,10 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use outpost_core::wire::BatchMessage;
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ops::{Op, Reply, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
@@ -24,21 +25,42 @@ struct State {
     origin_positions: HashMap<(String, String), u64>,
     cursors: HashMap<(String, String), u64>,
     total_bytes: u64,
+    /// Queues with messages every required reader has passed that are not deleted yet: a release
+    /// goes in bounded chunks, one transaction each, between client writes.
+    releases_due: BTreeSet<String>,
+    /// Bytes new messages may still take on the disk in this group: free space on the filesystem
+    /// plus free pages inside the database, minus the reserve. Measured at the start of a group.
+    disk_room_bytes: u64,
 }
 
 impl State {
-    fn load(conn: &Connection) -> Result<State, StoreError> {
+    fn load(conn: &Connection, options: &StoreOptions) -> Result<State, StoreError> {
         let stats = schema::load_stats(conn)?;
         let total_bytes = stats.values().map(|q| q.bytes).sum();
-        Ok(State {
+        let mut state = State {
             stats,
             queue_ids: load_queue_ids(conn)?,
             origin_positions: schema::load_origin_positions(conn)?,
             cursors: schema::load_cursors(conn)?,
             total_bytes,
-        })
+            releases_due: BTreeSet::new(),
+            disk_room_bytes: u64::MAX,
+        };
+        // A release interrupted by a crash or a full disk goes on after a restart.
+        let queues: Vec<String> = state.stats.keys().cloned().collect();
+        for queue in queues {
+            if release_through(options, &state, &queue).is_some() {
+                state.releases_due.insert(queue);
+            }
+        }
+        Ok(state)
     }
 }
+
+/// How long releases wait after one failed (e.g. the disk is full) before they are tried again.
+const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How often the writer looks for client writes while it waits to retry a release.
+const RELEASE_RETRY_POLL: Duration = Duration::from_millis(20);
 
 /// What one group changed, so only that is published.
 #[derive(Default)]
@@ -63,6 +85,32 @@ enum Pending {
     Ping(oneshot::Sender<()>),
 }
 
+/// How the writer keeps a small disk usable (see `sqlite::wal_limit_bytes`).
+pub struct DiskBounds {
+    /// The data directory, whose filesystem's free space is measured.
+    pub data_dir: std::path::PathBuf,
+    /// The most payload-page bytes one release transaction deletes (bounds its WAL).
+    pub release_chunk_bytes: u64,
+    /// Space kept free for checkpoints and releases: new messages get 507 before they would
+    /// take it.
+    pub reserve_bytes: u64,
+}
+
+impl DiskBounds {
+    /// Bytes new messages may take now; `u64::MAX` when the free space cannot be read.
+    fn room_bytes(&self, conn: &Connection) -> u64 {
+        let Some(free) = crate::sqlite::filesystem_free_bytes(&self.data_dir) else { return u64::MAX };
+        let free_pages: u64 = conn
+            .query_row(
+                "SELECT freelist_count * page_size FROM pragma_freelist_count, pragma_page_size",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_or(0, |b| b.max(0) as u64);
+        free.saturating_add(free_pages).saturating_sub(self.reserve_bytes)
+    }
+}
+
 pub struct Writer {
     conn: Connection,
     options: StoreOptions,
@@ -70,6 +118,10 @@ pub struct Writer {
     commits: watch::Sender<u64>,
     state: State,
     observer: Option<CommitObserver>,
+    /// The bounds that keep a small disk usable.
+    disk: DiskBounds,
+    /// After a failed release: not before this instant again.
+    release_retry_at: Option<Instant>,
 }
 
 impl Writer {
@@ -79,9 +131,10 @@ impl Writer {
         views: Arc<Views>,
         commits: watch::Sender<u64>,
         observer: Option<CommitObserver>,
+        disk: DiskBounds,
     ) -> Result<Writer, StoreError> {
-        let state = State::load(&conn)?;
-        let writer = Writer { conn, options, views, commits, state, observer };
+        let state = State::load(&conn, &options)?;
+        let writer = Writer { conn, options, views, commits, state, observer, disk, release_retry_at: None };
         writer.publish(None);
         Ok(writer)
     }
@@ -89,7 +142,25 @@ impl Writer {
     pub fn run(mut self, mut ops: mpsc::Receiver<Op>) {
         let mut shutdown_reply = None;
         while shutdown_reply.is_none() {
-            let Some(first) = ops.blocking_recv() else { break };
+            let first = if self.state.releases_due.is_empty() {
+                match ops.blocking_recv() {
+                    Some(op) => op,
+                    None => break,
+                }
+            } else {
+                // Client writes first; releases go on whenever nothing waits.
+                match ops.try_recv() {
+                    Ok(op) => op,
+                    Err(TryRecvError::Disconnected) => break,
+                    Err(TryRecvError::Empty) => {
+                        match self.release_retry_at {
+                            Some(at) if Instant::now() < at => std::thread::sleep(RELEASE_RETRY_POLL),
+                            _ => self.continue_releases(),
+                        }
+                        continue;
+                    }
+                }
+            };
             let mut group_bytes = first.payload_bytes();
             let mut group = vec![first];
             while group.len() < MAX_OPS_PER_COMMIT && group_bytes < MAX_BYTES_PER_COMMIT {
@@ -140,6 +211,55 @@ impl Writer {
         }
     }
 
+    /// Deletes the next chunk of every queue with a release due, in one transaction.
+    fn continue_releases(&mut self) {
+        let mut changes = Changes::default();
+        let outcome = (|| -> Result<(), StoreError> {
+            let tx = self.conn.unchecked_transaction().map_err(StoreError::from_sqlite)?;
+            let queues: Vec<String> = self.state.releases_due.iter().cloned().collect();
+            for queue in queues {
+                release_chunk(&tx, &self.options, &mut self.state, &queue, self.disk.release_chunk_bytes)?;
+                changes.queues.insert(queue);
+            }
+            tx.commit().map_err(StoreError::from_sqlite)
+        })();
+        match outcome {
+            Ok(()) => {
+                self.release_retry_at = None;
+                self.publish(Some(&changes));
+                self.commits.send_modify(|generation| *generation += 1);
+            }
+            Err(error) => {
+                tracing::warn!(
+                    "cannot release forwarded or delivered messages yet, retrying in {RELEASE_RETRY_DELAY:?}: {error}"
+                );
+                self.release_retry_at = Some(Instant::now() + RELEASE_RETRY_DELAY);
+                self.recover_after_failed_commit(matches!(error, StoreError::DiskFull(_)));
+            }
+        }
+    }
+
+    /// After a failed commit the in-memory state may hold changes that never committed: rebuild
+    /// it from disk, the way startup does. A full disk first gets the WAL checkpointed and
+    /// truncated, which gives its space back.
+    fn recover_after_failed_commit(&mut self, disk_full: bool) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+        if disk_full {
+            if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!("cannot checkpoint the WAL on a full disk: {e}");
+            }
+        }
+        match State::load(&self.conn, &self.options) {
+            Ok(state) => {
+                self.state = state;
+                self.publish(None);
+            }
+            // The writer cannot know what is on disk: crash loudly; the supervisor restarts the
+            // node and startup rebuilds everything from the database.
+            Err(e) => panic!("store writer cannot reload its state after a failed commit: {e}"),
+        }
+    }
+
     /// Applies a group in one transaction and answers each operation after the commit. Returns the
     /// shutdown reply if the group asked to stop.
     fn commit_group(&mut self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
@@ -149,12 +269,32 @@ impl Writer {
         let mut shutdown = None;
         let mut changes = Changes::default();
 
+        // Operations still to apply; on a failed commit the ones never reached are refused with
+        // the same error as the others, so every caller hears the real cause (e.g. 507 disk full).
+        let mut ops = group.into_iter();
+        self.state.disk_room_bytes = self.disk.room_bytes(&self.conn);
         let outcome = (|| -> Result<(), StoreError> {
-            let tx = self.conn.unchecked_transaction()?;
+            let tx = self.conn.unchecked_transaction().map_err(StoreError::from_sqlite)?;
             let now_ms = outpost_core::time::now_unix_ms();
-            for op in group {
+            // A database error leaves the transaction in an unknown state and fails the whole
+            // group; the operation it happened in is answered with the others.
+            macro_rules! settle {
+                ($result:expr, $variant:path, $reply:expr) => {
+                    match fatal_or($result) {
+                        Ok(result) => result,
+                        Err(error) => {
+                            pending.push($variant($reply, Err(StoreError::Closed)));
+                            return Err(error);
+                        }
+                    }
+                };
+            }
+            for op in ops.by_ref() {
                 match op {
                     Op::Append { queue, messages, idempotency_key, reply } => {
+                        if outpost_core::failpoint::hit("writer_panic") {
+                            panic!("failpoint writer_panic: a panic inside the store writer");
+                        }
                         let result = apply_append(
                             &tx,
                             &self.options,
@@ -164,7 +304,7 @@ impl Writer {
                             idempotency_key,
                             now_ms,
                         );
-                        let result = fatal_or(result)?;
+                        let result = settle!(result, Pending::Append, reply);
                         if matches!(&result, Ok(a) if !a.duplicate) {
                             changes.queues.insert(queue);
                         }
@@ -180,7 +320,7 @@ impl Writer {
                             messages,
                             now_ms,
                         );
-                        let result = fatal_or(result)?;
+                        let result = settle!(result, Pending::Origin, reply);
                         if matches!(&result, Ok(a) if a.stored > 0) {
                             changes.origin_positions.insert((origin, queue.clone()));
                             changes.queues.insert(queue);
@@ -195,8 +335,9 @@ impl Writer {
                             &queue,
                             &reader,
                             acked_seq,
+                            self.disk.release_chunk_bytes,
                         );
-                        let result = fatal_or(result)?;
+                        let result = settle!(result, Pending::Done, reply);
                         if result.is_ok() {
                             changes.cursors.insert((queue.clone(), reader));
                             changes.queues.insert(queue);
@@ -204,12 +345,16 @@ impl Writer {
                         pending.push(Pending::Done(reply, result));
                     }
                     Op::PutDocument { key, value, reply } => {
-                        tx.prepare_cached(
-                            "INSERT INTO documents (key, value, updated_at_ms) VALUES (?1, ?2, ?3)
-                             ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
-                        )?
-                        .execute(params![key, value, now_ms])?;
-                        pending.push(Pending::Done(reply, Ok(())));
+                        let result = tx
+                            .prepare_cached(
+                                "INSERT INTO documents (key, value, updated_at_ms) VALUES (?1, ?2, ?3)
+                                 ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                            )
+                            .and_then(|mut stmt| stmt.execute(params![key, value, now_ms]))
+                            .map(|_| ())
+                            .map_err(StoreError::from);
+                        let result = settle!(result, Pending::Done, reply);
+                        pending.push(Pending::Done(reply, result));
                     }
                     Op::FailMessage { failure, reply } => {
                         // The cursor first: if it refuses (non-fatal), nothing has been written.
@@ -220,9 +365,10 @@ impl Writer {
                             &failure.message.queue,
                             &failure.reader,
                             failure.message.seq,
+                            self.disk.release_chunk_bytes,
                         )
                         .and_then(|()| failed::insert(&tx, &failure, now_ms));
-                        let result = fatal_or(result)?;
+                        let result = settle!(result, Pending::Failed, reply);
                         if result.is_ok() {
                             changes.cursors.insert((failure.message.queue.clone(), failure.reader.clone()));
                             changes.queues.insert(failure.message.queue.clone());
@@ -230,7 +376,8 @@ impl Writer {
                         pending.push(Pending::Failed(reply, result.map(failed::FailedOutcome::Inserted)));
                     }
                     Op::ChangeFailed { change, reply } => {
-                        let result = fatal_or(failed::apply_change(&tx, change, now_ms))?;
+                        let result =
+                            settle!(failed::apply_change(&tx, change, now_ms), Pending::Failed, reply);
                         pending.push(Pending::Failed(reply, result));
                     }
                     Op::Ping { reply } => pending.push(Pending::Ping(reply)),
@@ -244,6 +391,24 @@ impl Writer {
             }
             tx.commit().map_err(StoreError::from_sqlite)
         })();
+        if outcome.is_err() {
+            for op in ops {
+                match op {
+                    Op::Append { reply, .. } => pending.push(Pending::Append(reply, Err(StoreError::Closed))),
+                    Op::AppendFromOrigin { reply, .. } => {
+                        pending.push(Pending::Origin(reply, Err(StoreError::Closed)))
+                    }
+                    Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
+                        pending.push(Pending::Done(reply, Err(StoreError::Closed)))
+                    }
+                    Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {
+                        pending.push(Pending::Failed(reply, Err(StoreError::Closed)))
+                    }
+                    Op::Ping { reply } => pending.push(Pending::Ping(reply)),
+                    Op::Shutdown { reply } => shutdown = Some(reply),
+                }
+            }
+        }
 
         match outcome {
             Ok(()) => {
@@ -284,18 +449,7 @@ impl Writer {
                         Pending::Ping(reply) => drop(reply.send(())),
                     }
                 }
-                // The in-memory state may hold changes that never committed: rebuild it from disk,
-                // the same way startup does.
-                let _ = self.conn.execute_batch("ROLLBACK");
-                match State::load(&self.conn) {
-                    Ok(state) => {
-                        self.state = state;
-                        self.publish(None);
-                    }
-                    // The writer cannot know what is on disk: crash loudly; the supervisor restarts
-                    // the node and startup rebuilds everything from the database.
-                    Err(e) => panic!("store writer cannot reload its state after a failed commit: {e}"),
-                }
+                self.recover_after_failed_commit(disk_full);
             }
         }
         shutdown
@@ -312,7 +466,13 @@ fn fatal_or<T>(result: Result<T, StoreError>) -> Result<Result<T, StoreError>, S
     }
 }
 
-fn check_quota(options: &StoreOptions, used_bytes: u64, needed_bytes: u64) -> Result<(), StoreError> {
+/// A write fits when the quota (`limits.max_store_bytes`) has room for it and the disk has room for
+/// it beyond the reserve that checkpoints and releases need.
+fn check_quota(options: &StoreOptions, state: &State, needed_bytes: u64) -> Result<(), StoreError> {
+    if needed_bytes > state.disk_room_bytes {
+        return Err(StoreError::DiskReserve { room_bytes: state.disk_room_bytes, needed_bytes });
+    }
+    let used_bytes = state.total_bytes;
     if used_bytes.saturating_add(needed_bytes) > options.max_store_bytes {
         return Err(StoreError::QuotaReached {
             used_bytes,
@@ -334,7 +494,7 @@ fn ensure_queue(
     if let Some(id) = state.queue_ids.get(queue) {
         return Ok(*id);
     }
-    check_quota(options, state.total_bytes, needed_bytes)?;
+    check_quota(options, state, needed_bytes)?;
     tx.execute("INSERT INTO queues (name, last_seq) VALUES (?1, 0)", [queue])?;
     let id = tx.last_insert_rowid();
     state.queue_ids.insert(queue.to_string(), id);
@@ -396,6 +556,7 @@ fn insert_rows<'a>(
     queue_stats.messages += count;
     queue_stats.bytes += bytes;
     state.total_bytes += bytes;
+    state.disk_room_bytes = state.disk_room_bytes.saturating_sub(bytes);
     Ok((first_seq, seq))
 }
 
@@ -428,7 +589,7 @@ fn apply_append(
             });
         }
     }
-    check_quota(options, state.total_bytes, needed)?;
+    check_quota(options, state, needed)?;
 
     let mut ids = Vec::with_capacity(messages.len());
     let rows = messages.iter().map(|m| Row {
@@ -467,7 +628,7 @@ fn apply_origin_append(
     };
     let needed: u64 = fresh.iter().map(|m| m.payload.len() as u64).sum();
     let queue_id = ensure_queue(tx, options, state, queue, needed)?;
-    check_quota(options, state.total_bytes, needed)?;
+    check_quota(options, state, needed)?;
 
     let mut ids = Vec::with_capacity(fresh.len());
     let rows = fresh.iter().map(|m| Row {
@@ -497,6 +658,7 @@ fn apply_advance_cursor(
     queue: &str,
     reader: &str,
     acked_seq: u64,
+    chunk_bytes: u64,
 ) -> Result<(), StoreError> {
     let Some(&queue_id) = state.queue_ids.get(queue) else {
         return Err(StoreError::Invalid(format!("no queue named {queue:?}")));
@@ -518,34 +680,79 @@ fn apply_advance_cursor(
     .execute(params![queue_id, reader, acked_seq as i64])?;
     state.cursors.insert(key, acked_seq);
 
+    // The first chunk goes in this transaction (usually all of it); the rest follows in its own.
+    state.releases_due.insert(queue.to_string());
+    release_chunk(tx, options, state, queue, chunk_bytes)
+}
+
+/// The seq through which `queue` may be released now: the lowest cursor of its required readers,
+/// when that is past the first message still stored. `None`: nothing to release (or nobody is
+/// required to read the queue, and everything is kept).
+fn release_through(options: &StoreOptions, state: &State, queue: &str) -> Option<u64> {
     let required = (options.readers_of)(queue);
-    let Some(release_through) = required
+    let through = required
         .iter()
         .map(|r| state.cursors.get(&(queue.to_string(), r.clone())).copied().unwrap_or(0))
-        .min()
-    else {
-        return Ok(()); // nobody is required to read this queue: keep everything
-    };
-    let queue_stats = state.stats.get_mut(queue).expect("stats exist for every known queue");
-    if release_through < queue_stats.first_seq {
+        .min()?;
+    let stats = state.stats.get(queue)?;
+    (through >= stats.first_seq && stats.messages > 0).then_some(through)
+}
+
+/// Deletes the oldest messages of `queue` that every required reader has passed, at most
+/// `chunk_bytes` of pages (at least one message), so one release never needs more WAL than the
+/// bound leaves room for. Keeps the queue in `releases_due` while more remains.
+fn release_chunk(
+    tx: &Transaction<'_>,
+    options: &StoreOptions,
+    state: &mut State,
+    queue: &str,
+    chunk_bytes: u64,
+) -> Result<(), StoreError> {
+    let Some(release_through) = release_through(options, state, queue) else {
+        state.releases_due.remove(queue);
         return Ok(());
+    };
+    let queue_id = state.queue_ids[queue];
+    // What a deletion rewrites: the row's leaf page (a large payload fills one page by itself)
+    // plus a little for the b-tree and the freelist.
+    let mut through = state.stats[queue].first_seq - 1;
+    let mut rewritten_bytes = 0u64;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    {
+        let mut sizes = tx.prepare_cached(
+            "SELECT seq, length(payload) FROM messages WHERE queue_id = ?1 AND seq <= ?2 ORDER BY seq LIMIT 4096",
+        )?;
+        let mut rows = sizes.query(params![queue_id, release_through as i64])?;
+        while let Some(row) = rows.next()? {
+            let (seq, length): (i64, i64) = (row.get(0)?, row.get(1)?);
+            let cost = (length as u64).min(64 << 10) + 256;
+            if count > 0 && rewritten_bytes + cost > chunk_bytes {
+                break;
+            }
+            rewritten_bytes += cost;
+            through = seq as u64;
+            count += 1;
+            bytes += length as u64;
+        }
     }
-    let (count, bytes): (i64, i64) = tx
-        .prepare_cached(
-            "SELECT count(*), coalesce(sum(length(payload)), 0) FROM messages WHERE queue_id = ?1 AND seq <= ?2",
-        )?
-        .query_row(params![queue_id, release_through as i64], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if count == 0 {
+        through = release_through; // nothing stored up to there (cannot happen: queues are contiguous)
+    }
     tx.prepare_cached("DELETE FROM messages WHERE queue_id = ?1 AND seq <= ?2")?
-        .execute(params![queue_id, release_through as i64])?;
+        .execute(params![queue_id, through as i64])?;
     let oldest: Option<i64> = tx
         .prepare_cached("SELECT accepted_at_ms FROM messages WHERE queue_id = ?1 ORDER BY seq LIMIT 1")?
         .query_row([queue_id], |r| r.get(0))
         .optional()?;
-    queue_stats.messages -= count as u64;
-    queue_stats.bytes -= bytes as u64;
-    queue_stats.first_seq = release_through + 1;
+    let queue_stats = state.stats.get_mut(queue).expect("stats exist for every known queue");
+    queue_stats.messages -= count;
+    queue_stats.bytes -= bytes;
+    queue_stats.first_seq = through + 1;
     queue_stats.oldest_accepted_at_ms = oldest;
-    state.total_bytes -= bytes as u64;
+    state.total_bytes -= bytes;
+    if through >= release_through || queue_stats.messages == 0 {
+        state.releases_due.remove(queue);
+    }
     Ok(())
 }
 

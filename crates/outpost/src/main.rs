@@ -86,6 +86,9 @@ impl NodeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Edge(_) | Command::Central(_) | Command::Demo(_)) {
+        exit_on_panic();
+    }
     match cli.command {
         Command::Edge(args) => run_node(outpost_core::Role::Edge, args, cli.ha),
         Command::Central(args) => run_node(outpost_core::Role::Central, args, cli.ha),
@@ -96,6 +99,24 @@ fn main() -> ExitCode {
             usage_error("--ha applies to `edge` and `central` only")
         }
     }
+}
+
+/// CONTRACT 4.6: a panic in any thread or task ends the whole process with code 1, so the watcher
+/// or systemd restarts it. Without this a panic ends only its thread or task (tokio catches it)
+/// and the node goes on answering with a dead writer, forwarder or route inside. The default
+/// hook prints the panic first; `_exit` skips destructors and atexit handlers, which could block
+/// on state the panicking thread left behind. Every acknowledged write is already fsynced.
+fn exit_on_panic() {
+    let print_panic = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        print_panic(info);
+        eprintln!(
+            "outpost: a panic is a bug and ends the node (exit code {}); restart it to recover",
+            exit::FATAL
+        );
+        // SAFETY: `_exit` only ends the process; it touches no Rust state.
+        unsafe { libc::_exit(i32::from(exit::FATAL)) }
+    }));
 }
 
 fn usage_error(message: &str) -> ExitCode {
