@@ -135,6 +135,14 @@ struct RawLimits {
     max_store_bytes: Option<u64>,
     #[serde(default, deserialize_with = "de_duration")]
     message_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_number")]
+    max_queues: Option<u64>,
+    #[serde(default, deserialize_with = "de_number")]
+    max_connections: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    request_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "de_duration")]
+    idempotency_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -370,6 +378,14 @@ pub struct Limits {
     pub max_store_bytes: u64,
     /// `None`: messages never expire.
     pub message_ttl: Option<Duration>,
+    /// A write that would create one more queue gets 507 (`too_many_queues`).
+    pub max_queues: u32,
+    /// Connections beyond this are closed at accept; the others are served on.
+    pub max_connections: u32,
+    /// A request's headers, and then its body, must each arrive within this (else 408).
+    pub request_timeout: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for Limits {
@@ -379,6 +395,10 @@ impl Default for Limits {
             max_batch_messages: 1000,
             max_store_bytes: 10 << 30,
             message_ttl: None,
+            max_queues: 10_000,
+            max_connections: 4096,
+            request_timeout: Duration::from_secs(30),
+            idempotency_ttl: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -711,6 +731,14 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
             .map_err(|p| err("limits.max_batch_messages", p))?,
         max_store_bytes: raw.limits.max_store_bytes.unwrap_or(defaults.max_store_bytes),
         message_ttl: raw.limits.message_ttl.filter(|d| !d.is_zero()),
+        max_queues: positive_u32(raw.limits.max_queues, defaults.max_queues)
+            .map_err(|p| err("limits.max_queues", p))?,
+        max_connections: positive_u32(raw.limits.max_connections, defaults.max_connections)
+            .map_err(|p| err("limits.max_connections", p))?,
+        request_timeout: nonzero(raw.limits.request_timeout, defaults.request_timeout)
+            .map_err(|p| err("limits.request_timeout", p))?,
+        idempotency_ttl: nonzero(raw.limits.idempotency_ttl, defaults.idempotency_ttl)
+            .map_err(|p| err("limits.idempotency_ttl", p))?,
     };
     if limits.max_message_bytes == 0 {
         return Err(err("limits.max_message_bytes", "must be at least 1 byte".into()));

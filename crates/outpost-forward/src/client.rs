@@ -98,12 +98,19 @@ impl CentralClient {
     /// Opens the link: sends the handshake and reads the welcome. Returns the welcome and the open
     /// event stream.
     pub async fn open_link(&self, hello: &Hello) -> Result<(LinkEvent, EventStream), LinkError> {
-        let response = self
-            .request(reqwest::Method::POST, LINK_PATH)
-            .json(hello)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        // The stream stays open for the life of the link, so the request as a whole has no
+        // timeout; the handshake's answer does: a central (or load balancer, or half-open
+        // connection) that takes the request and never answers must not hold the edge's connect
+        // round for ever.
+        let response = tokio::time::timeout(
+            self.request_timeout,
+            self.request(reqwest::Method::POST, LINK_PATH).json(hello).send(),
+        )
+        .await
+        .map_err(|_| {
+            self.unreachable(format!("no answer to the link handshake within {:?}", self.request_timeout))
+        })?
+        .map_err(|e| self.unreachable(error_chain(&e)))?;
         if !response.status().is_success() {
             return Err(self.refusal(response).await);
         }

@@ -28,6 +28,8 @@ use crate::UPSTREAM_READER;
 
 /// The document holding the persisted offline log.
 const OFFLINE_LOG_DOCUMENT: &str = "edge:offline_log";
+/// Idle time before TCP keepalive probes on connections to a central.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Bound of the driver's event channel.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 
@@ -138,6 +140,8 @@ pub async fn start(
 
     let http = reqwest::Client::builder()
         .connect_timeout(config.failover.connect_timeout)
+        // A central whose host vanished leaves a half-open connection: keepalive probes find it.
+        .tcp_keepalive(TCP_KEEPALIVE)
         .tcp_nodelay(true)
         .pool_max_idle_per_host(64)
         .build()
