@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
@@ -36,8 +36,13 @@ pub async fn read_bounded(
     }
     let mut collected = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame =
-            frame.map_err(|e| ApiError::bad_request(format!("could not read the request body: {e}")))?;
+        let frame = frame.map_err(|e| {
+            if crate::listener::is_body_deadline(&e) {
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", format!("{what}: {e}"))
+            } else {
+                ApiError::bad_request(format!("could not read the request body: {e}"))
+            }
+        })?;
         let Ok(data) = frame.into_data() else { continue };
         if collected.len() as u64 + data.len() as u64 > limit_bytes {
             discard(&mut body, MAX_DISCARD_BYTES).await;

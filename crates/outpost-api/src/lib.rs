@@ -6,6 +6,7 @@ mod body;
 pub mod central;
 mod console;
 pub mod error;
+pub mod listener;
 mod messages;
 mod routes;
 mod status;
@@ -99,19 +100,22 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let ready = state.ready.clone();
     let central = state.central.clone();
+    let state_limits = state.config.limits.clone();
     let app = router(state);
     ready.store(true, Ordering::SeqCst);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            ready.store(false, Ordering::SeqCst);
-            // Edge link streams never end by themselves; graceful shutdown waits for them.
-            if let Some(hub) = central {
-                hub.close_links();
-            }
-        })
-        .await;
-    result
+    let limits = listener::ListenerLimits {
+        max_connections: state_limits.max_connections,
+        request_timeout: state_limits.request_timeout,
+    };
+    listener::serve(listener, app, limits, async move {
+        shutdown.await;
+        ready.store(false, Ordering::SeqCst);
+        // Edge link streams never end by themselves; graceful shutdown waits for them.
+        if let Some(hub) = central {
+            hub.close_links();
+        }
+    })
+    .await
 }
 
 async fn healthz() -> Response {

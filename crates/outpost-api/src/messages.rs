@@ -80,10 +80,12 @@ pub(crate) async fn read_single(
 ) -> Result<Incoming, ApiError> {
     let key = idempotency_key(headers)?;
     let content_type = content_type(headers)?;
-    let permit = write_permit(state).await?;
+    // The body first, then the write permit: a client that stops sending holds no permit (its
+    // body has `limits.request_timeout` to arrive), so it cannot starve the other writers.
     let payload =
         crate::body::read_bounded(headers, body, state.config.limits.max_message_bytes, "the message")
             .await?;
+    let permit = write_permit(state).await?;
     let message = NewMessage { payload, content_type, origin: None, id: None };
     Ok(Incoming { messages: vec![message], key, _permit: permit })
 }
@@ -102,8 +104,9 @@ pub(crate) async fn read_batch(
         )));
     }
     let limits = &state.config.limits;
-    let permit = write_permit(state).await?;
+    // The body first, then the write permit (see `read_single`).
     let body = crate::body::read_bounded(headers, body, limits.max_batch_body_bytes(), "the batch").await?;
+    let permit = write_permit(state).await?;
 
     let mut messages = Vec::new();
     for line in split_lines(&body) {

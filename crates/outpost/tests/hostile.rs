@@ -209,7 +209,7 @@ async fn slow_clients_get_408_after_the_request_timeout() {
     let read = tokio::time::timeout(Duration::from_secs(15), socket.read_to_end(&mut answer)).await;
     assert!(read.is_ok(), "an unfinished head was still open after 15 s (request_timeout = 1s)");
     // Nothing stalled was stored.
-    assert!(edge.client().with_token(CLIENT_TOKEN).queue("stalled").await.is_none_or(|q| q.messages == 0));
+    assert!(edge.client().with_token("admin").queue("stalled").await.is_none_or(|q| q.messages == 0));
 }
 
 // ---------------------------------------------------------------------------------------------

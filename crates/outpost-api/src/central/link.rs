@@ -184,9 +184,10 @@ pub(crate) async fn post_batch(
     }
     hub.check_accepting_batches()?;
     let limits = &state.config.limits;
+    // The body first, then the write permit: a stalled sender holds none.
+    let frame = read_body(&headers, body, max_batch_frame_bytes(limits), "the batch frame").await?;
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
-    let frame = read_body(&headers, body, max_batch_frame_bytes(limits), "the batch frame").await?;
     let batch = Batch::decode(&frame, limits.max_message_bytes, limits.max_batch_messages)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", e.to_string()))?;
     match hub.store_batch(&edge_id, batch, now_unix_ms()).await? {
