@@ -154,9 +154,17 @@ async fn stalled_upload(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// 1,100 authenticated uploads that stop sending used to hold every write permit (they were taken
 /// before the body was read): a normal client got 8 requests through in 20 s.
+///
+/// The data directory is on a tmpfs when the test may mount one (CI runs as root): the bound is
+/// about the server's fairness, and a shared machine's fsync latency alone can pass 100 ms.
 #[tokio::test]
 async fn stalled_uploads_do_not_starve_other_writers() {
-    let edge = Node::builder(BIN)
+    let memory_disk = SmallDisk::mount("256m");
+    let mut builder = Node::builder(BIN);
+    if let Some(disk) = &memory_disk {
+        builder = builder.data_dir(disk.path().join("edge"));
+    }
+    let edge = builder
         .arg("--central")
         .arg(format!("http://127.0.0.1:{}", free_port()))
         .config(&auth_config(""))
