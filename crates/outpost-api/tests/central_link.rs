@@ -249,7 +249,13 @@ fn report(state: &str) -> EdgeReport {
 }
 
 fn hello(edge: &str, ping_interval_ms: u64, report: EdgeReport) -> Hello {
-    Hello { edge_id: edge.into(), version: outpost_core::VERSION.into(), ping_interval_ms, report }
+    Hello {
+        edge_id: edge.into(),
+        version: outpost_core::VERSION.into(),
+        ping_interval_ms,
+        report,
+        released_unforwarded: Default::default(),
+    }
 }
 
 fn batch(queue: &str, seqs: std::ops::RangeInclusive<u64>) -> Batch {

@@ -102,6 +102,23 @@ pub fn check_report(report: &mut EdgeReport) -> Result<(), CentralError> {
     Ok(())
 }
 
+/// The most queues a handshake may declare released without forwarding.
+const MAX_RELEASED_QUEUES: usize = 100_000;
+
+fn check_released(released: &std::collections::BTreeMap<String, u64>) -> Result<(), CentralError> {
+    if released.len() > MAX_RELEASED_QUEUES {
+        return Err(CentralError::Invalid(format!(
+            "the handshake declares {} released queues; at most {MAX_RELEASED_QUEUES}",
+            released.len()
+        )));
+    }
+    for queue in released.keys() {
+        outpost_core::validate_name(queue)
+            .map_err(|e| CentralError::Invalid(format!("released queue {e}")))?;
+    }
+    Ok(())
+}
+
 impl CentralHub {
     /// The handshake of a new link of `edge_id` (already authenticated): checks it, registers the
     /// link (replacing an older one), persists the registry entry and tells the cluster.
@@ -119,17 +136,42 @@ impl CentralHub {
         }
         check_version(edge_id, &hello.version)?;
         check_report(&mut hello.report)?;
+        check_released(&hello.released_unforwarded)?;
         let (guard, events, maintenance) =
             self.register_link(edge_id, hello.version, hello.report, now_ms)?;
         // The guard marks the edge disconnected if this future is dropped from here on.
         self.persist_edge(edge_id, now_ms).await;
         self.publish(EVENT_EDGE_LINKED, Some(edge_id), None).await;
+        self.record_released_unforwarded(edge_id, &hello.released_unforwarded).await?;
         let welcome = LinkEvent::Welcome {
             central_id: self.config.node_id.clone(),
             maintenance,
             positions: self.store.origin_positions(edge_id),
         };
         Ok(OpenedLink { welcome, events, guard })
+    }
+
+    /// The edge released these ranges without ever forwarding them (its routes delivered them
+    /// before it had a central): recorded as its explicit release, so its forwarder starts after
+    /// them instead of meeting a gap. Nothing is stored; positions never move back.
+    async fn record_released_unforwarded(
+        &self,
+        edge_id: &str,
+        released: &std::collections::BTreeMap<String, u64>,
+    ) -> Result<(), CentralError> {
+        for (queue, through_seq) in released {
+            let position = self.store.origin_position(edge_id, queue);
+            if *through_seq <= position {
+                continue;
+            }
+            self.store.record_origin_release(queue, edge_id, *through_seq).await?;
+            tracing::warn!(
+                edge = edge_id, %queue, from_seq = position + 1, through_seq,
+                "the edge released these messages without forwarding them (its routes delivered them before it had \
+                 a central); recorded as the edge's release, they will not arrive here"
+            );
+        }
+        Ok(())
     }
 
     /// Registers a new link of `edge_id`, replacing an older one, and records its handshake.

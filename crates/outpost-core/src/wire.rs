@@ -3,7 +3,8 @@
 //! The edge opens every connection (edges sit behind NAT and firewalls; the central never dials an
 //! edge):
 //!
-//! - `POST /v1/link` with a [`Hello`] is the handshake. The answer is a long-lived NDJSON stream of
+//! - `POST /v1/link` with a [`Hello`] is the handshake (it may name ranges the edge released
+//!   without forwarding, which the central records as released). The answer is a long-lived NDJSON stream of
 //!   [`LinkEvent`]s: first `welcome` (the central's id, whether it is in maintenance, and the
 //!   highest edge seq it holds per queue of this edge), then `ping` every `ping_interval` the edge
 //!   asked for, `transition_online` when an operator triggers it at the central, `maintenance`
@@ -38,6 +39,11 @@ pub struct Hello {
     /// How often the edge wants a ping, in milliseconds (its `connectivity.ping_interval`).
     pub ping_interval_ms: u64,
     pub report: EdgeReport,
+    /// Per queue, the seq through which this edge released messages it never forwarded (its
+    /// routes delivered them while it had no central). The central records that range as the
+    /// edge's explicit release instead of waiting for it: see CONTRACT 4.4.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub released_unforwarded: std::collections::BTreeMap<String, u64>,
 }
 
 /// What an edge tells its central about itself; shown by the central in `GET /v1/edges`.

@@ -422,7 +422,23 @@ impl Driver {
             version: outpost_core::VERSION.to_string(),
             ping_interval_ms: self.config.connectivity.ping_interval.as_millis() as u64,
             report: self.report(),
+            released_unforwarded: self.released_unforwarded(),
         }
+    }
+
+    /// Queues whose messages were released past the upstream cursor: the upstream reader was not
+    /// required then (no central was configured) and routes took them. The central hears of the
+    /// range at handshake and records it, so the forwarder starts after it.
+    fn released_unforwarded(&self) -> BTreeMap<String, u64> {
+        self.store
+            .queue_stats()
+            .into_iter()
+            .filter_map(|q| {
+                let released_through = q.first_seq.saturating_sub(1);
+                (released_through > self.store.cursor(&q.name, UPSTREAM_READER))
+                    .then_some((q.name, released_through))
+            })
+            .collect()
     }
 
     fn report(&self) -> EdgeReport {

@@ -96,11 +96,20 @@ pub async fn run(
                 let (Some(first), Some(last)) = (batch_messages.first(), batch_messages.last()) else {
                     break;
                 };
-                assert_eq!(
-                    first.seq, entry.next_to_send,
-                    "queue {} has a gap before seq {}",
-                    stats.name, first.seq
-                );
+                if first.seq != entry.next_to_send {
+                    // Released here and never at the central: the handshake declares such ranges
+                    // (`Hello::released_unforwarded`), so this is a central that did not record it.
+                    return LinkError::Rejected {
+                        url: client.url().to_string(),
+                        detail: format!(
+                            "queue {:?}: the central holds it through seq {}, but this edge released everything \
+                             before seq {} without forwarding it, and the central did not record that release",
+                            stats.name,
+                            entry.next_to_send - 1,
+                            first.seq
+                        ),
+                    };
+                }
                 let last_seq = last.seq;
                 entry.next_to_send = last_seq + 1;
                 entry.in_flight += 1;

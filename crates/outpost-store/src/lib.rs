@@ -375,6 +375,24 @@ impl Store {
         .await
     }
 
+    /// Records that `origin` released `queue` through `through_seq` without forwarding it (its
+    /// routes took those messages before it had a central): the position moves there, never back,
+    /// and nothing is stored. Answers the position now held.
+    pub async fn record_origin_release(
+        &self,
+        queue: &str,
+        origin: &str,
+        through_seq: u64,
+    ) -> Result<OriginAppended, StoreError> {
+        self.call(|reply| ops::Op::ReleaseFromOrigin {
+            queue: queue.to_string(),
+            origin: origin.to_string(),
+            through_seq,
+            reply,
+        })
+        .await
+    }
+
     /// Highest seq of `queue` from `origin` stored here (0: none). From the views: on PostgreSQL it
     /// may trail another central's commit by the staleness bound of [`pg`]; it never runs ahead.
     pub fn origin_position(&self, origin: &str, queue: &str) -> u64 {

@@ -46,6 +46,14 @@ pub(crate) enum Op {
         messages: Vec<BatchMessage>,
         reply: Reply<OriginAppended>,
     },
+    /// An edge released messages of `queue` through `through_seq` without forwarding them: the
+    /// position moves there (never back) with nothing stored.
+    ReleaseFromOrigin {
+        queue: String,
+        origin: String,
+        through_seq: u64,
+        reply: Reply<OriginAppended>,
+    },
     AdvanceCursor {
         queue: String,
         reader: String,

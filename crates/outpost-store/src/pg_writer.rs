@@ -185,7 +185,10 @@ impl PgWriter {
                 for (op, outcome) in group.into_iter().zip(committed.outcomes) {
                     match (op, outcome) {
                         (Op::Append { reply, .. }, Outcome::Append(r)) => drop(reply.send(r)),
-                        (Op::AppendFromOrigin { reply, .. }, Outcome::Origin(r)) => drop(reply.send(r)),
+                        (
+                            Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. },
+                            Outcome::Origin(r),
+                        ) => drop(reply.send(r)),
                         (
                             Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. },
                             Outcome::Done(r),
@@ -213,7 +216,9 @@ impl PgWriter {
                 for op in group {
                     match op {
                         Op::Append { reply, .. } => drop(reply.send(Err(failure()))),
-                        Op::AppendFromOrigin { reply, .. } => drop(reply.send(Err(failure()))),
+                        Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. } => {
+                            drop(reply.send(Err(failure())))
+                        }
                         Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
                             drop(reply.send(Err(failure())))
                         }
@@ -250,6 +255,9 @@ impl PgWriter {
                     origin_keys.insert((origin.as_str(), queue.as_str()));
                     queue_names.insert(queue.as_str());
                     appends = true;
+                }
+                Op::ReleaseFromOrigin { queue, origin, .. } => {
+                    origin_keys.insert((origin.as_str(), queue.as_str()));
                 }
                 Op::AdvanceCursor { queue, .. } => {
                     queue_names.insert(queue.as_str());
@@ -311,6 +319,21 @@ impl PgWriter {
                 Op::AppendFromOrigin { queue, origin, messages, .. } => Outcome::Origin(per_op(
                     self.origin_append(&tx, &mut state, queue, origin, messages, now_ms).await,
                 )?),
+                Op::ReleaseFromOrigin { queue, origin, through_seq, .. } => {
+                    // The edge released these without forwarding them: the position moves there
+                    // (never back), nothing is stored. The row was created and locked above.
+                    let key = (origin.clone(), queue.clone());
+                    let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
+                    if *through_seq > position {
+                        state.positions.insert(key, (*through_seq, true));
+                    }
+                    Outcome::Origin(Ok(OriginAppended {
+                        stored_through: position.max(*through_seq),
+                        stored: 0,
+                        duplicates: 0,
+                        gap_expected_seq: None,
+                    }))
+                }
                 Op::AdvanceCursor { queue, reader, acked_seq, .. } => Outcome::Done(per_op(
                     self.advance_cursor(&tx, &mut state, queue, reader, *acked_seq).await,
                 )?),

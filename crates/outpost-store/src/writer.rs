@@ -327,6 +327,23 @@ impl Writer {
                         }
                         pending.push(Pending::Origin(reply, result));
                     }
+                    Op::ReleaseFromOrigin { queue, origin, through_seq, reply } => {
+                        let result = apply_origin_release(
+                            &tx,
+                            &self.options,
+                            &mut self.state,
+                            &queue,
+                            &origin,
+                            through_seq,
+                        );
+                        let result = settle!(result, Pending::Origin, reply);
+                        let key = (origin, queue.clone());
+                        if result.is_ok() && self.state.origin_positions.contains_key(&key) {
+                            changes.origin_positions.insert(key);
+                            changes.queues.insert(queue);
+                        }
+                        pending.push(Pending::Origin(reply, result));
+                    }
                     Op::AdvanceCursor { queue, reader, acked_seq, reply } => {
                         let result = apply_advance_cursor(
                             &tx,
@@ -395,7 +412,7 @@ impl Writer {
             for op in ops {
                 match op {
                     Op::Append { reply, .. } => pending.push(Pending::Append(reply, Err(StoreError::Closed))),
-                    Op::AppendFromOrigin { reply, .. } => {
+                    Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. } => {
                         pending.push(Pending::Origin(reply, Err(StoreError::Closed)))
                     }
                     Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
@@ -647,6 +664,33 @@ fn apply_origin_append(
     .execute(params![origin, queue_id, stored_through as i64])?;
     state.origin_positions.insert(key, stored_through);
     Ok(OriginAppended { stored_through, stored: fresh.len() as u64, duplicates, gap_expected_seq: None })
+}
+
+/// Moves (origin, queue)'s position to `through_seq` (never back) with nothing stored: the edge
+/// released those messages without forwarding them.
+fn apply_origin_release(
+    tx: &Transaction<'_>,
+    options: &StoreOptions,
+    state: &mut State,
+    queue: &str,
+    origin: &str,
+    through_seq: u64,
+) -> Result<OriginAppended, StoreError> {
+    let key = (origin.to_string(), queue.to_string());
+    let position = state.origin_positions.get(&key).copied().unwrap_or(0);
+    let answer =
+        |stored_through| OriginAppended { stored_through, stored: 0, duplicates: 0, gap_expected_seq: None };
+    if through_seq <= position {
+        return Ok(answer(position));
+    }
+    let queue_id = ensure_queue(tx, options, state, queue, 0)?;
+    tx.prepare_cached(
+        "INSERT INTO origin_positions (origin, queue_id, last_origin_seq) VALUES (?1, ?2, ?3)
+         ON CONFLICT(origin, queue_id) DO UPDATE SET last_origin_seq = excluded.last_origin_seq",
+    )?
+    .execute(params![origin, queue_id, through_seq as i64])?;
+    state.origin_positions.insert(key, through_seq);
+    Ok(answer(through_seq))
 }
 
 /// Records that `reader` is done with `queue` through `acked_seq`, then releases the prefix every

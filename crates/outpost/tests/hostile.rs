@@ -348,7 +348,6 @@ async fn accepting_downstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 /// an `assert_eq!` in the forwarder task (the edge showed online, nothing moved); now the edge
 /// declares the released range at handshake and the central records it as the edge's release.
 #[tokio::test]
-#[ignore = "the fix (the released range declared at handshake) is not landed yet"]
 async fn an_edge_whose_routes_released_messages_forwards_the_rest_to_a_later_central() {
     let (downstream, _server) = accepting_downstream().await;
     let route = format!(
