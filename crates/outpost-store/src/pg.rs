@@ -4,7 +4,7 @@
 //! # Pieces
 //!
 //! - **A pool** ([`PG_POOL_SIZE`] connections, `deadpool-postgres`) for the writer and the reads.
-//!   Every connection runs with `synchronous_commit=on` (unless the URL sets its own `options`), so
+//!   Every connection runs with `synchronous_commit=on` (appended to the URL's own `options`), so
 //!   a commit returns only once the WAL is flushed: an acknowledgement means durable.
 //! - **One writer task** ([`crate::pg_writer`]) with group commit, like the SQLite writer thread.
 //! - **A listener** on a dedicated connection: `LISTEN outpost_commits, outpost_events`. Each
@@ -271,10 +271,13 @@ pub(crate) fn redact(url: &str) -> String {
 fn parse_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
     let mut config = tokio_postgres::Config::from_str(url)
         .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact(url))))?;
-    if config.get_options().is_none() {
-        // An acknowledgement means durable, whatever the server's default.
-        config.options("-c synchronous_commit=on");
-    }
+    // An acknowledgement means durable, whatever the server's default or the URL's `options` say:
+    // the setting goes last, and PostgreSQL applies a repeated `-c` in order.
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} -c synchronous_commit=on"),
+        _ => "-c synchronous_commit=on".to_string(),
+    };
+    config.options(&options);
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
@@ -893,5 +896,30 @@ struct AbortOnDrop(JoinHandle<String>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_config;
+
+    /// Regression (issue 11): `synchronous_commit` was forced only when the URL had no `options`,
+    /// so `?options=-c synchronous_commit=off` switched durability off. Checked on a real server.
+    #[tokio::test]
+    async fn synchronous_commit_is_on_whatever_the_url_says() {
+        let admin = std::env::var("OUTPOST_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+        let separator = if admin.contains('?') { '&' } else { '?' };
+        let url = format!("{admin}{separator}options=-c%20synchronous_commit%3Doff%20-c%20work_mem%3D8MB");
+        let config = parse_config(&url).unwrap();
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap_or_else(|e| {
+            panic!("PostgreSQL at {admin} (OUTPOST_TEST_POSTGRES) does not answer: {e}; run scripts/ensure-postgres.sh")
+        });
+        tokio::spawn(connection);
+        let setting: String = client.query_one("SHOW synchronous_commit", &[]).await.unwrap().get(0);
+        assert_eq!(setting, "on");
+        // The URL's other options still apply.
+        let work_mem: String = client.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+        assert_eq!(work_mem, "8MB");
     }
 }
