@@ -280,6 +280,8 @@ impl Edge {
             let next_message_at = self.next_message_at();
             let wake_at = [
                 next_message_at,
+                // The end of generation, when the edge may be done.
+                (now < self.spec.generation_end).then_some(self.spec.generation_end),
                 Some(self.spec.drain_deadline),
                 link.is_none().then_some(reconnect_at),
                 self.queues.iter().filter_map(|q| q.paused_until).min(),
