@@ -31,6 +31,18 @@ pub enum LinkError {
     Gap { url: String, expected_seq: u64 },
 }
 
+impl LinkError {
+    /// What went wrong, without the endpoint's URL (for lists that name each endpoint already).
+    pub fn detail(&self) -> String {
+        match self {
+            LinkError::Unreachable { detail, .. } => detail.clone(),
+            LinkError::Rejected { detail, .. } => format!("rejected this edge: {detail}"),
+            LinkError::Maintenance { .. } => "in maintenance".to_string(),
+            LinkError::Gap { expected_seq, .. } => format!("expects seq {expected_seq} next"),
+        }
+    }
+}
+
 /// One central endpoint as this edge talks to it.
 #[derive(Clone)]
 pub struct CentralClient {
@@ -110,7 +122,7 @@ impl CentralClient {
         .map_err(|_| {
             self.unreachable(format!("no answer to the link handshake within {:?}", self.request_timeout))
         })?
-        .map_err(|e| self.unreachable(error_chain(&e)))?;
+        .map_err(|e| self.unreachable(request_error(e)))?;
         if !response.status().is_success() {
             return Err(self.refusal(response).await);
         }
@@ -139,7 +151,7 @@ impl CentralClient {
             .body(batch.encode())
             .send()
             .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+            .map_err(|e| self.unreachable(request_error(e)))?;
         match response.status() {
             StatusCode::OK => {
                 response.json::<BatchAck>().await.map_err(|e| self.unreachable(format!("bad ack: {e}")))
@@ -166,7 +178,7 @@ impl CentralClient {
             .json(report)
             .send()
             .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+            .map_err(|e| self.unreachable(request_error(e)))?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -181,7 +193,7 @@ impl CentralClient {
             .timeout(self.request_timeout)
             .send()
             .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+            .map_err(|e| self.unreachable(request_error(e)))?;
         if !response.status().is_success() {
             return Err(self.refusal(response).await);
         }
@@ -226,7 +238,7 @@ impl EventStream {
                     })
                 }
                 Err(e) => {
-                    return Err(LinkError::Unreachable { url: self.url.clone(), detail: error_chain(&e) })
+                    return Err(LinkError::Unreachable { url: self.url.clone(), detail: request_error(e) })
                 }
             }
         }
@@ -234,6 +246,12 @@ impl EventStream {
 }
 
 /// An error with its causes, e.g. "error sending request: connection refused".
+/// A request's error with its causes, without the request's URL: the endpoint is named once, by
+/// whoever reports the error (`LinkError`'s text, the failover round's list).
+fn request_error(error: reqwest::Error) -> String {
+    error_chain(&error.without_url())
+}
+
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();

@@ -338,7 +338,7 @@ impl Driver {
                     }
                     Err(error) => {
                         tracing::info!(%error, "the primary central is still unavailable; staying on the alternate");
-                        let _ = failover.report_failure(0, Instant::now(), error.to_string());
+                        let _ = failover.report_failure(0, Instant::now(), error.detail());
                     }
                 }
             }
@@ -515,16 +515,15 @@ impl Driver {
                     Err(LinkError::Rejected { url, detail }) => {
                         break Err(ConnectFailure::Rejected(format!("{url} rejected this edge: {detail}")))
                     }
-                    Err(error) => match failover.report_failure(
-                        attempt.endpoint_index,
-                        Instant::now(),
-                        error.to_string(),
-                    ) {
-                        FailureOutcome::TryNext(_) => continue,
-                        FailureOutcome::AllFailed(all) => {
-                            break Err(ConnectFailure::Unreachable(all.to_string()))
+                    Err(error) => {
+                        match failover.report_failure(attempt.endpoint_index, Instant::now(), error.detail())
+                        {
+                            FailureOutcome::TryNext(_) => continue,
+                            FailureOutcome::AllFailed(all) => {
+                                break Err(ConnectFailure::Unreachable(all.to_string()))
+                            }
                         }
-                    },
+                    }
                 }
             };
             let _ = inputs.send(Input::Connected { failover, outcome: Box::new(outcome) }).await;
@@ -623,6 +622,9 @@ impl Driver {
             .filter(|(u, _)| u.trigger)
             .map(|(_, c)| c.clone())
             .collect();
+        // Worded like a failover round's failure, so that a re-check failing the same way as the
+        // failure that started `transition_to_offline` is recognised and not logged twice.
+        let which = if clients.len() == self.clients.len() { "upstreams" } else { "trigger upstreams" };
         let inputs = self.input_tx.clone();
         tokio::spawn(async move {
             let mut errors = Vec::new();
@@ -637,13 +639,13 @@ impl Driver {
                         let _ = inputs.send(Input::Probed(Ok(ok))).await;
                         return;
                     }
-                    Err(e) => errors.push(e.to_string()),
+                    Err(e) => errors.push(format!("{}: {}", client.url(), e.detail())),
                 }
             }
             let detail = if errors.is_empty() {
                 "no upstream has trigger = true".to_string()
             } else {
-                format!("no central answered: {}", errors.join("; "))
+                format!("all {} {which} failed: {}", errors.len(), errors.join("; "))
             };
             let _ = inputs.send(Input::Probed(Err(detail))).await;
         });

@@ -25,6 +25,13 @@
 //! - **Re-checks** during `transition_to_offline` run at once and then every
 //!   [`TRANSITION_TO_OFFLINE_RECHECK_INTERVAL`]; a manual trigger arriving meanwhile is kept and
 //!   starts a transition to online as soon as the edge has gone offline.
+//! - **Who answered decides the wait.** A transition that ends because no trigger upstream
+//!   answered at all (the handshake reached nobody: at startup, or when the probe's answer that
+//!   started it turned out stale) is not a failed transition: the edge goes back to `offline`
+//!   (one log entry) and keeps probing every `offline_probe_interval`, with no
+//!   `failed_transition_wait`. The wait follows only a check that failed once an upstream
+//!   answered: it refused this edge, is in maintenance, or the link it opened broke, went silent
+//!   or could not take the backlog.
 //! - **Probes** are fire-and-forget: if a probe is still running when the next one is due, the
 //!   driver may skip the new one. Offline probes are spaced `offline_probe_interval` plus jitter.
 
@@ -309,6 +316,7 @@ enum Phase {
     },
     TransitionToOnline {
         transition: TransitionId,
+        /// A trigger upstream accepted this edge in this transition (so an upstream answered).
         handshake_ok: bool,
         /// `None` until the driver has recorded the drain target.
         queues_left_to_drain: Option<BTreeMap<String, u64>>,
@@ -492,10 +500,17 @@ impl Connectivity {
                     actions.push(Action::Probe);
                 }
             }
-            Phase::TransitionToOnline { .. } => {
+            Phase::TransitionToOnline { handshake_ok, .. } => {
+                let answered = *handshake_ok;
                 if now.instant >= self.missed_ping_deadline() {
                     let detail = self.missed_pings_detail(now);
-                    self.fail_transition_to_online(now, OfflineCause::MissedPings, detail, &mut actions);
+                    self.fail_transition_to_online(
+                        now,
+                        OfflineCause::MissedPings,
+                        detail,
+                        answered,
+                        &mut actions,
+                    );
                 }
             }
             Phase::Online => {
@@ -559,20 +574,23 @@ impl Connectivity {
                 }
             }
             Event::HandshakeFailed { transition, failure, detail } if transition == *current => {
-                self.fail_transition_to_online(now, failure.offline_cause(), detail, actions);
+                let answered = *handshake_ok || failure == UpstreamFailure::Rejected;
+                self.fail_transition_to_online(now, failure.offline_cause(), detail, answered, actions);
                 return;
             }
             Event::ForwardFailed { failure, detail } => {
-                self.fail_transition_to_online(now, failure.offline_cause(), detail, actions);
+                let answered = *handshake_ok || failure == UpstreamFailure::Rejected;
+                self.fail_transition_to_online(now, failure.offline_cause(), detail, answered, actions);
                 return;
             }
             Event::ConnectionLost { detail } => {
-                self.fail_transition_to_online(now, OfflineCause::ConnectionLost, detail, actions);
+                let answered = *handshake_ok;
+                self.fail_transition_to_online(now, OfflineCause::ConnectionLost, detail, answered, actions);
                 return;
             }
             Event::Maintenance { endpoint } => {
                 let detail = format!("central {endpoint} is in maintenance");
-                self.fail_transition_to_online(now, OfflineCause::Maintenance, detail, actions);
+                self.fail_transition_to_online(now, OfflineCause::Maintenance, detail, true, actions);
                 return;
             }
             // Already transitioning; stale results of other transitions are ignored.
@@ -643,15 +661,27 @@ impl Connectivity {
         actions.push(Action::StartOnlineChecks { transition });
     }
 
+    /// Back to `offline` from `transition_to_online`. `upstream_answered`: a trigger upstream
+    /// answered during this transition, so it failed and `failed_transition_wait` applies; if
+    /// none did, the edge just keeps probing (see the module doc).
     fn fail_transition_to_online(
         &mut self,
         now: Moment,
         cause: OfflineCause,
         detail: String,
+        upstream_answered: bool,
         actions: &mut Vec<Action>,
     ) {
-        let detail = format!("transition to online failed: {detail}");
-        self.go_offline(now, cause, detail, StateChangeReason::Failure { cause }, true, actions);
+        let detail = if upstream_answered {
+            format!("transition to online failed: {detail}")
+        } else {
+            format!(
+                "no upstream answered (probing every {}): {detail}",
+                crate::format_duration(self.params.offline_probe_interval)
+            )
+        };
+        let reason = StateChangeReason::Failure { cause };
+        self.go_offline(now, cause, detail, reason, upstream_answered, actions);
     }
 
     fn fail_while_online(
@@ -687,8 +717,12 @@ impl Connectivity {
         let cause = *cause;
         let manual_trigger_pending = *manual_trigger_pending;
         let mut detail = std::mem::take(detail);
-        if let Some(recheck_error) = last_recheck_error {
-            detail = format!("{detail}; re-checks failed: {recheck_error}");
+        match last_recheck_error {
+            Some(recheck_error) if *recheck_error == detail => {
+                detail.push_str("; re-checks failed the same way")
+            }
+            Some(recheck_error) => detail = format!("{detail}; re-checks failed: {recheck_error}"),
+            None => {}
         }
         self.go_offline(now, cause, detail, StateChangeReason::Failure { cause }, false, actions);
         if let Some(source) = manual_trigger_pending {

@@ -18,12 +18,13 @@
 //!   boot --> +---------+ -----------------------------------> +----------------------+
 //!            | offline |                                       | transition_to_online |
 //!            +---------+ <----------------------------------- +----------------------+
-//!              ^     ^     a check fails (log; then no automatic          | every check passes:
-//!              |     |     transition for failed_transition_wait)         | a trigger upstream
-//!              |     |                                                    | answers, accepts the
-//!              |     | re-checks failed for                               | edge, no maintenance,
-//!              |     | transition_to_offline_wait (log)                   | backlog drained
-//!              |     |                                                    v
+//!              ^     ^     a check fails after an upstream answered       | every check passes:
+//!              |     |     (log; no automatic transition for              | a trigger upstream
+//!              |     |     failed_transition_wait), or no upstream        | answers, accepts the
+//!              |     |     answered at all (log; just keep probing)       | edge, no maintenance,
+//!              |     |                                                    | backlog drained
+//!              |     | re-checks failed for                               |
+//!              |     | transition_to_offline_wait (log)                   v
 //!              |  +-----------------------+ <------ failure ------- +--------+
 //!              |  | transition_to_offline |                         | online |
 //!              |  +-----------------------+ -- a re-check passes -> +--------+
@@ -77,6 +78,18 @@ pub enum InvalidParams {
     TooLong { key: &'static str },
     #[error("no [[upstream]] is configured: an edge needs at least one")]
     NoEndpoints,
+}
+
+/// A duration as the configuration writes it: `500ms`, `60s`, `300s`, `1h`.
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if !millis.is_multiple_of(1000) {
+        return format!("{millis}ms");
+    }
+    match duration.as_secs() {
+        s if s != 0 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s => format!("{s}s"),
+    }
 }
 
 fn check_duration(key: &'static str, value: Duration, may_be_zero: bool) -> Result<(), InvalidParams> {

@@ -203,7 +203,9 @@ fn forwarding_past_the_target_counts_and_progress_before_the_target_is_recorded_
 /// actions of the failure, which happens at 10s (missed pings: at the end of the window).
 type FailTransition = fn(&mut Edge, TransitionId) -> (Duration, Vec<Action>);
 
-fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
+/// (name, how it fails, the cause logged, whether an upstream answered: only then does
+/// `failed_transition_wait` apply).
+fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause, bool)> {
     vec![
         (
             "no upstream answers the handshake",
@@ -216,6 +218,7 @@ fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
                 (secs(10), edge.handle(secs(10), event))
             },
             OfflineCause::CentralUnreachable,
+            false,
         ),
         (
             "the central rejects this edge",
@@ -228,6 +231,7 @@ fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
                 (secs(10), edge.handle(secs(10), event))
             },
             OfflineCause::Rejected,
+            true,
         ),
         (
             "only a non-trigger upstream answers",
@@ -240,11 +244,13 @@ fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
                 (secs(10), edge.handle(secs(10), event))
             },
             OfflineCause::NoUpstream,
+            false,
         ),
         (
             "the central is in maintenance",
             |edge, _| (secs(10), edge.handle(secs(10), Event::Maintenance { endpoint: CENTRAL.into() })),
             OfflineCause::Maintenance,
+            true,
         ),
         (
             "forwarding the backlog fails",
@@ -258,6 +264,7 @@ fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
                 (secs(10), edge.handle(secs(10), event))
             },
             OfflineCause::CentralUnreachable,
+            true,
         ),
         (
             "the ping connection drops",
@@ -266,6 +273,7 @@ fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
                 (secs(10), edge.handle(secs(10), Event::ConnectionLost { detail: "reset by peer".into() }))
             },
             OfflineCause::ConnectionLost,
+            true,
         ),
         (
             "no ping during a long drain",
@@ -276,13 +284,23 @@ fn failed_online_checks() -> Vec<(&'static str, FailTransition, OfflineCause)> {
                 (secs(900), edge.tick(secs(900)))
             },
             OfflineCause::MissedPings,
+            true,
+        ),
+        (
+            "the link drops before the handshake finished",
+            |edge, _| {
+                (secs(10), edge.handle(secs(10), Event::ConnectionLost { detail: "reset by peer".into() }))
+            },
+            OfflineCause::ConnectionLost,
+            false,
         ),
     ]
 }
 
 #[test]
 fn each_failed_online_check_goes_offline_logs_the_cause_and_honours_failed_transition_wait() {
-    for (name, fail, cause) in failed_online_checks() {
+    for (name, fail, cause, answered) in failed_online_checks().into_iter().filter(|check| check.3) {
+        assert!(answered);
         let mut edge = Edge::new(params());
         edge.handle(secs(0), Event::Started);
         let (failed_at, actions) = fail(&mut edge, TransitionId(1));
@@ -336,14 +354,78 @@ fn each_failed_online_check_goes_offline_logs_the_cause_and_honours_failed_trans
     }
 }
 
+/// CONTRACT section 5: when no upstream answered at all (at startup, or a probe's answer turned out
+/// stale), the edge is offline with one log entry and no failed-transition wait: the next probe
+/// that an upstream answers starts a transition.
+#[test]
+fn when_no_upstream_answered_there_is_no_failed_transition_wait() {
+    for (name, fail, cause, answered) in failed_online_checks().into_iter().filter(|check| !check.3) {
+        assert!(!answered);
+        let mut edge = Edge::new(params());
+        edge.handle(secs(0), Event::Started);
+        let (failed_at, actions) = fail(&mut edge, TransitionId(1));
+        assert_eq!(
+            actions.first(),
+            Some(&enter(State::TransitionToOnline, State::Offline, failure(cause))),
+            "{name}"
+        );
+        let entries = offline_log_entries(&actions);
+        assert_eq!(entries.len(), 1, "{name}: one log entry");
+        assert!(
+            entries[0].detail.starts_with("no upstream answered (probing every 60s): "),
+            "{name}: {}",
+            entries[0].detail
+        );
+        assert_eq!(
+            edge.machine.automatic_transition_blocked_until(edge.at(failed_at).instant),
+            None,
+            "{name}"
+        );
+        // Probing goes on every offline_probe_interval, and the first answer starts a transition.
+        assert_eq!(edge.deadline_offset(), Some(failed_at + secs(60)), "{name}");
+        assert_eq!(edge.tick(failed_at + secs(60)), vec![Action::Probe], "{name}");
+        assert_eq!(
+            edge.handle(failed_at + secs(60), Event::ProbeFailed { detail: "refused".into() }),
+            vec![]
+        );
+        assert_eq!(edge.tick(failed_at + secs(120)), vec![Action::Probe], "{name}");
+        assert_eq!(
+            edge.handle(failed_at + secs(120), Event::ProbeSucceeded { endpoint: CENTRAL.into() }),
+            vec![
+                enter(State::Offline, State::TransitionToOnline, StateChangeReason::UpstreamAnswered),
+                Action::StartOnlineChecks { transition: TransitionId(2) }
+            ],
+            "{name}"
+        );
+        // That answer turns out stale (the handshake reaches nobody): still no wait.
+        let stale = Event::HandshakeFailed {
+            transition: TransitionId(2),
+            failure: UpstreamFailure::Unreachable,
+            detail: "all 1 upstreams failed: http://central-a:7401: connection refused".into(),
+        };
+        edge.handle(failed_at + secs(121), stale);
+        assert_eq!(edge.state(), State::Offline, "{name}");
+        assert_eq!(
+            edge.machine.automatic_transition_blocked_until(edge.at(failed_at + secs(121)).instant),
+            None
+        );
+        assert_eq!(edge.tick(failed_at + secs(181)), vec![Action::Probe], "{name}");
+        edge.handle(failed_at + secs(181), Event::ProbeSucceeded { endpoint: CENTRAL.into() });
+        edge.handle(failed_at + secs(182), handshake_ok(TransitionId(3)));
+        edge.handle(failed_at + secs(182), drain_target(TransitionId(3), &[]));
+        assert_eq!(edge.state(), State::Online, "{name}");
+        assert_eq!(edge.machine.offline_log().len(), 2, "{name}: one entry per return to offline");
+    }
+}
+
 #[test]
 fn probe_answers_during_the_wait_never_start_a_transition() {
     let mut edge = Edge::new(params());
     edge.handle(secs(0), Event::Started);
-    let detail = "refused".to_string();
+    let detail = "unknown token".to_string();
     edge.handle(
         secs(0),
-        Event::HandshakeFailed { transition: TransitionId(1), failure: UpstreamFailure::Unreachable, detail },
+        Event::HandshakeFailed { transition: TransitionId(1), failure: UpstreamFailure::Rejected, detail },
     );
     // The whole hour: a probe every minute, each answered, none starting a transition.
     for minute in 1..60 {
@@ -726,7 +808,7 @@ fn the_offline_log_keeps_the_newest_100_entries() {
     for attempt in 0..150u64 {
         let transition = edge.machine.current_transition().expect("transitioning");
         let detail = format!("attempt #{attempt}");
-        let event = Event::HandshakeFailed { transition, failure: UpstreamFailure::Unreachable, detail };
+        let event = Event::HandshakeFailed { transition, failure: UpstreamFailure::Rejected, detail };
         edge.handle(secs(attempt * 10 + 1), event);
         edge.handle(secs(attempt * 10 + 2), Event::ManualTrigger { source: TriggerSource::AdminApi });
     }
@@ -910,4 +992,22 @@ fn invalid_params_are_refused_naming_the_key() {
         ..params()
     };
     assert_eq!(zero_waits.validate(), Ok(()));
+}
+
+/// Issue 10: an offline-log detail repeated the endpoint's error (and URL) when the re-checks
+/// failed exactly as the failure that started `transition_to_offline`.
+#[test]
+fn re_checks_failing_the_same_way_are_not_repeated_in_the_detail() {
+    let mut edge = Edge::online(params());
+    let error = "all 1 upstreams failed: http://central-a:7401: connection refused".to_string();
+    edge.handle(
+        secs(5),
+        Event::ForwardFailed { failure: UpstreamFailure::Unreachable, detail: error.clone() },
+    );
+    edge.tick(secs(7));
+    edge.handle(secs(7), Event::ProbeFailed { detail: error.clone() });
+    let actions = edge.tick(secs(15));
+    let detail = &offline_log_entries(&actions)[0].detail;
+    assert_eq!(*detail, format!("{error}; re-checks failed the same way"));
+    assert_eq!(detail.matches("http://central-a:7401").count(), 1, "{detail}");
 }
