@@ -16,7 +16,7 @@
 # and drops the database outpost_edges_bench), SIZE (payload bytes, default 256), QUEUES (queue names,
 # default 64), EXTRA (more outpost-edgesim arguments), CENTRAL_ENV (environment for the central(s),
 # e.g. "OUTPOST_LIMITS__MAX_CONNECTIONS=50000": each edge holds 2+ connections and the default
-# limits.max_connections = 4096 refuses the rest past ~2,000 edges), KEEP=1 keeps the work directory.
+# limits.max_connections = 4096 would refuse the rest past ~2,000 edges), KEEP=1 keeps the work directory.
 #
 # Prints one summary block: the simulator's figures (end-to-end latency = message due at the edge →
 # the central's acknowledgement, which follows its commit; ping lateness = gap between two pings
