@@ -60,6 +60,7 @@ pub fn routes() -> Router<ApiState> {
         .route(wire::LINK_MESSAGES_PATH, post(link::post_batch))
         .route(wire::LINK_REPORT_PATH, post(link::post_report))
         .route(wire::LINK_PROBE_PATH, get(link::probe))
+        .route(wire::LINK_DOWNLINK_PATH, get(link::pull_downlink))
         .route("/v1/edges", get(operator::list_edges))
         .route("/v1/edges/{id}/transition-online", post(operator::transition_online))
         .route("/v1/admin/maintenance", post(operator::set_maintenance))

@@ -309,14 +309,15 @@ async fn handshake_answers_welcome_then_pings_at_the_requested_interval() {
         LinkEvent::Welcome {
             central_id: "central-test".into(),
             maintenance: false,
-            positions: BTreeMap::new()
+            positions: BTreeMap::new(),
+            downlink: BTreeMap::new(),
         }
     );
     let started = Instant::now();
     let mut pings = Vec::new();
     while pings.len() < 3 {
         match link.next().await {
-            LinkEvent::Ping { at_ms } => pings.push(at_ms),
+            LinkEvent::Ping { at_ms, downlink } if downlink.is_empty() => pings.push(at_ms),
             other => panic!("expected a ping, got {other:?}"),
         }
     }

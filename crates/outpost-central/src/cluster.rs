@@ -1,6 +1,7 @@
 //! What the centrals of one cluster tell each other through the store's cluster events, and the
 //! periodic re-read that repairs any missed event.
 
+use std::collections::BTreeMap;
 use std::sync::Weak;
 
 use outpost_core::wire::LinkEvent;
@@ -17,15 +18,20 @@ pub(crate) const EVENT_EDGE_UPDATED: &str = "edge_updated";
 pub(crate) const EVENT_EDGE_LINKED: &str = "edge_linked";
 pub(crate) const EVENT_EDGE_TRANSITION_ONLINE: &str = "edge_transition_online";
 pub(crate) const EVENT_MAINTENANCE: &str = "maintenance";
+/// Downlink was posted for an edge: the central it is linked to tells it at once.
+pub(crate) const EVENT_DOWNLINK: &str = "downlink";
 
 /// The body of every cluster event the hub sends.
 #[derive(Serialize, Deserialize)]
-struct HubEvent {
+pub(crate) struct HubEvent {
     from: String,
     #[serde(default)]
     edge: Option<String>,
     #[serde(default)]
     maintenance: Option<MaintenanceDocument>,
+    /// `downlink`: queue → highest seq posted for `edge`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    queues: BTreeMap<String, u64>,
 }
 
 impl CentralHub {
@@ -37,10 +43,21 @@ impl CentralHub {
         edge: Option<&str>,
         maintenance: Option<MaintenanceDocument>,
     ) {
+        self.publish_with_queues(kind, edge, maintenance, BTreeMap::new()).await
+    }
+
+    pub(crate) async fn publish_with_queues(
+        &self,
+        kind: &str,
+        edge: Option<&str>,
+        maintenance: Option<MaintenanceDocument>,
+        queues: BTreeMap<String, u64>,
+    ) {
         let body = serde_json::to_string(&HubEvent {
             from: self.instance.clone(),
             edge: edge.map(str::to_string),
             maintenance,
+            queues,
         })
         .expect("a hub event serializes");
         if let Err(e) = self.store.publish_cluster_event(kind, &body).await {
@@ -51,6 +68,11 @@ impl CentralHub {
     /// Another central's event.
     async fn on_cluster_event(&self, kind: &str, event: HubEvent) {
         match (kind, event.edge, event.maintenance) {
+            (EVENT_DOWNLINK, Some(edge_id), _) => {
+                for (queue, last_seq) in event.queues {
+                    self.announce_downlink(&edge_id, &queue, last_seq);
+                }
+            }
             (EVENT_EDGE_UPDATED, Some(edge_id), _) => self.reload_edge(&edge_id).await,
             (EVENT_EDGE_LINKED, Some(edge_id), _) => {
                 if let Some(entry) = self.registry().edges.get_mut(&edge_id) {

@@ -15,16 +15,30 @@
 //! - **TTL.** With `limits.message_ttl`, a message still waiting when its TTL ends becomes failed
 //!   (reason `expired`, route `downlink:E`) and the cursor moves past it in the same transaction; on a
 //!   cluster one central at a time does this (the store lease [`EXPIRY_LEASE`]).
+//! - **Push.** After a post, the central the edge is linked to wakes the link's stream (a
+//!   `Notify`, so a flood of posts becomes one event), which writes a `downlink` event with what
+//!   waits; a post on another central reaches it through the cluster event `downlink`. Every ping
+//!   also says what waits, should an event be missed.
+//! - **Pull.** The edge asks for the messages after its durable position
+//!   ([`CentralHub::pull_downlink`]); that request also moves the edge's cursor here to that
+//!   position. Seqs that are gone (expired) come as skip entries so the edge's position moves on.
 
 use std::collections::BTreeMap;
 use std::sync::Weak;
 use std::time::Duration;
 
 use outpost_core::time::now_unix_ms;
+use outpost_core::wire::BatchMessage;
 use outpost_store::{Appended, NewFailure, NewMessage, StoreError};
 
+use crate::cluster::EVENT_DOWNLINK;
 use crate::error::{CentralError, SendEventError};
 use crate::CentralHub;
+
+/// The most messages one pull answers.
+pub const MAX_PULL_MESSAGES: usize = 10_000;
+/// The most payload bytes one pull answers (a single larger message still goes alone).
+pub const MAX_PULL_BYTES: u64 = 16 << 20;
 
 /// Store queues holding downlink messages start with this.
 pub const DOWNLINK_QUEUE_PREFIX: &str = "~downlink/";
@@ -98,7 +112,91 @@ impl CentralHub {
     ) -> Result<Appended, CentralError> {
         self.check_downlink_target(edge_id)?;
         let appended = self.store.append(&downlink_queue(edge_id, queue), messages, idempotency_key).await?;
+        self.downlink_posted(edge_id, queue, appended.last_seq).await;
         Ok(appended)
+    }
+
+    /// Tells the edge (linked here or to another central of the cluster) that `queue` has
+    /// messages through `last_seq`.
+    async fn downlink_posted(&self, edge_id: &str, queue: &str, last_seq: u64) {
+        self.announce_downlink(edge_id, queue, last_seq);
+        let queues = BTreeMap::from([(queue.to_string(), last_seq)]);
+        self.publish_with_queues(EVENT_DOWNLINK, Some(edge_id), None, queues).await;
+    }
+
+    /// Wakes the edge's link stream if the edge is linked here.
+    pub(crate) fn announce_downlink(&self, edge_id: &str, queue: &str, last_seq: u64) {
+        let mut registry = self.registry();
+        let Some(link) = registry.edges.get_mut(edge_id).and_then(|entry| entry.link.as_mut()) else {
+            return;
+        };
+        let known = link.announced.entry(queue.to_string()).or_default();
+        *known = (*known).max(last_seq);
+        link.downlink.notify_one();
+    }
+
+    /// What posts announced for the link `link_id` of `edge_id` since the last call.
+    pub(crate) fn take_announced(&self, edge_id: &str, link_id: u64) -> BTreeMap<String, u64> {
+        let mut registry = self.registry();
+        match registry.edges.get_mut(edge_id).and_then(|entry| entry.link.as_mut()) {
+            Some(link) if link.id == link_id => std::mem::take(&mut link.announced),
+            _ => BTreeMap::new(),
+        }
+    }
+
+    /// Queues with downlink waiting for `edge_id`: queue → highest seq posted.
+    pub fn downlink_waiting(&self, edge_id: &str) -> BTreeMap<String, u64> {
+        self.downlink(edge_id).into_iter().filter(|q| q.pending > 0).map(|q| (q.queue, q.last_seq)).collect()
+    }
+
+    /// The edge's pull: it durably holds `queue` through `acked` (its cursor here moves there) and
+    /// gets up to `limit` entries after `after_seq` (≥ `acked`: the edge may ask ahead while it
+    /// stores), in order: messages, and skip entries for seqs that are gone (expired). Empty when
+    /// nothing more waits.
+    pub async fn pull_downlink(
+        &self,
+        edge_id: &str,
+        queue: &str,
+        after_seq: u64,
+        acked: u64,
+        limit: usize,
+    ) -> Result<Vec<BatchMessage>, CentralError> {
+        let name = downlink_queue(edge_id, queue);
+        let limit = limit.clamp(1, MAX_PULL_MESSAGES);
+        if acked > self.store.cursor(&name, DOWNLINK_READER) {
+            match self.store.advance_cursor(&name, DOWNLINK_READER, acked).await {
+                Ok(()) => {}
+                Err(StoreError::Invalid(message)) => {
+                    return Err(CentralError::Invalid(format!(
+                    "edge {edge_id:?} says it holds downlink {queue:?} through seq {acked}, more than was \
+                         ever posted for it here: {message}. Was it linked to a central of another cluster?"
+                )))
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let messages = self.store.read(&name, after_seq, limit).await?;
+        let mut entries = Vec::with_capacity(messages.len());
+        let mut next = after_seq + 1;
+        let mut bytes = 0u64;
+        for message in messages {
+            while next < message.seq && entries.len() < limit {
+                entries.push(BatchMessage::skip(next, String::new()));
+                next += 1;
+            }
+            bytes += message.payload.len() as u64;
+            if entries.len() >= limit || (bytes > MAX_PULL_BYTES && !entries.is_empty()) {
+                break;
+            }
+            next = message.seq + 1;
+            entries.push(BatchMessage {
+                seq: message.seq,
+                id: message.id,
+                content_type: message.content_type,
+                payload: message.payload,
+            });
+        }
+        Ok(entries)
     }
 
     /// The edges a broadcast reaches: every edge listed in `[[edge]]` or known to this central.
@@ -118,15 +216,20 @@ impl CentralHub {
         let mut writes = tokio::task::JoinSet::new();
         for edge in &targets {
             let store = self.store.clone();
-            let (queue, messages, key) =
-                (downlink_queue(edge, queue), messages.clone(), idempotency_key.clone());
+            let edge = edge.clone();
+            let (name, messages, key) =
+                (downlink_queue(&edge, queue), messages.clone(), idempotency_key.clone());
             // Concurrent appends share the writer's commits instead of one commit per edge.
-            writes.spawn(async move { store.append(&queue, messages, key).await });
+            writes.spawn(async move { store.append(&name, messages, key).await.map(|a| (edge, a.last_seq)) });
         }
+        let mut stored = Vec::with_capacity(targets.len());
         while let Some(result) = writes.join_next().await {
-            result.map_err(|e| {
+            stored.push(result.map_err(|e| {
                 CentralError::Store(StoreError::Corrupt(format!("a broadcast write panicked: {e}")))
-            })??;
+            })??);
+        }
+        for (edge, last_seq) in stored {
+            self.downlink_posted(&edge, queue, last_seq).await;
         }
         Ok(targets.len())
     }

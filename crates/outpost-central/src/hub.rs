@@ -138,6 +138,11 @@ pub(crate) struct EdgeEntry {
 pub(crate) struct LinkHandle {
     pub(crate) id: u64,
     pub(crate) events: mpsc::Sender<LinkEvent>,
+    /// Woken when downlink is posted for the edge; the link stream then says what waits (many
+    /// posts coalesce into one event, so a flood of posts never fills `events`).
+    pub(crate) downlink: Arc<tokio::sync::Notify>,
+    /// What posts announced (queue → highest seq) since the stream last took it.
+    pub(crate) announced: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]

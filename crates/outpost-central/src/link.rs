@@ -6,6 +6,7 @@
 //! before it to commit (re-checking after every store commit) and is then submitted; the store
 //! answers a remaining gap with `expected_seq`, and the edge resends from there.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,8 @@ pub const EDGE_STATES_REPORTED: [&str; 4] =
 pub struct OpenedLink {
     pub welcome: LinkEvent,
     pub events: mpsc::Receiver<LinkEvent>,
+    /// Notified when downlink was posted for the edge: send [`LinkGuard::downlink_event`].
+    pub downlink: Arc<tokio::sync::Notify>,
     pub guard: LinkGuard,
 }
 
@@ -49,6 +52,28 @@ impl LinkGuard {
     /// Notes that the edge was seen on this link (a ping was written to it).
     pub fn seen(&self, now_ms: i64) {
         let _ = self.hub.touch(&self.edge_id, now_ms, false);
+    }
+
+    /// A ping for the edge, carrying what downlink waits for it.
+    pub fn ping(&self, at_ms: i64) -> LinkEvent {
+        self.seen(at_ms);
+        LinkEvent::Ping { at_ms, downlink: self.hub.downlink_waiting(&self.edge_id) }
+    }
+
+    /// The `downlink` event after a post: what waits for the edge now, plus what the post announced
+    /// (this central's views may trail another central's commit by a notification).
+    pub fn downlink_event(&self, announced: BTreeMap<String, u64>) -> Option<LinkEvent> {
+        let mut queues = self.hub.downlink_waiting(&self.edge_id);
+        for (queue, seq) in announced {
+            let known = queues.entry(queue).or_default();
+            *known = (*known).max(seq);
+        }
+        (!queues.is_empty()).then_some(LinkEvent::Downlink { queues })
+    }
+
+    /// Takes what posts announced for this link since the last call.
+    pub fn take_announced(&self) -> BTreeMap<String, u64> {
+        self.hub.take_announced(&self.edge_id, self.link_id)
     }
 }
 
@@ -137,7 +162,7 @@ impl CentralHub {
         check_version(edge_id, &hello.version)?;
         check_report(&mut hello.report)?;
         check_released(&hello.released_unforwarded)?;
-        let (guard, events, maintenance) =
+        let (guard, events, downlink, maintenance) =
             self.register_link(edge_id, hello.version, hello.report, now_ms)?;
         // The guard marks the edge disconnected if this future is dropped from here on.
         self.persist_edge(edge_id, now_ms).await;
@@ -147,8 +172,9 @@ impl CentralHub {
             central_id: self.config.node_id.clone(),
             maintenance,
             positions: self.store.origin_positions(edge_id),
+            downlink: self.downlink_waiting(edge_id),
         };
-        Ok(OpenedLink { welcome, events, guard })
+        Ok(OpenedLink { welcome, events, downlink, guard })
     }
 
     /// The edge released these ranges without ever forwarding them (its routes delivered them
@@ -181,7 +207,7 @@ impl CentralHub {
         version: String,
         report: EdgeReport,
         now_ms: i64,
-    ) -> Result<(LinkGuard, mpsc::Receiver<LinkEvent>, bool), CentralError> {
+    ) -> Result<(LinkGuard, mpsc::Receiver<LinkEvent>, Arc<tokio::sync::Notify>, bool), CentralError> {
         let mut registry = self.registry();
         if registry.closed {
             return Err(CentralError::Stopping);
@@ -189,7 +215,16 @@ impl CentralHub {
         let link_id = self.next_link_id.fetch_add(1, Ordering::Relaxed);
         let (events_tx, events) = mpsc::channel(LINK_EVENT_CAPACITY);
         let entry = self.entry(&mut registry, edge_id)?;
-        let replaced = entry.link.replace(LinkHandle { id: link_id, events: events_tx }).is_some();
+        let downlink = Arc::new(tokio::sync::Notify::new());
+        let replaced = entry
+            .link
+            .replace(LinkHandle {
+                id: link_id,
+                events: events_tx,
+                downlink: downlink.clone(),
+                announced: BTreeMap::new(),
+            })
+            .is_some();
         let state = report.state.clone();
         entry.report = Some(report);
         entry.version = Some(version.clone());
@@ -202,7 +237,12 @@ impl CentralHub {
         self.refresh_edge_metrics(&registry);
         drop(registry);
         tracing::info!(edge = %edge_id, link = link_id, %version, %state, replaced, "edge link opened");
-        Ok((LinkGuard { hub: self.clone(), edge_id: edge_id.to_string(), link_id }, events, maintenance))
+        Ok((
+            LinkGuard { hub: self.clone(), edge_id: edge_id.to_string(), link_id },
+            events,
+            downlink,
+            maintenance,
+        ))
     }
 
     /// Called when a link stream ends. Clears the edge's link unless a newer one replaced it.

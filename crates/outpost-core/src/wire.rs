@@ -14,6 +14,18 @@
 //!   [`BatchAck`], or 409 with [`GapError`] when the batch starts past what it holds.
 //! - `POST /v1/link/report` sends the edge's [`EdgeReport`] (state, backlog, offline log).
 //! - `GET /v1/link/probe` is the cheap reachability check an offline edge makes.
+//! - `GET /v1/link/downlink?queue=Q&after_seq=N&limit=L` (downlink, central → edge): the edge
+//!   says it durably holds its downlink of `Q` through the central's seq `N` (the central moves
+//!   its position for this edge there) and gets the next messages after `N` as a [`Batch`] frame
+//!   (200) or 204 when nothing more waits. The central says what waits — a map queue → highest
+//!   seq posted — in `welcome.downlink`, in a `downlink` event as soon as something is posted
+//!   (whichever central of the cluster it was posted to), and in every `ping` while anything waits.
+//!
+//! **Skip entries.** A [`BatchMessage`] with content type [`SKIP_CONTENT_TYPE`] (and no payload)
+//! holds a seq without a message: the receiver advances its position over it and stores nothing.
+//! The edge's forwarder sends one for every downlink message of a queue (those are never forwarded
+//! back up, yet the central needs the edge's seqs without gaps); the central sends one for a
+//! downlink message that expired before the edge took it.
 //!
 //! Every request carries `Authorization: Bearer <edge token>` (when the central lists edges) and
 //! the header [`EDGE_ID_HEADER`].
@@ -30,6 +42,9 @@ pub const LINK_REPORT_PATH: &str = "/v1/link/report";
 pub const LINK_PROBE_PATH: &str = "/v1/link/probe";
 pub const EDGE_ID_HEADER: &str = "outpost-edge-id";
 pub const BATCH_CONTENT_TYPE: &str = "application/vnd.outpost.batch.v1";
+pub const LINK_DOWNLINK_PATH: &str = "/v1/link/downlink";
+/// The content type of a skip entry of a batch (see the module doc).
+pub const SKIP_CONTENT_TYPE: &str = "application/vnd.outpost.skip";
 
 /// The handshake an edge sends to open its link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,9 +80,19 @@ pub enum LinkEvent {
         maintenance: bool,
         /// Highest edge seq the central holds, per queue of this edge (absent: none).
         positions: BTreeMap<String, u64>,
+        /// Downlink waiting for this edge: queue → highest seq posted (absent: nothing waits).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        downlink: BTreeMap<String, u64>,
     },
     Ping {
         at_ms: i64,
+        /// Downlink still waiting for this edge (the safety net of the `downlink` event).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        downlink: BTreeMap<String, u64>,
+    },
+    /// Something was posted for this edge: queue → highest seq posted.
+    Downlink {
+        queues: BTreeMap<String, u64>,
     },
     TransitionOnline,
     Maintenance {
@@ -109,6 +134,18 @@ pub struct BatchMessage {
     pub id: String,
     pub content_type: String,
     pub payload: bytes::Bytes,
+}
+
+impl BatchMessage {
+    /// A skip entry: `seq` is taken, no message is stored for it.
+    pub fn skip(seq: u64, id: String) -> BatchMessage {
+        BatchMessage { seq, id, content_type: SKIP_CONTENT_TYPE.to_string(), payload: bytes::Bytes::new() }
+    }
+
+    /// True for a skip entry.
+    pub fn is_skip(&self) -> bool {
+        self.content_type == SKIP_CONTENT_TYPE
+    }
 }
 
 /// Consecutive messages of one queue of one edge.
@@ -310,8 +347,13 @@ mod tests {
 
     #[test]
     fn link_events_are_tagged_json() {
-        let line = serde_json::to_string(&LinkEvent::Ping { at_ms: 5 }).unwrap();
+        let line = serde_json::to_string(&LinkEvent::Ping { at_ms: 5, downlink: BTreeMap::new() }).unwrap();
         assert_eq!(line, r#"{"type":"ping","at_ms":5}"#);
+        let waiting = BTreeMap::from([("prices".to_string(), 7)]);
+        let line = serde_json::to_string(&LinkEvent::Ping { at_ms: 5, downlink: waiting.clone() }).unwrap();
+        assert_eq!(line, r#"{"type":"ping","at_ms":5,"downlink":{"prices":7}}"#);
+        let back: LinkEvent = serde_json::from_str(r#"{"type":"downlink","queues":{"prices":7}}"#).unwrap();
+        assert_eq!(back, LinkEvent::Downlink { queues: waiting });
         let back: LinkEvent = serde_json::from_str(r#"{"type":"transition_online"}"#).unwrap();
         assert_eq!(back, LinkEvent::TransitionOnline);
     }

@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use outpost_core::config::Upstream;
 use outpost_core::wire::{
     Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer, BATCH_CONTENT_TYPE, EDGE_ID_HEADER,
-    LINK_MESSAGES_PATH, LINK_PATH, LINK_PROBE_PATH, LINK_REPORT_PATH,
+    LINK_DOWNLINK_PATH, LINK_MESSAGES_PATH, LINK_PATH, LINK_PROBE_PATH, LINK_REPORT_PATH,
 };
 use reqwest::StatusCode;
 
@@ -165,6 +165,42 @@ impl CentralClient {
                         detail: format!("HTTP 409: {body}"),
                     }),
                 }
+            }
+            _ => Err(self.refusal(response).await),
+        }
+    }
+
+    /// Downlink: this edge holds `queue` through `acked` (durably); asks for up to `limit` entries
+    /// after `after_seq` (at or past `acked`). `None`: nothing more waits.
+    pub async fn pull_downlink(
+        &self,
+        queue: &str,
+        after_seq: u64,
+        acked: u64,
+        limit: u32,
+    ) -> Result<Option<Batch>, LinkError> {
+        let path =
+            format!("{LINK_DOWNLINK_PATH}?queue={queue}&after_seq={after_seq}&acked={acked}&limit={limit}");
+        let response = self
+            .request(reqwest::Method::GET, &path)
+            .timeout(self.request_timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        match response.status() {
+            StatusCode::NO_CONTENT => Ok(None),
+            StatusCode::OK => {
+                let frame = response.bytes().await.map_err(|e| self.unreachable(error_chain(&e)))?;
+                // The central's limits, not this edge's, bound what it posts: decode generously.
+                let batch = Batch::decode(&frame, u64::MAX, u32::MAX)
+                    .map_err(|e| self.unreachable(format!("bad downlink frame: {e}")))?;
+                if batch.queue != queue {
+                    return Err(self.unreachable(format!(
+                        "asked for downlink of queue {queue:?}, got {:?}",
+                        batch.queue
+                    )));
+                }
+                Ok(Some(batch))
             }
             _ => Err(self.refusal(response).await),
         }

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::client::{CentralClient, EventStream, LinkError};
+use crate::downlink;
 use crate::forwarder::{self, Forwarded};
 use crate::UPSTREAM_READER;
 
@@ -82,6 +83,8 @@ struct Session {
     endpoint_index: usize,
     url: String,
     welcome_positions: BTreeMap<String, u64>,
+    /// Downlink the welcome said waits.
+    welcome_downlink: BTreeMap<String, u64>,
     stream: Option<EventStream>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -290,7 +293,9 @@ impl Driver {
                     self.session = None;
                     self.apply(Event::Maintenance { endpoint: url }).await;
                 }
-                LinkEvent::Maintenance { enabled: false } | LinkEvent::Welcome { .. } => {}
+                LinkEvent::Maintenance { enabled: false }
+                | LinkEvent::Welcome { .. }
+                | LinkEvent::Downlink { .. } => {}
             },
             Input::LinkLost { session, error: LinkError::Rejected { url, detail } }
                 if self.is_current(session) =>
@@ -493,7 +498,7 @@ impl Driver {
                 tokio::time::sleep_until(attempt.not_before.into()).await;
                 let client = &clients[attempt.endpoint_index];
                 match client.open_link(&hello).await {
-                    Ok((LinkEvent::Welcome { positions, central_id, .. }, stream)) => {
+                    Ok((LinkEvent::Welcome { positions, central_id, downlink, .. }, stream)) => {
                         if let SuccessOutcome::Switched { from, to } =
                             failover.report_success(attempt.endpoint_index, Instant::now())
                         {
@@ -506,6 +511,7 @@ impl Driver {
                             endpoint_index: attempt.endpoint_index,
                             url: client.url().to_string(),
                             welcome_positions: positions,
+                            welcome_downlink: downlink,
                             stream: Some(stream),
                             tasks: Vec::new(),
                         });
@@ -550,7 +556,7 @@ impl Driver {
         self.next_session_id += 1;
         tokio::spawn(async move {
             let outcome = client.open_link(&hello).await.map(|(welcome, stream)| {
-                let LinkEvent::Welcome { positions, .. } = welcome else {
+                let LinkEvent::Welcome { positions, downlink, .. } = welcome else {
                     unreachable!("open_link returns a welcome")
                 };
                 Session {
@@ -558,6 +564,7 @@ impl Driver {
                     endpoint_index: attempt.endpoint_index,
                     url: client.url().to_string(),
                     welcome_positions: positions,
+                    welcome_downlink: downlink,
                     stream: Some(stream),
                     tasks: Vec::new(),
                 }
@@ -571,10 +578,17 @@ impl Driver {
         let id = session.id;
         let mut stream = session.stream.take().expect("a new session has its stream");
         let inputs = self.input_tx.clone();
+        let wanted = Arc::new(downlink::Wanted::default());
+        wanted.announce(std::mem::take(&mut session.welcome_downlink));
+        let announced = wanted.clone();
         session.tasks.push(tokio::spawn(async move {
             loop {
                 match stream.next().await {
+                    Ok(LinkEvent::Downlink { queues }) => announced.announce(queues),
                     Ok(event) => {
+                        if let LinkEvent::Ping { downlink, .. } = &event {
+                            announced.announce(downlink.clone());
+                        }
                         if inputs.send(Input::Link { session: id, event }).await.is_err() {
                             return;
                         }
@@ -603,6 +617,14 @@ impl Driver {
         let inputs = self.input_tx.clone();
         session.tasks.push(tokio::spawn(async move {
             let error = forwarder::run(store, client, settings, positions, progress_tx).await;
+            let _ = inputs.send(Input::LinkLost { session: id, error }).await;
+        }));
+        let client = self.clients[session.endpoint_index].clone();
+        let store = self.store.clone();
+        let batch_messages = self.config.forwarding.batch_messages;
+        let inputs = self.input_tx.clone();
+        session.tasks.push(tokio::spawn(async move {
+            let error = downlink::run(store, client, wanted, batch_messages).await;
             let _ = inputs.send(Input::LinkLost { session: id, error }).await;
         }));
         self.session = Some(session);

@@ -1,6 +1,8 @@
 //! Sends every queue's messages to the central in order, several batches in flight per queue, and
 //! advances the durable `upstream` cursor from what the central says it holds. Resuming after any
-//! interruption is the same as starting: begin after the central's position.
+//! interruption is the same as starting: begin after the central's position. Messages the edge got
+//! from its central (downlink, origin [`DOWNLINK_ORIGIN`]) go as skip entries: their seq, never
+//! their payload.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::client::{CentralClient, LinkError};
-use crate::UPSTREAM_READER;
+use crate::{DOWNLINK_ORIGIN, UPSTREAM_READER};
 
 /// How long an idle forwarder waits before looking at the queues again when no commit woke it.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
@@ -83,14 +85,23 @@ pub async fn run(
                 let batch_messages: Vec<BatchMessage> = messages
                     .into_iter()
                     .take_while(|m| {
+                        if m.origin == DOWNLINK_ORIGIN {
+                            return true; // sent as a skip entry, without its payload
+                        }
                         bytes += m.payload.len() as u64;
                         bytes <= settings.batch_bytes || bytes == m.payload.len() as u64
                     })
-                    .map(|m| BatchMessage {
-                        seq: m.seq,
-                        id: m.id,
-                        content_type: m.content_type,
-                        payload: m.payload,
+                    .map(|m| {
+                        if m.origin == DOWNLINK_ORIGIN {
+                            // Downlink is never forwarded back up; the central still needs the seq.
+                            return BatchMessage::skip(m.seq, m.id);
+                        }
+                        BatchMessage {
+                            seq: m.seq,
+                            id: m.id,
+                            content_type: m.content_type,
+                            payload: m.payload,
+                        }
                     })
                     .collect();
                 let (Some(first), Some(last)) = (batch_messages.first(), batch_messages.last()) else {

@@ -2,6 +2,7 @@
 //! connectivity driver) and route delivery to downstream services.
 
 pub mod client;
+pub mod downlink;
 pub mod edge;
 pub mod forwarder;
 pub mod route;
@@ -11,3 +12,7 @@ pub mod route_policy;
 
 /// The cursor name of the edge's forwarder in every queue.
 pub const UPSTREAM_READER: &str = "upstream";
+
+/// The origin of the messages an edge received from its central (downlink) in its local queues. Not
+/// a valid node id, so it never collides with one; the forwarder never sends these back up.
+pub const DOWNLINK_ORIGIN: &str = "~central";

@@ -523,7 +523,8 @@ impl PgWriter {
         self.ensure_queue(tx, state, queue, needed).await?;
         check_quota(&self.options, state.total_bytes, needed).map_err(TryError::Store)?;
         let mut ids = Vec::with_capacity(fresh.len());
-        let rows = fresh.iter().map(|m| RowIn {
+        // Skip entries only move the position (see `outpost_core::wire`).
+        let rows = fresh.iter().filter(|m| !m.is_skip()).map(|m| RowIn {
             id: m.id.clone(),
             origin,
             origin_seq: Some(m.seq),
@@ -533,7 +534,7 @@ impl PgWriter {
         add_rows(state, queue, rows, now_ms, &mut ids);
         let stored_through = fresh.last().expect("not empty").seq;
         state.positions.insert(key, (stored_through, true));
-        Ok(OriginAppended { stored_through, stored: fresh.len() as u64, duplicates, gap_expected_seq: None })
+        Ok(OriginAppended { stored_through, stored: ids.len() as u64, duplicates, gap_expected_seq: None })
     }
 
     async fn advance_cursor(

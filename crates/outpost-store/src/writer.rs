@@ -311,6 +311,7 @@ impl Writer {
                         pending.push(Pending::Append(reply, result));
                     }
                     Op::AppendFromOrigin { queue, origin, messages, reply } => {
+                        let message_count = messages.len() as u64;
                         let result = apply_origin_append(
                             &tx,
                             &self.options,
@@ -321,7 +322,8 @@ impl Writer {
                             now_ms,
                         );
                         let result = settle!(result, Pending::Origin, reply);
-                        if matches!(&result, Ok(a) if a.stored > 0) {
+                        if matches!(&result, Ok(a) if a.gap_expected_seq.is_none() && (a.stored > 0 || a.stored + a.duplicates < message_count))
+                        {
                             changes.origin_positions.insert((origin, queue.clone()));
                             changes.queues.insert(queue);
                         }
@@ -648,7 +650,8 @@ fn apply_origin_append(
     check_quota(options, state, needed)?;
 
     let mut ids = Vec::with_capacity(fresh.len());
-    let rows = fresh.iter().map(|m| Row {
+    // Skip entries only move the position (see `outpost_core::wire`).
+    let rows = fresh.iter().filter(|m| !m.is_skip()).map(|m| Row {
         id: m.id.clone(),
         origin,
         origin_seq: Some(m.seq),
@@ -663,7 +666,7 @@ fn apply_origin_append(
     )?
     .execute(params![origin, queue_id, stored_through as i64])?;
     state.origin_positions.insert(key, stored_through);
-    Ok(OriginAppended { stored_through, stored: fresh.len() as u64, duplicates, gap_expected_seq: None })
+    Ok(OriginAppended { stored_through, stored: ids.len() as u64, duplicates, gap_expected_seq: None })
 }
 
 /// Moves (origin, queue)'s position to `through_seq` (never back) with nothing stored: the edge

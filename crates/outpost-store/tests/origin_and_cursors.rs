@@ -96,3 +96,42 @@ async fn messages_are_released_once_every_required_reader_has_them() {
     assert_eq!(store.append("q", vec![m], None).await.unwrap().first_seq, 11);
     store.shutdown().await;
 }
+
+/// Skip entries (`outpost_core::wire`) move an origin's position without storing anything: the
+/// edge's forwarder sends them for downlink messages, the central for expired downlink ones.
+async fn check_skip_entries(store: &Store) {
+    let mut messages = batch(1..=4);
+    messages[1] = BatchMessage::skip(2, "skipped-2".into());
+    messages[2] = BatchMessage::skip(3, "skipped-3".into());
+    let appended = store.append_from_origin("orders", "edge-1", messages).await.unwrap();
+    assert_eq!((appended.stored_through, appended.stored, appended.gap_expected_seq), (4, 2, None));
+    assert_eq!(store.origin_position("edge-1", "orders"), 4);
+    // A batch of skips alone still moves the position, and the next batch follows on without a gap.
+    let skips = vec![BatchMessage::skip(5, "s5".into()), BatchMessage::skip(6, "s6".into())];
+    let appended = store.append_from_origin("orders", "edge-1", skips).await.unwrap();
+    assert_eq!((appended.stored_through, appended.stored), (6, 0));
+    assert_eq!(store.origin_position("edge-1", "orders"), 6);
+    let appended = store.append_from_origin("orders", "edge-1", batch(7..=7)).await.unwrap();
+    assert_eq!((appended.stored_through, appended.stored, appended.gap_expected_seq), (7, 1, None));
+    let stored = store.read("orders", 0, 100).await.unwrap();
+    assert_eq!(stored.iter().map(|m| m.origin_seq).collect::<Vec<_>>(), vec![1, 4, 7]);
+    assert_eq!(stored.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2, 3], "no seq is used by a skip");
+}
+
+#[tokio::test]
+async fn skip_entries_move_the_position_and_store_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::keep_everything(1 << 30, "central"), None).unwrap();
+    check_skip_entries(&store).await;
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skip_entries_move_the_position_and_store_nothing_on_postgres() {
+    let database = testkit::postgres::TestDatabase::create().await;
+    let store = Store::open_postgres(&database.url, StoreOptions::keep_everything(1 << 30, "central"), None)
+        .await
+        .unwrap();
+    check_skip_entries(&store).await;
+    store.shutdown().await;
+}

@@ -2,10 +2,11 @@
 //! bounded bodies, the NDJSON event stream and the answers; the hub (`outpost-central`) decides.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,7 +17,7 @@ use outpost_core::time::now_unix_ms;
 use outpost_core::wire::{self, Batch, EdgeReport, Hello, LinkEvent};
 use outpost_core::Config;
 use serde_json::json;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::hub;
@@ -35,6 +36,8 @@ pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_PING_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 const NDJSON: &str = "application/x-ndjson";
+/// Entries per downlink pull when the edge does not say.
+const DEFAULT_PULL_LIMIT: usize = 1000;
 
 /// The largest batch frame this central reads.
 pub fn max_batch_frame_bytes(limits: &Limits) -> u64 {
@@ -137,6 +140,7 @@ struct LinkStream {
     welcome: Option<LinkEvent>,
     pings: tokio::time::Interval,
     events: mpsc::Receiver<LinkEvent>,
+    downlink: Arc<Notify>,
     guard: LinkGuard,
 }
 
@@ -144,20 +148,29 @@ impl LinkStream {
     fn new(ping_interval: Duration, opened: OpenedLink) -> LinkStream {
         let mut pings = tokio::time::interval_at(Instant::now() + ping_interval, ping_interval);
         pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        LinkStream { welcome: Some(opened.welcome), pings, events: opened.events, guard: opened.guard }
+        LinkStream {
+            welcome: Some(opened.welcome),
+            pings,
+            events: opened.events,
+            downlink: opened.downlink,
+            guard: opened.guard,
+        }
     }
 
     /// The next line, or `None` when the link ends (replaced by a newer link, or the central stops).
     async fn next_line(&mut self) -> Option<Bytes> {
         let event = match self.welcome.take() {
             Some(welcome) => welcome,
-            None => tokio::select! {
-                biased;
-                event = self.events.recv() => event?,
-                _ = self.pings.tick() => {
-                    let at_ms = now_unix_ms();
-                    self.guard.seen(at_ms);
-                    LinkEvent::Ping { at_ms }
+            None => loop {
+                tokio::select! {
+                    biased;
+                    event = self.events.recv() => break event?,
+                    _ = self.downlink.notified() => {
+                        if let Some(event) = self.guard.downlink_event(self.guard.take_announced()) {
+                            break event;
+                        }
+                    }
+                    _ = self.pings.tick() => break self.guard.ping(now_unix_ms()),
                 }
             },
         };
@@ -207,6 +220,45 @@ pub(crate) async fn post_batch(
             Ok((StatusCode::CONFLICT, Json(body)).into_response())
         }
     }
+}
+
+/// `GET /v1/link/downlink?queue=Q&after_seq=N&acked=A&limit=L`: the edge durably holds its downlink
+/// of `Q` through `A` (default `N`); answers the entries after `N` as a batch frame, or 204 when
+/// nothing more waits.
+pub(crate) async fn pull_downlink(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let hub = hub(&state)?.clone();
+    let edge_id = authenticate_edge(&state.config, &headers)?;
+    let (mut queue, mut after_seq, mut acked, mut limit) = (None, None, None, DEFAULT_PULL_LIMIT);
+    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let number =
+            || value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{name} must be a number")));
+        match name {
+            "queue" => queue = Some(value.to_string()),
+            "after_seq" => after_seq = Some(number()?),
+            "acked" => acked = Some(number()?),
+            "limit" => limit = number()? as usize,
+            _ => return Err(ApiError::bad_request(format!("unknown query parameter {name:?}"))),
+        }
+    }
+    let queue = queue.ok_or_else(|| ApiError::bad_request("missing `queue`"))?;
+    outpost_core::validate_name(&queue).map_err(|e| ApiError::invalid_name(format!("queue {e}")))?;
+    let after_seq = after_seq.ok_or_else(|| ApiError::bad_request("missing `after_seq`"))?;
+    let acked = acked.unwrap_or(after_seq);
+    if acked > after_seq {
+        return Err(ApiError::bad_request("`acked` may not be past `after_seq`"));
+    }
+    hub.touch(&edge_id, now_unix_ms(), false)?;
+    let messages = hub.pull_downlink(&edge_id, &queue, after_seq, acked, limit).await?;
+    if messages.is_empty() {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    let frame = Batch { queue, messages }.encode();
+    Ok(([(header::CONTENT_TYPE, wire::BATCH_CONTENT_TYPE)], frame).into_response())
 }
 
 /// `POST /v1/link/report`: the edge's state, backlog and offline log.
