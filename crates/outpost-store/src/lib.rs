@@ -24,6 +24,8 @@
 //! - **Exactly once from each edge.** A central stores an edge's batch against the edge's position
 //!   `(origin, queue)` in the same transaction; on PostgreSQL that row is locked `FOR UPDATE`, so an
 //!   edge that sends the same batch to two centrals (failover mid-batch) gets it stored once.
+//!   A skip entry of a batch (`outpost_core::wire::SKIP_CONTENT_TYPE`) moves the position and
+//!   stores nothing (an edge's downlink message; a downlink message that expired at the central).
 //! - **Several readers per queue.** A reader (the upstream forwarder, a route, a pull consumer) has
 //!   a durable cursor; storage is released up to the lowest cursor of the queue's required readers.
 //!   A cursor never moves back.

@@ -107,3 +107,46 @@ async fn a_post_on_one_central_reaches_an_edge_linked_to_another_at_once() {
     assert_eq!(downlink_at(&client).await, want, "exactly once, in the central's order");
     b.restart().await;
 }
+
+/// Push latency posted-on-A → stored at the edge linked to B (docs/benchmarks.md), not a check.
+/// `cargo test --release -p outpost --test downlink_cluster measure_push_latency -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_push_latency() {
+    const SAMPLES: usize = 300;
+    let database = TestDatabase::create().await;
+    let a = start_central(&database, "central-a").await;
+    let b = start_central(&database, "central-b").await;
+    let edge =
+        Node::builder(BIN).role("edge").args(["--node-id", "e1"]).config(&edge_config(&b, &a)).start().await;
+    let client = edge.client();
+    wait_until_async(DEADLINE, "the edge is online through B", || async {
+        let status = client.status().await;
+        status["state"] == "online" && status["upstream"]["url"] == b.url()
+    })
+    .await;
+    let hq = a.client();
+    let mut took = Vec::with_capacity(SAMPLES);
+    for n in 1..=SAMPLES as u64 {
+        let posted = Instant::now();
+        hq.post("/v1/edges/e1/queues/prices/messages", Some("text/plain"), "p")
+            .await
+            .unwrap()
+            .expect_status(202);
+        loop {
+            if client.queue("prices").await.is_some_and(|q| q.last_seq >= n) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        took.push(posted.elapsed());
+    }
+    took.sort();
+    let at = |p: f64| took[((took.len() as f64 * p) as usize).min(took.len() - 1)];
+    eprintln!(
+        "push A→B→edge over {SAMPLES} posts: p50 {:?}, p99 {:?}, max {:?}",
+        at(0.50),
+        at(0.99),
+        took[took.len() - 1]
+    );
+}

@@ -224,3 +224,42 @@ async fn kill_9_of_the_edge_and_of_the_central_during_a_large_downlink_loses_and
     // Nothing came back up.
     assert!(hq.read_all("catalog").await.is_empty());
 }
+
+/// Downlink throughput to one edge over loopback (docs/benchmarks.md), not a check: 200,000
+/// messages of 256 B wait at the central, then the edge connects and takes them.
+/// `cargo test --release -p outpost --test downlink_delivery measure_downlink_throughput -- --ignored --nocapture`
+#[tokio::test]
+#[ignore]
+async fn measure_downlink_throughput() {
+    const COUNT: usize = 200_000;
+    let central = start_central(&["e1"]).await;
+    let hq = central.client();
+    let line = format!("\"{}\"\n", "x".repeat(254));
+    for _ in 0..COUNT / 1000 {
+        let body = line.repeat(1000);
+        hq.post("/v1/edges/e1/queues/bulk/batch", Some("application/x-ndjson"), body)
+            .await
+            .unwrap()
+            .expect_status(202);
+    }
+    let started = Instant::now();
+    let e1 = Node::builder(BIN)
+        .role("edge")
+        .args(["--node-id", "e1"])
+        .config(
+            &edge_config(&central.url())
+                .replace("request_timeout = \"10s\"", "request_timeout = \"10s\"\nbatch_messages = 1000"),
+        )
+        .start()
+        .await;
+    let edge = e1.client();
+    wait_until_async(Duration::from_secs(600), "the whole downlink at the edge", || async {
+        downlink_count(&edge, "bulk").await >= COUNT
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!(
+        "downlink: {COUNT} messages of 256 B to one edge in {took:.2?} (edge start included): {:.0} msgs/s",
+        COUNT as f64 / took.as_secs_f64()
+    );
+}
