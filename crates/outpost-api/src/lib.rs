@@ -75,7 +75,6 @@ impl ApiState {
 /// The node's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
-        .route("/", get(console::page))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -84,6 +83,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/queues/{queue}/messages", post(messages::post_message).get(messages::read_messages))
         .route("/v1/queues/{queue}/batch", post(messages::post_batch))
         .route("/v1/admin/transition-online", post(status::transition_online))
+        .merge(console::routes())
         .merge(central::routes())
         .merge(routes::routes())
         .fallback(not_found)

@@ -1,6 +1,7 @@
 //! Routes and failed messages over HTTP (CONTRACT section 3): `GET /v1/routes`,
 //! `POST /v1/routes/{name}/store|forward`, `GET /v1/failed`, `POST /v1/failed/{id}/resubmit`,
-//! `POST /v1/failed/resubmit`, `DELETE /v1/failed/{id}`. Every endpoint needs an admin token.
+//! `POST /v1/failed/resubmit`, `GET /v1/failed/{id}` (one entry with its payload, an extension the
+//! console uses), `DELETE /v1/failed/{id}`. Every endpoint needs an admin token.
 //! The work is done by [`outpost_forward::route::Routes`]; this module only speaks JSON.
 
 use axum::body::Body;
@@ -8,8 +9,9 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::Engine;
 use outpost_core::time::rfc3339_from_unix_ms;
 use outpost_forward::route::{RouteView, Routes};
 use outpost_forward::route_modes::{Mode, RouteError};
@@ -36,7 +38,7 @@ pub fn routes() -> Router<ApiState> {
         .route("/v1/failed", get(list_failed))
         .route("/v1/failed/resubmit", post(resubmit_many))
         .route("/v1/failed/{id}/resubmit", post(resubmit_one))
-        .route("/v1/failed/{id}", delete(discard))
+        .route("/v1/failed/{id}", get(show_failed).delete(discard))
 }
 
 impl From<RouteError> for ApiError {
@@ -263,6 +265,30 @@ async fn resubmit_many(
     }
     let ids: Vec<i64> = outcome.resubmitted.iter().map(|(id, _)| *id).collect();
     Ok(Json(json!({"resubmitted": ids.len(), "ids": ids})).into_response())
+}
+
+/// `GET /v1/failed/{id}`: one failed entry with the message's origin, content type, acceptance
+/// time and payload (`payload_base64`).
+async fn show_failed(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
+    let id = entry_id(path)?;
+    let routes = routes_of(&state).ok_or_else(|| ApiError::not_found(format!("no failed entry {id}")))?;
+    let entry = routes
+        .failed_with_payload(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no failed entry {id}")))?;
+    let mut json = failed_json(&entry);
+    json["origin"] = json!(entry.origin);
+    json["origin_seq"] = json!(entry.origin_seq);
+    json["content_type"] = json!(entry.content_type);
+    json["accepted_at"] = json!(rfc3339_from_unix_ms(entry.accepted_at_ms));
+    let payload = entry.payload.as_deref().unwrap_or_default();
+    json["payload_base64"] = json!(base64::engine::general_purpose::STANDARD.encode(payload));
+    Ok(Json(json).into_response())
 }
 
 async fn discard(

@@ -349,6 +349,21 @@ impl Routes {
         Ok(removed)
     }
 
+    /// One failed entry (status `failed`) with its payload, for an operator to look at.
+    pub async fn failed_with_payload(&self, id: i64) -> Result<Option<FailedEntry>, RouteError> {
+        if id < 1 {
+            return Ok(None);
+        }
+        let query = FailedQuery {
+            route: None,
+            status: FailedStatus::Failed,
+            after_id: id - 1,
+            limit: 1,
+            with_payload: true,
+        };
+        Ok(self.store.failed(query).await?.into_iter().find(|entry| entry.id == id))
+    }
+
     /// One failed entry, whatever its status.
     pub async fn failed_entry(&self, id: i64) -> Result<Option<FailedEntry>, RouteError> {
         Ok(self.store.failed_entry(id).await?)

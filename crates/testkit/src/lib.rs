@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod raw;
 pub mod rng;
 pub mod wait;
+pub mod webdriver;
 
 pub use client::{Accepted, BatchAccepted, Client, QueueInfo, Response, StoredMessage};
 pub use node::{free_port, Node, NodeBuilder};
