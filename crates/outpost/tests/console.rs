@@ -78,7 +78,14 @@ impl Downstream {
     }
 }
 
+/// Edges listed in `[[edge]]` besides the two the test starts: they never connect, and make the
+/// edge list long enough to page.
+const MORE_EDGES: usize = 12;
+
 fn central_config(downstream: &str) -> String {
+    let more_edges: String = (1..=MORE_EDGES)
+        .map(|i| format!("\n[[edge]]\nid = \"store-c{i:02}\"\ntoken = \"token-c{i:02}\"\n"))
+        .collect();
     format!(
         r#"
 [auth]
@@ -95,7 +102,7 @@ token = "token-a"
 [[edge]]
 id = "store-b"
 token = "token-b"
-
+{more_edges}
 [[route]]
 name = "erp-orders"
 queue = "orders"
@@ -323,22 +330,60 @@ async fn each_console_action_clicked_has_its_effect() {
     browser.click(r#"#edges-state option[value=""]"#).await;
     browser.wait_text("#edges tbody", "store-b", EFFECT).await;
 
+    // Paging: 14 edges at 10 a page; `next` follows the API's Outpost-Next-After.
+    let listed = || async {
+        let ids = browser
+            .execute(
+                "return Array.from(document.querySelectorAll('#edges tr[data-edge]'), r => r.dataset.edge);",
+                json!([]),
+            )
+            .await;
+        ids.as_array().unwrap().iter().map(|id| id.as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    browser.click(r#"#edges-limit option[value="10"]"#).await;
+    wait_until_async(EFFECT, "page 1 of the edges: 10 of them", || async { listed().await.len() == 10 })
+        .await;
+    assert_eq!(listed().await.first().map(String::as_str), Some("store-a"));
+    browser.click("#edges-next").await;
+    wait_until_async(EFFECT, "page 2 of the edges: the other 4", || async {
+        listed().await == ["store-c09", "store-c10", "store-c11", "store-c12"]
+    })
+    .await;
+    browser.wait_text("#edges-page", "page 2", EFFECT).await;
+    assert!(browser.find("#edges-next:disabled").await.is_some(), "no page 3");
+    browser.click("#edges-prev").await;
+    wait_until_async(EFFECT, "back on page 1", || async {
+        listed().await.first().map(String::as_str) == Some("store-a")
+    })
+    .await;
+    browser.click(r#"#edges-limit option[value="50"]"#).await;
+    wait_until_async(EFFECT, "all 14 edges on one page", || async { listed().await.len() == 2 + MORE_EDGES })
+        .await;
+
     // Failed messages: the downstream refuses with 422 (poison), so each fails at once.
-    let payloads: [(&str, &[u8]); 4] = [
+    let payloads: [(&str, &[u8]); 6] = [
         ("text/plain", b"order-1 first"),
         ("application/octet-stream", &[0x00, 0x01, 0x02, 0xff, 0x10, b'o', b'k']),
         ("text/plain", b"order-3"),
         ("text/plain", b"order-4"),
+        ("text/plain", b"order-5 unwanted"),
+        ("text/plain", b"order-6 unwanted"),
     ];
     for (content_type, payload) in payloads {
         let response =
             api.post("/v1/queues/orders/messages", Some(content_type), payload.to_vec()).await.unwrap();
         response.expect_status(202);
     }
-    wait_until_async(EFFECT, "4 failed entries", || async { failed_entries(&api).await.len() == 4 }).await;
+    wait_until_async(EFFECT, "6 failed entries", || async { failed_entries(&api).await.len() == 6 }).await;
     let ids: Vec<i64> = failed_entries(&api).await.iter().map(|f| f["id"].as_i64().unwrap()).collect();
     browser.wait_text("#failed tbody", "poison", EFFECT).await;
-    browser.wait_text("#failed-page", "4 shown", EFFECT).await;
+    browser.wait_text("#failed-page", "6 shown", EFFECT).await;
+
+    // The failed-entry endpoint the payload viewer reads.
+    let entry = json_of(&api, &format!("/v1/failed/{}", ids[1])).await;
+    assert_eq!(entry["payload_base64"], "AAEC/xBvaw==", "{entry}");
+    assert_eq!(entry["content_type"], "application/octet-stream", "{entry}");
+    assert_eq!(api.get("/v1/failed/999999").await.unwrap().status, 404);
 
     // Human times: relative text, the ISO time on hover; ages without decimals.
     let times = browser
@@ -393,13 +438,13 @@ async fn each_console_action_clicked_has_its_effect() {
     browser.type_into("#failed-error", "no such text").await;
     browser.wait_text("#failed tbody", "no failed message matches", EFFECT).await;
     browser.type_into("#failed-error", "422").await;
-    browser.wait_text("#failed-page", "4 shown", EFFECT).await;
+    browser.wait_text("#failed-page", "6 shown", EFFECT).await;
     browser.type_into("#failed-attempts", "99").await;
-    browser.wait_text("#failed-page", "0 shown, 4 filtered out", EFFECT).await;
+    browser.wait_text("#failed-page", "0 shown, 6 filtered out", EFFECT).await;
     browser.type_into("#failed-attempts", "0").await;
     let reason = failed_entries(&api).await[0]["reason"].as_str().unwrap().to_string();
     browser.click(&format!(r#"#failed-reason option[value="{reason}"]"#)).await;
-    browser.wait_text("#failed-page", "4 shown", EFFECT).await;
+    browser.wait_text("#failed-page", "6 shown", EFFECT).await;
 
     // The payload as text and as hex.
     browser.click(&format!(r#"button[data-action="failed-view"][data-id="{}"]"#, ids[0])).await;
@@ -410,6 +455,28 @@ async fn each_console_action_clicked_has_its_effect() {
     browser.wait_text("#payload-body", "00 01 02 ff 10 6f 6b", EFFECT).await;
     browser.wait_text("#payload-meta", "application/octet-stream, 7 bytes", EFFECT).await;
     save_screenshot(&browser, "central-800-failed-payload.png").await;
+
+    // Cancel in a dialog does nothing.
+    browser.click(&format!(r#"button[data-action="failed-discard"][data-id="{}"]"#, ids[4])).await;
+    browser.wait_for("#confirm[open] #confirm-cancel", EFFECT).await;
+    browser.click("#confirm-cancel").await;
+    wait_until_async(EFFECT, "the dialog closed", || async {
+        browser.find("#confirm[open]").await.is_none()
+    })
+    .await;
+    assert_eq!(failed_entries(&api).await.len(), 6, "cancelled: nothing discarded");
+
+    // Tick two rows and discard them together, confirmed.
+    for id in [ids[4], ids[5]] {
+        browser.click(&format!(r#"input[data-select="{id}"]"#)).await;
+    }
+    let question = click_and_confirm(&browser, "#failed-discard-selected", None).await;
+    assert!(question.contains("Discard 2 failed messages"), "{question}");
+    wait_until_async(EFFECT, "the two ticked entries discarded", || async {
+        let left = failed_entries(&api).await;
+        left.len() == 4 && !left.iter().any(|f| f["id"] == ids[4] || f["id"] == ids[5])
+    })
+    .await;
 
     // Resubmit one: it leaves the failed list and reaches the (now healthy) downstream.
     downstream.status.store(200, Ordering::SeqCst);
@@ -445,10 +512,9 @@ async fn each_console_action_clicked_has_its_effect() {
     })
     .await;
     browser.wait_text("#notice", "2 failed messages of route erp-orders resubmitted", EFFECT).await;
-    assert!(
-        !downstream.delivered().iter().any(|p| p.starts_with(&[0, 1, 2])),
-        "the discarded one stays undelivered"
-    );
+    let delivered = downstream.delivered();
+    assert!(!delivered.iter().any(|p| p.starts_with(&[0, 1, 2])), "the discarded one stays undelivered");
+    assert!(!delivered.iter().any(|p| p.ends_with(b"unwanted")), "the discarded ones stay undelivered");
 
     // The edge's own console: "Go online now" ends store-b's failed-transition wait.
     let edge_b_api = edge_b.client().with_token(ADMIN_TOKEN);
