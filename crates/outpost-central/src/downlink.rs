@@ -318,7 +318,7 @@ pub(crate) async fn expire_loop(hub: Weak<CentralHub>, ttl: Duration) {
     loop {
         ticks.tick().await;
         let Some(hub) = hub.upgrade() else { return };
-        if !*lease.borrow() {
+        if !lease.borrow().is_valid() {
             continue;
         }
         match hub.expire_downlink(ttl, now_unix_ms()).await {

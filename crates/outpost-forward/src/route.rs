@@ -60,8 +60,8 @@ use outpost_core::time::now_unix_ms;
 use outpost_core::Config;
 use outpost_link::Jitter;
 use outpost_store::{
-    FailedEntry, FailedQuery, FailedSelector, FailedStatus, NewFailure, ResubmitOutcome, Store, StoreError,
-    StoredMessage,
+    FailedEntry, FailedQuery, FailedSelector, FailedStatus, Lease, NewFailure, ResubmitOutcome, Store,
+    StoreError, StoredMessage,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -450,9 +450,17 @@ async fn resync_routes(routes: &Routes) {
 
 /// Resolves when the lease changes hands; never when its sender is gone (SQLite's lease is a
 /// constant: always held).
-async fn lease_changed(lease: &mut watch::Receiver<bool>) {
+async fn lease_changed(lease: &mut watch::Receiver<Lease>) {
     if lease.changed().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+/// Resolves when a held lease's validity ends by this node's clock; never for one without an end.
+async fn lease_end(lease: Lease) {
+    match lease.valid_until {
+        Some(until) if lease.held => tokio::time::sleep_until(until.into()).await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -624,7 +632,7 @@ struct RouteTask {
     modes: Arc<RouteModes>,
     mode: watch::Receiver<ModeState>,
     /// Whether this node may deliver the route (store lease `route:<name>`).
-    lease: watch::Receiver<bool>,
+    lease: watch::Receiver<Lease>,
     /// Whether the task has taken over the route under the lease (see [`RouteTask::gain_lease`]).
     holding: bool,
     commits: watch::Receiver<u64>,
@@ -651,7 +659,7 @@ impl RouteTask {
     async fn run(mut self) {
         let mut last_mode = self.mode.borrow().mode;
         while !*self.stop.borrow() {
-            let held = *self.lease.borrow_and_update();
+            let held = self.lease.borrow_and_update().is_valid();
             if !held {
                 if self.holding {
                     self.lose_lease().await;
@@ -873,22 +881,46 @@ impl RouteTask {
             .is_some_and(|ttl| now_unix_ms().saturating_sub(message.accepted_at_ms) > ttl.as_millis() as i64)
     }
 
-    /// One delivery attempt of the head (abandoned if the node stops). Nothing is started once the
-    /// lease is gone, even if the loop has not seen it yet (the reads before an attempt take time);
-    /// an attempt already started may complete.
+    /// One delivery attempt of the head, abandoned if the node stops or the lease runs out first
+    /// (CONTRACT 4.5: another central may deliver from then on). Nothing is started once the lease
+    /// is gone, even if the loop has not seen it yet, and an outcome that arrives after the lease's
+    /// end by this node's clock (say, after the process was frozen) is not acted on: the next
+    /// holder delivers that message again, in order.
     async fn attempt(&mut self) -> Attempt {
-        if !*self.lease.borrow() {
+        if !self.lease.borrow().is_valid() {
             return Attempt::Stopped;
         }
         self.seen = self.mode.borrow().clone();
         let current = self.head.as_ref().expect("attempt needs a head");
         let outgoing = current.head.outgoing();
-        tokio::select! {
-            result = self.deliverer.deliver(&outgoing, &self.policy) => match result {
-                Ok(()) => Attempt::Delivered,
-                Err(failure) => Attempt::Failed(failure),
-            },
-            _ = self.stop.changed() => Attempt::Stopped,
+        let delivery = self.deliverer.deliver(&outgoing, &self.policy);
+        tokio::pin!(delivery);
+        loop {
+            // Renewals move the end while the delivery waits; only a lease that really ran out
+            // stops it.
+            let lease = *self.lease.borrow();
+            if !lease.is_valid() {
+                tracing::warn!(route = %self.name, what = %current.head.describe(),
+                    "the route's lease ran out during a delivery: abandoning it to the next holder");
+                return Attempt::Stopped;
+            }
+            tokio::select! {
+                biased;
+                _ = lease_end(lease) => {}
+                _ = lease_changed(&mut self.lease) => {}
+                _ = self.stop.changed() => return Attempt::Stopped,
+                result = &mut delivery => {
+                    if !self.lease.borrow().is_valid() {
+                        tracing::warn!(route = %self.name, what = %current.head.describe(),
+                            "a delivery finished after the route's lease ran out: leaving it to the next holder");
+                        return Attempt::Stopped;
+                    }
+                    return match result {
+                        Ok(()) => Attempt::Delivered,
+                        Err(failure) => Attempt::Failed(failure),
+                    };
+                }
+            }
         }
     }
 

@@ -87,7 +87,7 @@ mod writer;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -239,6 +239,29 @@ impl StoreOptions {
     /// Options whose queues have no required readers: nothing is ever released.
     pub fn keep_everything(max_store_bytes: u64, node_id: &str) -> StoreOptions {
         StoreOptions { max_store_bytes, node_id: node_id.to_string(), readers_of: Arc::new(|_| Vec::new()) }
+    }
+}
+
+/// A lease as its holder sees it (see [`Store::lease`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    /// Whether this node's last claim succeeded and has not run out since.
+    pub held: bool,
+    /// When the last successful claim stops counting, by this node's monotonic clock: a renew
+    /// interval before another central may take the lease over (`None`: never, on SQLite).
+    pub valid_until: Option<Instant>,
+}
+
+impl Lease {
+    /// The lease of a node that is alone: always held.
+    pub const ALWAYS: Lease = Lease { held: true, valid_until: None };
+    /// Not held.
+    pub const NOT_HELD: Lease = Lease { held: false, valid_until: None };
+
+    /// Held, and not past its end by this node's clock. Checked before anything is done under the
+    /// lease, since the receiver is only told about the change a moment later.
+    pub fn is_valid(&self) -> bool {
+        self.held && self.valid_until.is_none_or(|until| Instant::now() < until)
     }
 }
 
@@ -565,9 +588,13 @@ impl Store {
     /// [`LEASE_RENEW_INTERVAL`]; a claim not renewed for [`LEASE_TTL`] (central dead or cut off from
     /// the database) may be taken by another, and a holder that could not renew within the TTL
     /// reports `false` before anyone else can take it. Dropping every receiver gives the lease up.
-    pub fn lease(&self, name: &str) -> watch::Receiver<bool> {
+    ///
+    /// Receivers are told when the lease changes hands; [`Lease::is_valid`] also goes by this
+    /// node's own clock, so a holder that was frozen or starved (and has not heard from its renewal
+    /// task yet) still knows when to stop.
+    pub fn lease(&self, name: &str) -> watch::Receiver<Lease> {
         match &self.inner.backend {
-            Backend::Sqlite(_) => watch::channel(true).1,
+            Backend::Sqlite(_) => watch::channel(Lease::ALWAYS).1,
             Backend::Postgres(pg) => pg.lease(name),
         }
     }

@@ -68,7 +68,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use crate::failed::{FailedEntry, FailedQuery, FailedStatus, MAX_FAILED_LIST_LIMIT};
 use crate::ops::{Op, Views};
-use crate::{pg_writer, CommitObserver, QueueStats, StoreError, StoreOptions, StoredMessage};
+use crate::{pg_writer, CommitObserver, Lease, QueueStats, StoreError, StoreOptions, StoredMessage};
 
 /// Connections of a central's pool (the writer takes one per commit; reads take the others).
 pub const PG_POOL_SIZE: usize = 6;
@@ -78,6 +78,8 @@ pub const MAX_CLUSTER_EVENT_BYTES: usize = 6000;
 pub const LEASE_TTL: Duration = Duration::from_secs(5);
 /// How often a central renews (or tries to take) each lease it wants.
 pub const LEASE_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one claim or renewal may take before it counts as failed.
+pub const LEASE_CLAIM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the listener waits before re-opening a lost connection.
 pub const LISTEN_RETRY: Duration = Duration::from_secs(1);
 /// How often the views are reloaded whole, whatever the notifications said.
@@ -468,49 +470,14 @@ impl Postgres {
         Ok(())
     }
 
-    pub(crate) fn lease(&self, name: &str) -> watch::Receiver<bool> {
-        let (held_tx, held) = watch::channel(false);
+    pub(crate) fn lease(&self, name: &str) -> watch::Receiver<Lease> {
+        let (lease_tx, lease) = watch::channel(Lease::NOT_HELD);
         let pool = self.pool.clone();
         let name = name.to_string();
         let holder = self.instance.clone();
         let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(LEASE_RENEW_INTERVAL);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut renewed_at: Option<Instant> = None;
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = held_tx.closed() => break,
-                }
-                let started = Instant::now();
-                let held_now = match claim_lease(&pool, &name, &holder).await {
-                    Ok(true) => {
-                        renewed_at = Some(started);
-                        true
-                    }
-                    Ok(false) => {
-                        renewed_at = None;
-                        false
-                    }
-                    Err(e) => {
-                        // Keep the lease only while no other central can have taken it: give it up
-                        // a renew interval before the TTL the others go by.
-                        let still =
-                            renewed_at.is_some_and(|at| at.elapsed() + LEASE_RENEW_INTERVAL < LEASE_TTL);
-                        tracing::warn!(lease = %name, held = still, "cannot renew the lease: {e}");
-                        still
-                    }
-                };
-                held_tx.send_if_modified(|held| {
-                    let changed = *held != held_now;
-                    if changed {
-                        tracing::info!(lease = %name, held = held_now, "lease changed hands");
-                    }
-                    *held = held_now;
-                    changed
-                });
-            }
-            if renewed_at.is_some() {
+            keep_lease(&pool, &name, &holder, &lease_tx).await;
+            if lease_tx.borrow().held {
                 if let Ok(client) = pool.get().await {
                     let _ = client
                         .execute(
@@ -524,7 +491,7 @@ impl Postgres {
         let mut background = self.background.lock().expect("background tasks poisoned");
         background.retain(|task| !task.is_finished());
         background.push(task);
-        held
+        lease
     }
 
     pub(crate) async fn failed(&self, query: &FailedQuery) -> Result<Vec<FailedEntry>, StoreError> {
@@ -590,6 +557,77 @@ fn entry_from_row(row: &tokio_postgres::Row, with_payload: bool) -> Result<Faile
         last_failed_at_ms: row.get(13),
         status: FailedStatus::parse(row.get(14))?,
     })
+}
+
+/// Claims and renews `name` for `holder` every [`LEASE_RENEW_INTERVAL`] until every receiver is
+/// gone, publishing what this node may believe. A claim counts from the moment it was sent, by this
+/// node's monotonic clock, until a renew interval before the TTL the other centrals go by; a claim
+/// that takes longer than [`LEASE_CLAIM_TIMEOUT`] failed. When the validity runs out before a
+/// renewal came back (a slow database, a starved or frozen process), the lease is published as lost
+/// at that moment, not when the renewal finally answers.
+async fn keep_lease(pool: &Pool, name: &str, holder: &str, lease_tx: &watch::Sender<Lease>) {
+    let publish = |lease: Lease| {
+        lease_tx.send_if_modified(|current| {
+            // Receivers wake only when the lease changes hands; a renewal just moves its end.
+            let changed = current.held != lease.held;
+            if changed {
+                tracing::info!(lease = %name, held = lease.held, "lease changed hands");
+            }
+            *current = lease;
+            changed
+        });
+    };
+    let mut ticker = tokio::time::interval(LEASE_RENEW_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut current = *lease_tx.borrow();
+        tokio::select! {
+            biased;
+            _ = lease_tx.closed() => return,
+            _ = sleep_until_end(current), if current.held => {
+                tracing::warn!(lease = %name, "the lease ran out before it could be renewed");
+                publish(Lease::NOT_HELD);
+                continue;
+            }
+            _ = ticker.tick() => {}
+        }
+        let sent_at = Instant::now();
+        let claim = tokio::time::timeout(LEASE_CLAIM_TIMEOUT, claim_lease(pool, name, holder));
+        tokio::pin!(claim);
+        let answer = loop {
+            current = *lease_tx.borrow();
+            tokio::select! {
+                biased;
+                _ = sleep_until_end(current), if current.held => {
+                    tracing::warn!(lease = %name, "the lease ran out while its renewal was waiting for the database");
+                    publish(Lease::NOT_HELD);
+                }
+                answer = &mut claim => break answer,
+            }
+        };
+        match answer {
+            Ok(Ok(true)) => {
+                publish(Lease { held: true, valid_until: Some(sent_at + LEASE_TTL - LEASE_RENEW_INTERVAL) })
+            }
+            Ok(Ok(false)) => publish(Lease::NOT_HELD),
+            Ok(Err(e)) => {
+                // Kept only until its end: the loop's timer gives it up then.
+                tracing::warn!(lease = %name, held = lease_tx.borrow().is_valid(), "cannot renew the lease: {e}");
+            }
+            Err(_) => {
+                tracing::warn!(lease = %name, held = lease_tx.borrow().is_valid(),
+                    "cannot renew the lease: the database did not answer within {LEASE_CLAIM_TIMEOUT:?}");
+            }
+        }
+    }
+}
+
+/// Resolves at the end of a held lease's validity.
+async fn sleep_until_end(lease: Lease) {
+    match lease.valid_until {
+        Some(until) => tokio::time::sleep_until(until.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Claims or renews `name` for `holder`: true when `holder` holds it now.

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use outpost_core::wire::BatchMessage;
 use outpost_store::{
     FailedQuery, FailedSelector, FailedStatus, NewFailure, NewMessage, Store, StoreOptions, StoredMessage,
-    LEASE_TTL,
+    LEASE_RENEW_INTERVAL, LEASE_TTL,
 };
 use testkit::postgres::TestDatabase;
 
@@ -199,19 +199,25 @@ async fn a_lease_is_held_by_one_store_at_a_time_and_passes_on_release() {
     let database = TestDatabase::create().await;
     let (a, b) = (open(&database.url, "a").await, open(&database.url, "b").await);
     let mut on_a = a.lease("route:r");
-    tokio::time::timeout(Duration::from_secs(3), on_a.wait_for(|held| *held)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(3), on_a.wait_for(|lease| lease.is_valid()))
+        .await
+        .unwrap()
+        .unwrap();
     let mut on_b = b.lease("route:r");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    assert!(*on_a.borrow() && !*on_b.borrow(), "one holder");
+    assert!(on_a.borrow().is_valid() && !on_b.borrow().held, "one holder");
     drop(on_a); // a gives the lease up
     let started = std::time::Instant::now();
-    tokio::time::timeout(Duration::from_secs(4), on_b.wait_for(|held| *held)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(4), on_b.wait_for(|lease| lease.is_valid()))
+        .await
+        .unwrap()
+        .unwrap();
     eprintln!("the lease passed to the other store in {:?}", started.elapsed());
     // A store that shuts down gives its leases up too (not only when they expire).
     let c = open(&database.url, "c").await;
     let mut on_c = c.lease("route:r");
     b.shutdown().await;
-    tokio::time::timeout(LEASE_TTL - Duration::from_millis(500), on_c.wait_for(|held| *held))
+    tokio::time::timeout(LEASE_TTL - Duration::from_millis(500), on_c.wait_for(|lease| lease.is_valid()))
         .await
         .unwrap()
         .unwrap();
@@ -281,6 +287,51 @@ async fn two_stores_starting_together_migrate_once() {
     let database = TestDatabase::create().await;
     let (a, b) = tokio::join!(open(&database.url, "a"), open(&database.url, "b"));
     a.append("q", vec![text("x")], None).await.unwrap();
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// CONTRACT 4.5: a holder whose database stops answering (a hung connection: nothing moves, nothing
+/// closes) stops believing its lease before any other central may take it over, whatever its
+/// pending renewal is doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_whose_renewal_hangs_ends_before_another_store_may_take_it() {
+    let database = TestDatabase::create().await;
+    let postgres: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = testkit::proxy::LinkProxy::start(postgres, testkit::proxy::LinkShape::default());
+    let through_proxy = database.url.replace("127.0.0.1:5432", &proxy.address().to_string());
+    assert_ne!(through_proxy, database.url, "the test database is on 127.0.0.1:5432");
+    let a = open(&through_proxy, "a").await;
+    let mut on_a = a.lease("route:r");
+    tokio::time::timeout(Duration::from_secs(3), on_a.wait_for(|lease| lease.is_valid()))
+        .await
+        .unwrap()
+        .unwrap();
+
+    proxy.blackhole(true);
+    let hung_at = std::time::Instant::now();
+    // The last renewal was sent before the hang, so by this node's own clock the lease ends at most
+    // LEASE_TTL - LEASE_RENEW_INTERVAL later: before the others may claim it (LEASE_TTL).
+    tokio::time::sleep(LEASE_TTL - LEASE_RENEW_INTERVAL + Duration::from_millis(20)).await;
+    assert!(!on_a.borrow().is_valid(), "the lease is still believed {:?} into the hang", hung_at.elapsed());
+    tokio::time::timeout(LEASE_TTL - (LEASE_TTL - LEASE_RENEW_INTERVAL), on_a.wait_for(|lease| !lease.held))
+        .await
+        .expect("receivers are told the lease is gone before another store may take it")
+        .unwrap();
+    eprintln!("a hung renewal: the lease was given up {:?} into the hang", hung_at.elapsed());
+
+    // Another store takes it once it has expired in the database, and the first does not get it
+    // back while its connection hangs.
+    let b = open(&database.url, "b").await;
+    let mut on_b = b.lease("route:r");
+    tokio::time::timeout(LEASE_TTL + Duration::from_secs(3), on_b.wait_for(|lease| lease.is_valid()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!on_a.borrow().held, "one holder");
+    proxy.blackhole(false);
+    drop(on_a);
+    drop(on_b);
     b.shutdown().await;
     a.shutdown().await;
 }

@@ -7,7 +7,8 @@
 //! 1 s (the time is printed); while stored nothing is sent by either; back in forward every message
 //! is delivered once, by one central, in queue order; an entry resubmitted on the central that does
 //! not deliver is delivered by the one that does; kill -9 of the delivering central hands delivery
-//! to the other within the lease's TTL and skips nothing.
+//! to the other within the lease's TTL and skips nothing; a delivering central frozen (SIGSTOP) past
+//! the lease's TTL sends nothing more once it runs again (CONTRACT 4.5).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -50,6 +51,8 @@ struct DownstreamState {
     status_for_payload: HashMap<Vec<u8>, u16>,
     delay: Duration,
     log: Vec<Delivery>,
+    /// (central, when) of every request as it arrives, before any delay or answer.
+    arrivals: Vec<(String, Instant)>,
 }
 
 struct Downstream {
@@ -89,6 +92,12 @@ impl Downstream {
         };
     }
 
+    /// When each central's requests arrived, in arrival order.
+    fn arrivals_from(&self, central: &str) -> Vec<Instant> {
+        let state = self.state.lock().unwrap();
+        state.arrivals.iter().filter(|(from, _)| from == central).map(|(_, at)| *at).collect()
+    }
+
     fn log(&self) -> Vec<Delivery> {
         self.state.lock().unwrap().log.clone()
     }
@@ -115,7 +124,8 @@ async fn receive(
     body: Bytes,
 ) -> StatusCode {
     let (status, delay) = {
-        let state = state.lock().unwrap();
+        let mut state = state.lock().unwrap();
+        state.arrivals.push((central.clone(), Instant::now()));
         let status = if state.unavailable {
             503
         } else {
@@ -412,4 +422,74 @@ async fn kill9_of_the_delivering_central_hands_the_route_over_without_skipping()
     assert_eq!(survivor_bodies, expected, "the new holder continues in queue order, skipping nothing");
     let text = survivor.client().metrics().await;
     assert_eq!(route_mode_metric(&text, "forward"), 1.0);
+}
+
+/// CONTRACT 4.5: the delivering central frozen mid-delivery (SIGSTOP) for longer than the lease's
+/// TTL loses the route to the other central, and once it runs again it sends nothing more: its
+/// lease ran out by its own clock, whatever its renewal task has or has not noticed yet. The
+/// message it had in flight is delivered again by the new holder, in order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frozen_holder_sends_nothing_once_its_lease_ran_out() {
+    let database = TestDatabase::create().await;
+    let downstream = Downstream::start().await;
+    let mut a = start_central(&database, "hq-a", &downstream).await;
+    let mut b = start_central(&database, "hq-b", &downstream).await;
+    let mut acknowledged = BTreeMap::new();
+    post_alternating([&a.client(), &b.client()], "warm", 10, &mut acknowledged).await;
+    wait_all_delivered(&downstream, &acknowledged).await;
+    let holder_id = assert_once_by_one_central(&downstream);
+    let (holder, survivor) = if holder_id == "hq-a" { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let survivor_id = if holder_id == "hq-a" { "hq-b" } else { "hq-a" };
+
+    // Slow answers, so the holder is always waiting on one when it is frozen.
+    downstream.set_delay(Duration::from_millis(200));
+    let lines: Vec<String> = (0..200).map(|i| format!("backlog-{i}")).collect();
+    let batch = survivor.client().post_batch("orders", &lines).await.unwrap().batch_accepted();
+    for (seq, line) in (batch.first_seq..=batch.last_seq).zip(lines) {
+        acknowledged.insert(seq, line);
+    }
+    let before = downstream.arrivals_from(&holder_id).len();
+    wait_until_async(WAIT, "the holder is delivering the backlog", || async {
+        downstream.arrivals_from(&holder_id).len() >= before + 3
+    })
+    .await;
+    holder.signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    wait_until_async(WAIT, "the other central takes the route over", || async {
+        !downstream.arrivals_from(survivor_id).is_empty()
+    })
+    .await;
+    eprintln!("frozen holder: the other central delivers {:?} after the freeze", frozen_at.elapsed());
+    // The frozen holder's lease has ended by its own clock too (LEASE_TTL - LEASE_RENEW_INTERVAL
+    // after its last renewal, which came before the freeze); let the new holder get ahead.
+    wait_until_async(WAIT, "the new holder gets ahead", || async {
+        downstream.arrivals_from(survivor_id).len() >= 5
+    })
+    .await;
+
+    let resumed_at = Instant::now();
+    holder.signal(nix::sys::signal::Signal::SIGCONT);
+    // Time for a holder that still believed its lease to answer its buffered response and send
+    // the next message (a few ms), many times over.
+    let seen = downstream.arrivals_from(survivor_id).len();
+    wait_until_async(WAIT, "the new holder delivers on after the resume", || async {
+        downstream.arrivals_from(survivor_id).len() >= seen + 10
+    })
+    .await;
+    let after_resume = downstream.arrivals_from(&holder_id).into_iter().filter(|at| *at > resumed_at).count();
+    assert_eq!(after_resume, 0, "the resumed holder sent {after_resume} request(s) after its lease ran out");
+
+    downstream.set_delay(Duration::ZERO);
+    wait_all_delivered(&downstream, &acknowledged).await;
+    // The new holder delivers in queue order from the durable cursor, skipping nothing.
+    let survivor_bodies: Vec<Vec<u8>> =
+        downstream.delivered().into_iter().filter(|d| d.central == survivor_id).map(|d| d.body).collect();
+    let first = acknowledged.values().position(|p| p.as_bytes() == survivor_bodies[0]).unwrap();
+    let expected: Vec<Vec<u8>> = acknowledged.values().skip(first).map(|p| p.as_bytes().to_vec()).collect();
+    assert_eq!(survivor_bodies, expected, "the new holder continues in queue order, skipping nothing");
+    assert!(
+        holder.log().contains("lease ran out"),
+        "the resumed holder says why it stopped:\n{}",
+        holder.log_tail(40)
+    );
 }
