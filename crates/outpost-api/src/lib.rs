@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use outpost_core::metrics::Metrics;
 use outpost_core::status::LinkStatus;
+use outpost_core::time::now_unix_ms;
 use outpost_core::Config;
 use outpost_store::Store;
 use tokio::net::TcpListener;
@@ -130,13 +131,31 @@ async fn readyz(State(state): State<ApiState>) -> Response {
     }
 }
 
-async fn metrics(State(state): State<ApiState>) -> Response {
+/// `GET /metrics`: the Prometheus text format 0.0.4, or OpenMetrics 1.0 when the request's
+/// `Accept` names `application/openmetrics-text` (as Prometheus does when it prefers it).
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
     status::refresh_backlog_metrics(&state);
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
-        .into_response()
+    if let Some(hub) = &state.central {
+        hub.refresh_edge_metrics_now(now_unix_ms());
+    }
+    let openmetrics = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .any(|accept| accept.contains("application/openmetrics-text"));
+    if openmetrics {
+        (
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            state.metrics.encode_openmetrics(),
+        )
+            .into_response()
+    } else {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            state.metrics.encode_prometheus_text(),
+        )
+            .into_response()
+    }
 }
 
 async fn not_found() -> ApiError {

@@ -233,6 +233,7 @@ impl CentralHub {
         for listed in hub.config.edges.iter().filter(|e| e.token.is_empty()) {
             tracing::warn!(edge = %listed.id, "[[edge]] {:?} has no token: any client may connect as it", listed.id);
         }
+        hub.metrics.set_node_state(if maintenance.enabled { "maintenance" } else { "online" });
         {
             let registry = hub.registry();
             hub.refresh_edge_metrics(&registry);
@@ -287,6 +288,7 @@ impl CentralHub {
         let mut registry = self.registry();
         registry.maintenance = enabled;
         registry.maintenance_since_ms = since_ms;
+        self.metrics.set_node_state(if enabled { "maintenance" } else { "online" });
         let mut told = 0usize;
         for (id, entry) in registry.edges.iter_mut() {
             let Some(link) = &entry.link else { continue };
@@ -481,6 +483,12 @@ impl CentralHub {
                 "could not persist the edge registry entry: {e}; it is kept in memory and written with the next change"
             ),
         }
+    }
+
+    /// Brings `outpost_edges{state}` up to date at `now_ms` (before a scrape).
+    pub fn refresh_edge_metrics_now(&self, _now_ms: i64) {
+        let registry = self.registry();
+        self.refresh_edge_metrics(&registry);
     }
 
     /// Sets `outpost_edges{state}` to the number of edges last reporting each state.

@@ -33,6 +33,11 @@ impl Role {
         }
     }
 
+    /// `./outpost-data/edge` or `./outpost-data/central`, so both roles start side by side.
+    pub fn default_data_dir(self) -> PathBuf {
+        Path::new("./outpost-data").join(self.as_str())
+    }
+
     pub fn default_listen(self) -> &'static str {
         match self {
             Role::Edge => "127.0.0.1:7400",
@@ -72,6 +77,12 @@ pub struct Flags {
     pub postgres: Option<String>,
 }
 
+/// The central an edge uses when neither `[[upstream]]` nor `--central` names one (CONTRACT 1).
+pub const DEFAULT_CENTRAL_URL: &str = "http://127.0.0.1:7401";
+
+/// The value of `upstream` (key or `OUTPOST_UPSTREAM`) that says "this edge has no central".
+pub const NO_UPSTREAM: &str = "none";
+
 /// Environment variables with the `OUTPOST_` prefix that belong to clients or tests, not to a node.
 const NON_CONFIG_ENV: &[&str] = &["URL", "TOKEN", "LOG", "LOG_FORMAT", "HA_READY_FD", "CHILD"];
 
@@ -89,8 +100,9 @@ struct RawConfig {
     auth: Option<RawAuth>,
     #[serde(default)]
     limits: RawLimits,
-    #[serde(default)]
-    upstream: Vec<RawUpstream>,
+    /// `None`: not given (an edge then uses [`DEFAULT_CENTRAL_URL`]); `Some(empty)`: explicitly none.
+    #[serde(default, deserialize_with = "de_upstreams")]
+    upstream: Option<Vec<RawUpstream>>,
     #[serde(default)]
     failover: RawFailover,
     #[serde(default)]
@@ -314,6 +326,36 @@ fn split_list(text: &str) -> Vec<String> {
     text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
+/// `[[upstream]]` tables, or the string `"none"` (an edge without a central, e.g. from
+/// `OUTPOST_UPSTREAM=none`).
+fn de_upstreams<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<RawUpstream>>, D::Error> {
+    struct UpstreamsVisitor;
+    impl<'de> de::Visitor<'de> for UpstreamsVisitor {
+        type Value = Option<Vec<RawUpstream>>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            write!(
+                f,
+                "[[upstream]] tables each with a `url`, or \"{NO_UPSTREAM}\" for an edge without a central"
+            )
+        }
+
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            if s.trim() == NO_UPSTREAM {
+                Ok(Some(Vec::new()))
+            } else {
+                Err(E::custom(format!("expected [[upstream]] tables or \"{NO_UPSTREAM}\", got {s:?}")))
+            }
+        }
+
+        fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            // Deserialized through the given access, so errors keep their path (upstream[0].url).
+            Vec::<RawUpstream>::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(Some)
+        }
+    }
+    d.deserialize_any(UpstreamsVisitor)
+}
+
 fn de_string_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
     match StrOrList::deserialize(d)
         .map_err(|_| de::Error::custom("expected a list of strings (or a comma-separated string)"))?
@@ -531,7 +573,11 @@ impl Config {
         let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(tree)).map_err(|e| {
             let key = e.path().to_string();
             let key = if key == "." { String::new() } else { key };
-            ConfigError { origin: origins.of(&key), key, problem: e.into_inner().to_string() }
+            ConfigError {
+                origin: origins.of(&key),
+                key,
+                problem: without_type_names(&e.into_inner().to_string()),
+            }
         })?;
         let mut config = validate(role, raw, &origins)?;
         config.sources = sources;
@@ -667,6 +713,22 @@ fn apply_flags(tree: &mut toml::Table, origins: &mut Origins, flags: &Flags) {
     }
 }
 
+/// serde names the Rust type it expected ("expected struct RawLimits"); an operator wrote TOML, so
+/// say what that is in TOML instead.
+fn without_type_names(problem: &str) -> String {
+    let mut out = String::with_capacity(problem.len());
+    let mut rest = problem;
+    while let Some(at) = rest.find("struct Raw") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + "struct Raw".len()..];
+        let name_len = after.find(|c: char| !c.is_ascii_alphanumeric()).unwrap_or(after.len());
+        out.push_str("a table (a [section] of keys)");
+        rest = &after[name_len..];
+    }
+    out.push_str(rest);
+    out
+}
+
 fn set_path(tree: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
     let (last, parents) = path.split_last().ok_or("empty key")?;
     let mut table = tree;
@@ -696,7 +758,7 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         .parse()
         .map_err(|_| err("listen", format!("{listen_text:?} is not an address like \"127.0.0.1:7400\"")))?;
 
-    let data_dir = raw.data_dir.unwrap_or_else(|| PathBuf::from("./outpost-data"));
+    let data_dir = raw.data_dir.unwrap_or_else(|| role.default_data_dir());
     if data_dir.as_os_str().is_empty() {
         return Err(err("data_dir", "must not be empty".into()));
     }
@@ -747,8 +809,15 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         return Err(err("limits.max_store_bytes", "must be at least limits.max_message_bytes".into()));
     }
 
+    let raw_upstreams = match (role, raw.upstream) {
+        (_, Some(given)) => given,
+        (Role::Edge, None) => {
+            vec![RawUpstream { url: DEFAULT_CENTRAL_URL.to_string(), ..RawUpstream::default() }]
+        }
+        (Role::Central, None) => Vec::new(),
+    };
     let mut upstreams = Vec::new();
-    for (i, u) in raw.upstream.into_iter().enumerate() {
+    for (i, u) in raw_upstreams.into_iter().enumerate() {
         let key = format!("upstream[{i}].url");
         validate_http_url(&u.url).map_err(|p| err(&key, p))?;
         upstreams.push(Upstream {
@@ -1011,12 +1080,31 @@ mod tests {
     fn defaults_without_any_config() {
         let c = Config::load_from(Role::Edge, &Flags::default(), &[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7400");
-        assert_eq!(c.data_dir, PathBuf::from("./outpost-data"));
+        assert_eq!(c.data_dir, PathBuf::from("./outpost-data/edge"));
+        let urls: Vec<_> = c.upstreams.iter().map(|u| u.url.as_str()).collect();
+        assert_eq!(urls, [DEFAULT_CENTRAL_URL], "an edge with no upstream uses the default central");
         assert_eq!(c.connectivity.ping_interval, Duration::from_secs(300));
         assert_eq!(c.limits.max_message_bytes, 1 << 20);
         assert!(c.auth.is_none());
         let c = Config::load_from(Role::Central, &Flags::default(), &[]).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7401");
+        assert_eq!(c.data_dir, PathBuf::from("./outpost-data/central"));
+        assert!(c.upstreams.is_empty());
+    }
+
+    #[test]
+    fn an_edge_can_say_it_has_no_upstream() {
+        let env = vec![("OUTPOST_UPSTREAM".to_string(), "none".to_string())];
+        let c = Config::load_from(Role::Edge, &Flags::default(), &env).unwrap();
+        assert!(c.upstreams.is_empty());
+        let (_f, flags) = write("upstream = \"none\"\n");
+        assert!(Config::load_from(Role::Edge, &flags, &[]).unwrap().upstreams.is_empty());
+        let e = Config::load_from(Role::Edge, &flags.clone(), &[("OUTPOST_UPSTREAM".into(), "nope".into())])
+            .unwrap_err();
+        assert_eq!(e.key, "upstream", "{e}");
+        // --central wins over "none" from the environment.
+        let flags = Flags { centrals: vec!["http://a:1".into()], ..Flags::default() };
+        assert_eq!(Config::load_from(Role::Edge, &flags, &env).unwrap().upstreams.len(), 1);
     }
 
     #[test]
@@ -1090,6 +1178,17 @@ mod tests {
                 assert_eq!(e.key, key, "{file}: {e}");
             }
             assert!(e.to_string().contains(problem), "{file}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_never_name_internal_types() {
+        for text in
+            ["limits = 5\n", "failover = \"x\"\n", "[[route]]\nname = 1\n", "upstream = [1]\n", "tls = 3\n"]
+        {
+            let (_f, flags) = write(text);
+            let e = Config::load_from(Role::Edge, &flags, &[]).unwrap_err().to_string();
+            assert!(!e.contains("Raw") && !e.contains("struct"), "{text:?}: {e}");
         }
     }
 

@@ -52,6 +52,7 @@ pub struct Metrics {
     pub duplicates_dropped: Counter,
     pub store_commit_seconds: Histogram,
     pub edges: Family<StateLabel, Gauge>,
+    pub node_state: Family<StateLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -79,6 +80,7 @@ impl Metrics {
             // 50 µs .. ~26 s: fsync latencies of fast NVMe up to a struggling SD card.
             store_commit_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 20)),
             edges: Family::default(),
+            node_state: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -143,7 +145,21 @@ impl Metrics {
             "Edges known to this central by last reported state",
             m.edges.clone(),
         );
+        registry.register(
+            "outpost_node_state",
+            "1 for the central's current state (online or maintenance)",
+            m.node_state.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Sets `outpost_node_state{state}` (central) to 1 for `current` and 0 for the other state.
+    pub fn set_node_state(&self, current: &str) {
+        for state in ["online", "maintenance"] {
+            self.node_state
+                .get_or_create(&StateLabel { state: state.into() })
+                .set(i64::from(state == current));
+        }
     }
 
     /// Sets `outpost_edge_state{state}` to 1 for `current` and 0 for every other state.
@@ -155,11 +171,77 @@ impl Metrics {
         }
     }
 
-    /// The text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// Every metric in the OpenMetrics 1.0 text format (what `prometheus_client` writes).
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+
+    /// Every metric in the Prometheus text exposition format 0.0.4, which every scraper and
+    /// `promtool check metrics` read.
+    pub fn encode_prometheus_text(&self) -> String {
+        openmetrics_to_prometheus_text(&self.encode_openmetrics())
+    }
+}
+
+/// Rewrites OpenMetrics text as Prometheus text 0.0.4. The two differ, for what this registry
+/// writes, only in that OpenMetrics names a counter family without its `_total` suffix in `# HELP`
+/// and `# TYPE` (0.0.4 wants the sample name there), has `# UNIT` lines and ends with `# EOF`.
+pub fn openmetrics_to_prometheus_text(openmetrics: &str) -> String {
+    let mut out = String::with_capacity(openmetrics.len());
+    // Families whose `# TYPE` says counter, so their `# HELP` (written before it) is fixed too.
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.strip_suffix(" counter"))
+        .collect();
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let comment = line
+            .strip_prefix("# HELP ")
+            .map(|rest| ("# HELP ", rest))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|rest| ("# TYPE ", rest)));
+        match comment {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(kind);
+                out.push_str(name);
+                if counters.contains(name) && !name.ends_with("_total") {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_total_and_has_no_openmetrics_lines() {
+        let metrics = Metrics::new();
+        metrics.messages_accepted.get_or_create(&QueueLabel { queue: "q".into() }).inc();
+        metrics.set_node_state("maintenance");
+        metrics.store_commit_seconds.observe(0.001);
+        let text = metrics.encode_prometheus_text();
+        assert!(text.contains("# TYPE outpost_messages_accepted_total counter\n"), "{text}");
+        assert!(text.contains("# HELP outpost_messages_accepted_total "), "{text}");
+        assert!(text.contains("outpost_messages_accepted_total{queue=\"q\"} 1\n"), "{text}");
+        assert!(text.contains("outpost_node_state{state=\"maintenance\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE outpost_store_commit_seconds histogram\n"), "{text}");
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(metrics.encode_openmetrics().ends_with("# EOF\n"));
     }
 }

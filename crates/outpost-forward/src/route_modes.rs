@@ -466,7 +466,7 @@ mod tests {
         // Decided on the current state, they apply.
         let recorded = modes.set_reason_if_unchanged("a", &held, "poison: http:400").await.unwrap();
         assert_eq!(recorded.map(|state| state.reason), Some("poison: http:400".to_string()));
-        let text = metrics.encode();
+        let text = metrics.encode_prometheus_text();
         assert!(text.contains("outpost_route_mode{route=\"a\",mode=\"store\"} 1"), "{text}");
         assert!(text.contains("outpost_route_mode{route=\"a\",mode=\"forward\"} 0"), "{text}");
         store.shutdown().await;

@@ -3,8 +3,9 @@
 //! after the previous one was acknowledged, so `--concurrency` is the number of writes in flight.
 
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -51,6 +52,8 @@ struct Target {
     token: Option<String>,
     body: Bytes,
     content_type: &'static str,
+    /// "--size N --batch B", for the advice after a 413.
+    size_hint: String,
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
@@ -86,7 +89,15 @@ fn make_target(args: &BenchArgs, authority: String) -> Target {
         )
     };
     let authority = authority.split('/').next().unwrap_or_default().to_string();
-    Target { host: authority.clone(), authority, path, token: args.token.clone(), body, content_type }
+    Target {
+        host: authority.clone(),
+        authority,
+        path,
+        token: args.token.clone(),
+        body,
+        content_type,
+        size_hint: format!("--size {} --batch {}", args.size, args.batch),
+    }
 }
 
 #[derive(Default)]
@@ -96,6 +107,42 @@ struct WorkerResult {
     acknowledged_messages: u64,
     errors: u64,
     first_error: Option<String>,
+}
+
+/// Set by the first worker whose request the node refused for good: every request of a run is the
+/// same (token, size, batch), so once one gets 401, 403 or 413 every other one would too, and
+/// sending on only loads the node with refusals.
+#[derive(Default)]
+struct Refused {
+    stop: AtomicBool,
+    why: Mutex<Option<String>>,
+}
+
+impl Refused {
+    fn refuse(&self, why: String) {
+        self.why.lock().expect("refusal lock").get_or_insert(why);
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// What to tell the operator when the node refuses every request with `status`, or `None` when
+/// the status may pass (a full store, a transition) and the run goes on.
+fn refusal_advice(status: hyper::StatusCode, args_hint: &str) -> Option<String> {
+    match status.as_u16() {
+        401 => Some("the node requires a client token: pass --token T or set OUTPOST_TOKEN".into()),
+        403 => {
+            Some("the token is not a client token of the node: pass one of its [auth] client_tokens".into())
+        }
+        413 => Some(format!(
+            "the messages are larger than the node accepts ({args_hint}): lower --size or --batch, or raise \
+             the node's limits.max_message_bytes / limits.max_batch_messages"
+        )),
+        _ => None,
+    }
 }
 
 async fn bench(args: BenchArgs, authority: String) -> ExitCode {
@@ -129,14 +176,16 @@ async fn bench(args: BenchArgs, authority: String) -> ExitCode {
         })
     };
 
+    let refused = Arc::new(Refused::default());
     let mut workers = Vec::with_capacity(args.concurrency);
     for _ in 0..args.concurrency {
         let target = target.clone();
         let next_request = next_request.clone();
         let acknowledged = acknowledged.clone();
+        let refused = refused.clone();
         let batch = args.batch as u64;
         workers.push(tokio::spawn(async move {
-            worker(&target, &next_request, requests_total, batch, &acknowledged).await
+            worker(&target, &next_request, requests_total, batch, &acknowledged, &refused).await
         }));
     }
     let mut merged = WorkerResult::default();
@@ -153,6 +202,11 @@ async fn bench(args: BenchArgs, authority: String) -> ExitCode {
     }
     let seconds = started.elapsed().as_secs_f64();
     progress.abort();
+    if let Some(why) = refused.why.lock().expect("refusal lock").take() {
+        eprintln!("outpost bench: stopped: {why}");
+        eprintln!("  first refusal: {}", merged.first_error.as_deref().unwrap_or("?"));
+        return ExitCode::from(exit::FATAL);
+    }
 
     // A batch's latency counts for each message in it.
     let mut per_message: Vec<u32> = Vec::with_capacity(merged.acknowledged_messages as usize);
@@ -207,10 +261,11 @@ async fn worker(
     requests_total: u64,
     batch: u64,
     acknowledged: &AtomicU64,
+    refused: &Refused,
 ) -> WorkerResult {
     let mut result = WorkerResult::default();
     let mut sender = None;
-    while next_request.fetch_add(1, Ordering::Relaxed) < requests_total {
+    while !refused.stopped() && next_request.fetch_add(1, Ordering::Relaxed) < requests_total {
         if sender.is_none() {
             match connect(&target.authority).await {
                 Ok(s) => sender = Some(s),
@@ -244,6 +299,9 @@ async fn worker(
                     result
                         .first_error
                         .get_or_insert(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+                    if let Some(why) = refusal_advice(status, &target.size_hint) {
+                        refused.refuse(format!("HTTP {status}: {why}"));
+                    }
                 }
             }
             Err(e) => {

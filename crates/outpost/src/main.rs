@@ -54,13 +54,14 @@ pub struct NodeArgs {
     /// Address to listen on (default 127.0.0.1:7400 for an edge, :7401 for a central).
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
-    /// Data directory (default ./outpost-data).
+    /// Data directory (default ./outpost-data/edge or ./outpost-data/central).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Node id (default: the host name).
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
-    /// Central URL; repeat for failover order, the first is the primary (edge only).
+    /// Central URL; repeat for failover order, the first is the primary (edge only; default
+    /// http://127.0.0.1:7401, or none with OUTPOST_UPSTREAM=none).
     #[arg(long = "central", value_name = "URL")]
     centrals: Vec<String>,
     /// PostgreSQL URL: keep the central's data there; centrals with the same URL form a cluster.

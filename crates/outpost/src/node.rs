@@ -29,9 +29,14 @@ pub fn run(config: Config) -> ExitCode {
 }
 
 fn init_tracing() {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: never in files, pipes or the journal, and never
+    // when NO_COLOR is set (the NO_COLOR convention: any value but the empty string).
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour);
     if std::env::var("OUTPOST_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {
@@ -48,6 +53,15 @@ async fn serve(config: Config) -> ExitCode {
         "outpost {} starting",
         config.role.as_str()
     );
+
+    // The address first: a node that cannot serve must not create or migrate a store either.
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(listen = %config.listen, "cannot listen: {e}; is another process using this address?");
+            return ExitCode::from(exit::FATAL);
+        }
+    };
 
     let metrics = Arc::new(Metrics::new());
     let observer_metrics = metrics.clone();
@@ -76,14 +90,6 @@ async fn serve(config: Config) -> ExitCode {
         }
     };
 
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            tracing::error!(listen = %config.listen, "cannot listen: {e}; is another process using this address?");
-            store.shutdown().await;
-            return ExitCode::from(exit::FATAL);
-        }
-    };
     if config.auth.is_none() && !config.listen.ip().is_loopback() {
         tracing::warn!(listen = %config.listen, "no [auth] section: anyone who can reach this address may send and administer");
     }

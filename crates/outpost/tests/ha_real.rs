@@ -121,6 +121,8 @@ impl Watcher {
         let process = Command::new(env!("CARGO_BIN_EXE_outpost"))
             .args(["--ha", "edge", "--listen", &address.to_string(), "--data-dir"])
             .arg(data_dir)
+            // No central: by default an edge would try 127.0.0.1:7401.
+            .env("OUTPOST_UPSTREAM", "none")
             .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(output.try_clone().unwrap())

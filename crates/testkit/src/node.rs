@@ -85,6 +85,12 @@ impl NodeBuilder {
         self
     }
 
+    /// The config file or an environment variable names the edge's upstream (flags always win).
+    fn names_an_upstream(&self) -> bool {
+        self.config_toml.as_deref().is_some_and(|toml| toml.contains("upstream"))
+            || self.env.iter().any(|(name, _)| name.to_string_lossy().starts_with("OUTPOST_UPSTREAM"))
+    }
+
     pub fn ready_timeout(mut self, timeout: Duration) -> NodeBuilder {
         self.ready_timeout = timeout;
         self
@@ -433,6 +439,11 @@ impl Node {
             if name.to_string_lossy().starts_with("OUTPOST_") {
                 command.env_remove(name);
             }
+        }
+        // An edge the test gave no central to has none (by default an edge tries the central on
+        // 127.0.0.1:7401, which may be another test's node). `--central` flags win over this.
+        if self.spec.role == "edge" && !self.spec.names_an_upstream() {
+            command.env("OUTPOST_UPSTREAM", "none");
         }
         // Plain text in the log file (no ANSI colours), no systemd notifications; then the
         // test's own variables, which may override both.
