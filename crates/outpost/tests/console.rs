@@ -164,10 +164,14 @@ async fn failed_entries(central: &Client) -> Vec<Value> {
     json_of(central, "/v1/failed?route=erp-orders").await.as_array().cloned().unwrap_or_default()
 }
 
-/// Opens `url`, which asks for the admin token (the node has `[auth]`), and gives it.
+/// Opens `url`, which asks for the admin token (the node has `[auth]`), gives a wrong one, is
+/// asked again, and gives the right one.
 async fn open_with_token(browser: &Browser, url: &str) {
     browser.goto(url).await;
-    browser.wait_text("#token-why", "admin token", EFFECT).await;
+    browser.wait_text("#token-why", "needs an admin token", EFFECT).await;
+    browser.type_into("#token-input", "not-the-token").await;
+    browser.click("#token-save").await;
+    browser.wait_text("#token-why", "The token was refused", EFFECT).await;
     browser.type_into("#token-input", ADMIN_TOKEN).await;
     browser.click("#token-save").await;
     let kept = browser.execute("return sessionStorage.getItem('outpost-admin-token')", json!([])).await;
@@ -535,6 +539,35 @@ async fn each_console_action_clicked_has_its_effect() {
     check_layout(&edge_browser, &["messages", "oldest", "cause"]).await;
 
     edge_browser.close().await;
+    browser.close().await;
+}
+
+/// Without `[auth]` the console asks for no token; the demo's pair of nodes looks like this.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_auth_the_console_asks_for_no_token() {
+    if !browser_available() {
+        return;
+    }
+    let central = Node::builder(BIN).role("central").args(["--node-id", "hq-open"]).start().await;
+    let edge = Node::builder(BIN)
+        .role("edge")
+        .args(["--node-id", "store-open", "--central"])
+        .arg(central.url())
+        .start()
+        .await;
+    wait_state(&edge.client(), "online", "the edge online").await;
+    edge.client().post_message("orders", "an order").await.unwrap().expect_status(202);
+    let browser = Browser::start(WIDTH, 900).await;
+    browser.goto(&format!("{}/", edge.url())).await;
+    browser.wait_text("#node", "store-open (edge", EFFECT).await;
+    browser.wait_text("#status", "(primary)", EFFECT).await;
+    browser.wait_text("#queues tbody", "orders", EFFECT).await;
+    browser.goto(&format!("{}/", central.url())).await;
+    browser.wait_text("#edges tbody", "store-open", EFFECT).await;
+    browser.wait_text("#queues tbody", "orders", EFFECT).await;
+    assert!(browser.find("#token-bar:not([hidden])").await.is_none(), "no token asked for");
+    let token = browser.execute("return sessionStorage.getItem('outpost-admin-token')", json!([])).await;
+    assert_eq!(token, Value::Null);
     browser.close().await;
 }
 
