@@ -5,6 +5,7 @@ pub mod auth;
 mod body;
 pub mod central;
 mod console;
+mod consumers;
 pub mod error;
 pub mod listener;
 mod messages;
@@ -87,6 +88,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(console::routes())
         .merge(central::routes())
         .merge(routes::routes())
+        .merge(consumers::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -93,6 +93,9 @@ fn failed_json(entry: &FailedEntry) -> Value {
     if let Some(edge) = edge {
         json["edge"] = json!(edge);
     }
+    if let Some(consumer) = outpost_store::consumers::consumer_of_route(&entry.route) {
+        json["consumer"] = json!(consumer);
+    }
     json
 }
 
@@ -150,7 +153,8 @@ async fn switch_route(
     Ok(Json(route_json(&view)).into_response())
 }
 
-/// `GET /v1/failed?route=R&limit=100&after_id=0` (`after_id` pages by entry id).
+/// `GET /v1/failed?route=R&limit=100&after_id=0` (`after_id` pages by entry id; `R` may be
+/// `consumer:<name>`, `:` escaped as `%3A` or not).
 async fn list_failed(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
@@ -164,9 +168,9 @@ async fn list_failed(
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
         match name {
             "route" => {
-                outpost_core::validate_name(value)
-                    .map_err(|e| ApiError::invalid_name(format!("route {e}")))?;
-                route = Some(value.to_string());
+                let value = value.replace("%3A", ":").replace("%3a", ":");
+                validate_failed_route(&value)?;
+                route = Some(value);
             }
             "limit" => {
                 limit =
@@ -190,6 +194,13 @@ async fn list_failed(
     };
     let entries = routes.failed(route.as_deref(), after_id, limit).await?;
     Ok(Json(entries.iter().map(failed_json).collect::<Vec<_>>()).into_response())
+}
+
+/// The route a failed-list filter or a bulk resubmit names: a route, or a pull consumer as
+/// `consumer:<name>`.
+fn validate_failed_route(route: &str) -> Result<(), ApiError> {
+    let name = outpost_store::consumers::consumer_of_route(route).unwrap_or(route);
+    outpost_core::validate_name(name).map_err(|e| ApiError::invalid_name(format!("route {e}")))
 }
 
 /// A failed entry id from the path; one that is not a number names no entry.
@@ -226,7 +237,7 @@ async fn resubmit_many(
         .ok_or_else(|| ApiError::bad_request(r#"send {"route": "R"} or {"ids": [..]}"#))?;
     let selector = match (body.get("route"), body.get("ids")) {
         (Some(Value::String(route)), None) => {
-            outpost_core::validate_name(route).map_err(|e| ApiError::invalid_name(format!("route {e}")))?;
+            validate_failed_route(route)?;
             FailedSelector::Route(route.clone())
         }
         (None, Some(Value::Array(ids))) => {

@@ -229,6 +229,12 @@ impl Routes {
         self.routes.contains_key(name)
     }
 
+    /// A configured route, or a pull consumer's failed entries (`consumer:<name>`, see
+    /// [`outpost_store::consumers`]): what failed entries may name and be resubmitted to.
+    pub fn takes_failed(&self, route: &str) -> bool {
+        self.is_route(route) || outpost_store::consumers::consumer_of_route(route).is_some()
+    }
+
     /// Every route with its mode, backlog and failed count, by name.
     pub async fn list(&self) -> Result<Vec<RouteView>, StoreError> {
         let failed = self.store.failed_counts(FailedStatus::Failed).await?;
@@ -277,7 +283,7 @@ impl Routes {
         limit: usize,
     ) -> Result<Vec<FailedEntry>, RouteError> {
         if let Some(route) = route {
-            if !self.is_route(route) {
+            if !self.takes_failed(route) {
                 return Err(RouteError::UnknownRoute(route.to_string()));
             }
         }
@@ -292,17 +298,18 @@ impl Routes {
     }
 
     /// Puts failed entries back on their routes; each route delivers them before continuing with
-    /// its queue. Entries of routes no longer configured are refused like unknown ids.
+    /// its queue (a consumer's entries go to its next lease). Entries of routes no longer
+    /// configured are refused like unknown ids.
     pub async fn resubmit(&self, selector: FailedSelector) -> Result<ResubmitOutcome, RouteError> {
         match &selector {
-            FailedSelector::Route(route) if !self.is_route(route) => {
+            FailedSelector::Route(route) if !self.takes_failed(route) => {
                 return Err(RouteError::UnknownRoute(route.clone()))
             }
             FailedSelector::Ids(ids) => {
                 let mut orphaned = Vec::new();
                 for id in ids {
                     if let Some(entry) = self.store.failed_entry(*id).await? {
-                        if !self.is_route(&entry.route) {
+                        if !self.takes_failed(&entry.route) {
                             orphaned.push(entry.route);
                         }
                     }

@@ -40,7 +40,7 @@
 //!   what one did at once; [`Store::lease`] lets exactly one central of the cluster do a job (a
 //!   node alone always holds its leases).
 //!
-//! # On-disk format, SQLite (schema version 3)
+//! # On-disk format, SQLite (schema version 4)
 //!
 //! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`, 64 KiB pages when created), `<data_dir>/outpost.lock` (held with an
 //! exclusive `flock` by the running node: a second node on the same directory exits with code 3).
@@ -63,6 +63,13 @@
 //!        first_failed_at_ms, last_failed_at_ms, status TEXT)   (version 3)
 //!                                                   copies of messages a route gave up on; status
 //!                                                   `failed` or `resubmitted` (see [`failed`])
+//! consumers(consumer_id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT, name TEXT, head INTEGER,
+//!           created_at_ms, last_active_at_ms, UNIQUE(queue, name))          (version 4)
+//! consumer_messages(consumer_id, failed_id, seq, deliveries, leased, visible_at_ms,
+//!                   PRIMARY KEY(consumer_id, failed_id, seq))               (version 4)
+//!                                                   pull consumers and their outstanding messages;
+//!                                                   the position is the cursor `consumer:<name>`
+//!                                                   (see [`consumers`])
 //! ```
 //!
 //! # PostgreSQL schema
@@ -76,6 +83,8 @@
 //! records the last one applied, and a store written by a newer outpost is refused rather than
 //! misread. On PostgreSQL they run in one transaction under an advisory lock.
 
+pub mod consumers;
+mod consumers_sqlite;
 pub mod failed;
 mod ops;
 mod pg;
@@ -92,6 +101,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+pub use consumers::{ConsumerView, LeaseRequest, LeasedMessage, Settle, SettleOutcome};
 pub use failed::{FailedEntry, FailedQuery, FailedSelector, FailedStatus, NewFailure, ResubmitOutcome};
 pub use ops::{MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
 pub use pg::{LEASE_RENEW_INTERVAL, LEASE_TTL, MAX_CLUSTER_EVENT_BYTES, PG_POOL_SIZE};

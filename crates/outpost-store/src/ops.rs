@@ -7,7 +7,7 @@ use std::sync::RwLock;
 use outpost_core::wire::BatchMessage;
 use tokio::sync::oneshot;
 
-use crate::{failed, Appended, NewMessage, OriginAppended, QueueStats, StoreError};
+use crate::{consumers, failed, Appended, NewMessage, OriginAppended, QueueStats, StoreError};
 
 /// The most operations one commit carries.
 pub const MAX_OPS_PER_COMMIT: usize = 4096;
@@ -73,6 +73,27 @@ pub(crate) enum Op {
     ChangeFailed {
         change: failed::FailedChange,
         reply: Reply<failed::FailedOutcome>,
+    },
+    /// Lease messages to a consumer (created if new); see [`crate::consumers`].
+    ConsumerLease {
+        queue: String,
+        name: String,
+        request: consumers::LeaseRequest,
+        reply: Reply<Vec<consumers::LeasedMessage>>,
+    },
+    /// Acknowledge or give back a consumer's leased messages.
+    ConsumerSettle {
+        queue: String,
+        name: String,
+        lease_ids: Vec<String>,
+        settle: consumers::Settle,
+        reply: Reply<consumers::SettleOutcome>,
+    },
+    /// Forget a consumer and its hold on storage.
+    ConsumerDelete {
+        queue: String,
+        name: String,
+        reply: Reply<bool>,
     },
     Ping {
         reply: oneshot::Sender<()>,

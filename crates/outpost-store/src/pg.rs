@@ -28,7 +28,7 @@
 //! stale view is an old view, never a wrong one: a stale origin position makes an edge resend what
 //! the store then drops as duplicates; a stale queue size is a stale number on a status page.
 //!
-//! # Schema (version 1; tables prefixed `outpost_`)
+//! # Schema (version 2; tables prefixed `outpost_`)
 //!
 //! ```text
 //! outpost_meta(key TEXT PRIMARY KEY, value TEXT)          schema_version, created_at_ms
@@ -47,6 +47,12 @@
 //!                content_type, accepted_at_ms, payload BYTEA, attempts, reason, last_error,
 //!                first_failed_at_ms, last_failed_at_ms, status)
 //! outpost_leases(name TEXT PRIMARY KEY, holder TEXT, expires_at_ms BIGINT)   database clock
+//! outpost_consumers(consumer_id BIGSERIAL PRIMARY KEY, queue, name, head, created_at_ms,
+//!                   last_active_at_ms, UNIQUE(queue, name))                      (version 2)
+//! outpost_consumer_messages(consumer_id, failed_id, seq, deliveries, leased BOOLEAN,
+//!                           visible_at_ms, PRIMARY KEY(consumer_id, failed_id, seq))
+//!                             pull consumers, as on SQLite (see `crate::consumers`); a consumer's
+//!                             operations hold its queue's row lock
 //! ```
 //!
 //! Migrations run at open inside one transaction holding `pg_advisory_xact_lock`, so centrals
@@ -97,7 +103,8 @@ pub(crate) const EVENTS_CHANNEL: &str = "outpost_events";
 const MIGRATION_LOCK_KEY: i64 = 0x006f_7574_706f_7374;
 
 /// Migrations in order; `MIGRATIONS[i]` brings the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE outpost_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE outpost_queues (
         queue_id BIGSERIAL PRIMARY KEY,
@@ -161,7 +168,28 @@ const MIGRATIONS: &[&str] = &["
     );
     CREATE INDEX outpost_failed_by_route ON outpost_failed (route, status, id);
     CREATE TABLE outpost_leases (name TEXT PRIMARY KEY, holder TEXT NOT NULL, expires_at_ms BIGINT NOT NULL);
-"];
+",
+    "
+    CREATE TABLE outpost_consumers (
+        consumer_id BIGSERIAL PRIMARY KEY,
+        queue TEXT NOT NULL,
+        name TEXT NOT NULL,
+        head BIGINT NOT NULL,
+        created_at_ms BIGINT NOT NULL,
+        last_active_at_ms BIGINT NOT NULL,
+        UNIQUE (queue, name)
+    );
+    CREATE TABLE outpost_consumer_messages (
+        consumer_id BIGINT NOT NULL,
+        failed_id BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        deliveries BIGINT NOT NULL,
+        leased BOOLEAN NOT NULL,
+        visible_at_ms BIGINT NOT NULL,
+        PRIMARY KEY (consumer_id, failed_id, seq)
+    );
+",
+];
 
 /// The schema version this build writes.
 pub const PG_SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -507,6 +535,48 @@ impl Postgres {
             .await
             .map_err(|e| pg_error(&self.url(), e))?;
         rows.iter().map(|row| entry_from_row(row, query.with_payload)).collect()
+    }
+
+    pub(crate) async fn consumers(
+        &self,
+        queue: &str,
+        now_ms: i64,
+    ) -> Result<Vec<crate::consumers::ConsumerView>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT c.name, coalesce(cu.acked_seq, 0), c.head, c.created_at_ms, c.last_active_at_ms,
+                        (SELECT count(*) FROM outpost_consumer_messages m WHERE m.consumer_id = c.consumer_id
+                           AND m.leased AND m.visible_at_ms > $2),
+                        (SELECT count(*) FROM outpost_consumer_messages m WHERE m.consumer_id = c.consumer_id
+                           AND NOT (m.leased AND m.visible_at_ms > $2)),
+                        (SELECT coalesce(max(deliveries), 0) FROM outpost_consumer_messages m
+                           WHERE m.consumer_id = c.consumer_id),
+                        coalesce(q.last_seq, 0)
+                 FROM outpost_consumers c
+                 LEFT JOIN outpost_queues q ON q.name = c.queue
+                 LEFT JOIN outpost_cursors cu ON cu.queue = c.queue AND cu.reader = 'consumer:' || c.name
+                 WHERE c.queue = $1 ORDER BY c.name",
+                &[&queue, &now_ms],
+            )
+            .await
+            .map_err(|e| pg_error(&self.url(), e))?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                crate::consumers::view(
+                    r.get(0),
+                    r.get::<_, i64>(1) as u64,
+                    r.get::<_, i64>(2) as u64,
+                    r.get::<_, i64>(8) as u64,
+                    r.get::<_, i64>(5) as u64,
+                    r.get::<_, i64>(6) as u64,
+                    r.get::<_, i64>(7) as u32,
+                    r.get(3),
+                    r.get(4),
+                )
+            })
+            .collect())
     }
 
     pub(crate) async fn failed_entry(&self, id: i64) -> Result<Option<FailedEntry>, StoreError> {

@@ -23,6 +23,8 @@
 //! start of the group: cluster-wide, and exact for one central; concurrent centrals may overshoot
 //! it by what their groups in flight carry.
 
+mod consumers;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
@@ -32,6 +34,7 @@ use deadpool_postgres::{Pool, Transaction};
 use outpost_core::wire::BatchMessage;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::consumers::{LeasedMessage, SettleOutcome};
 use crate::failed::{
     FailedChange, FailedOutcome, FailedSelector, NewFailure, ResubmitOutcome, MAX_RESUBMIT_IDS,
 };
@@ -72,6 +75,9 @@ enum Outcome {
     Origin(Result<OriginAppended, StoreError>),
     Done(Result<(), StoreError>),
     Failed(Result<FailedOutcome, StoreError>),
+    Leased(Result<Vec<LeasedMessage>, StoreError>),
+    Settled(Result<SettleOutcome, StoreError>),
+    Deleted(Result<bool, StoreError>),
     Nothing,
 }
 
@@ -100,6 +106,8 @@ struct Group {
     /// (origin, queue) → (position, changed).
     positions: HashMap<(String, String), (u64, bool)>,
     cursors: BTreeMap<(String, String), u64>,
+    /// Cursors deleted (a consumer's), taken out of the views after the commit.
+    removed_cursors: Vec<(String, String)>,
     total_bytes: u64,
     rows: Rows,
 }
@@ -110,6 +118,7 @@ struct Committed {
     stats: Vec<(QueueStats, i64)>,
     positions: Vec<((String, String), u64)>,
     cursors: Vec<((String, String), u64)>,
+    removed_cursors: Vec<(String, String)>,
 }
 
 impl PgWriter {
@@ -176,6 +185,12 @@ impl PgWriter {
                 pg::merge_stats(&self.views, committed.stats);
                 pg::merge_max(&self.views.origin_positions, committed.positions);
                 pg::merge_max(&self.views.cursors, committed.cursors);
+                if !committed.removed_cursors.is_empty() {
+                    let mut cursors = self.views.cursors.write().expect("views lock poisoned");
+                    for key in &committed.removed_cursors {
+                        cursors.remove(key);
+                    }
+                }
                 if changed {
                     self.commits.send_modify(|generation| *generation += 1);
                 }
@@ -197,6 +212,9 @@ impl PgWriter {
                             Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. },
                             Outcome::Failed(r),
                         ) => drop(reply.send(r)),
+                        (Op::ConsumerLease { reply, .. }, Outcome::Leased(r)) => drop(reply.send(r)),
+                        (Op::ConsumerSettle { reply, .. }, Outcome::Settled(r)) => drop(reply.send(r)),
+                        (Op::ConsumerDelete { reply, .. }, Outcome::Deleted(r)) => drop(reply.send(r)),
                         (Op::Ping { reply }, _) => drop(reply.send(())),
                         (Op::Shutdown { reply }, _) => shutdown = Some(reply),
                         _ => unreachable!("every operation has the outcome of its kind"),
@@ -225,6 +243,9 @@ impl PgWriter {
                         Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {
                             drop(reply.send(Err(failure())))
                         }
+                        Op::ConsumerLease { reply, .. } => drop(reply.send(Err(failure()))),
+                        Op::ConsumerSettle { reply, .. } => drop(reply.send(Err(failure()))),
+                        Op::ConsumerDelete { reply, .. } => drop(reply.send(Err(failure()))),
                         Op::Ping { reply } => drop(reply.send(())),
                         Op::Shutdown { reply } => shutdown = Some(reply),
                     }
@@ -264,6 +285,12 @@ impl PgWriter {
                 }
                 Op::FailMessage { failure, .. } => {
                     queue_names.insert(failure.message.queue.as_str());
+                }
+                // A consumer's operations are serialized cluster-wide by its queue's row lock.
+                Op::ConsumerLease { queue, .. }
+                | Op::ConsumerSettle { queue, .. }
+                | Op::ConsumerDelete { queue, .. } => {
+                    queue_names.insert(queue.as_str());
                 }
                 _ => {}
             }
@@ -353,6 +380,15 @@ impl PgWriter {
                 Op::ChangeFailed { change, .. } => {
                     Outcome::Failed(per_op(change_failed(&tx, change, now_ms).await)?)
                 }
+                Op::ConsumerLease { queue, name, request, .. } => Outcome::Leased(per_op(
+                    self.consumer_lease(&tx, &mut state, queue, name, *request, now_ms).await,
+                )?),
+                Op::ConsumerSettle { queue, name, lease_ids, settle, .. } => Outcome::Settled(per_op(
+                    self.consumer_settle(&tx, &mut state, queue, name, lease_ids, *settle, now_ms).await,
+                )?),
+                Op::ConsumerDelete { queue, name, .. } => {
+                    Outcome::Deleted(per_op(self.consumer_delete(&tx, &mut state, queue, name).await)?)
+                }
                 Op::Ping { .. } | Op::Shutdown { .. } => Outcome::Nothing,
             };
             outcomes.push(outcome);
@@ -422,7 +458,7 @@ impl PgWriter {
             tx.execute(&notify, &[&COMMITS_CHANNEL, &payload]).await?;
         }
         tx.commit().await?;
-        Ok(Committed { outcomes, stats, positions, cursors })
+        Ok(Committed { outcomes, stats, positions, cursors, removed_cursors: state.removed_cursors })
     }
 
     /// Creates `queue` if the group has not locked it (after a quota check, so a refused write
@@ -548,7 +584,7 @@ impl PgWriter {
         let Some(locked) = state.queues.get(queue) else {
             return Err(TryError::Store(StoreError::Invalid(format!("no queue named {queue:?}"))));
         };
-        let (queue_id, last_seq) = (locked.id, locked.stats.last_seq);
+        let last_seq = locked.stats.last_seq;
         if acked_seq > last_seq {
             return Err(TryError::Store(StoreError::Invalid(format!(
                 "reader {reader:?} cannot be done with seq {acked_seq} of queue {queue:?}: the last seq is {last_seq}"
@@ -569,14 +605,23 @@ impl PgWriter {
             .await?;
         let acked: i64 = tx.query_one(&upsert, &[&queue, &reader, &(acked_seq as i64)]).await?.get(0);
         state.cursors.insert(key, acked as u64);
+        self.release_queue(tx, state, queue).await
+    }
 
-        let required = (self.options.readers_of)(queue);
-        if required.is_empty() {
-            return Ok(()); // nobody is required to read this queue: keep everything
-        }
+    /// Deletes the messages of a locked queue that every required reader (and every consumer of the
+    /// queue) is done with.
+    async fn release_queue(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+    ) -> Result<(), TryError> {
+        let queue_id = state.queues[queue].id;
+        let mut required = (self.options.readers_of)(queue);
         let read = tx
             .prepare_cached(
-                "SELECT reader, acked_seq FROM outpost_cursors WHERE queue = $1 AND reader = ANY($2)",
+                "SELECT reader, acked_seq FROM outpost_cursors
+                 WHERE queue = $1 AND (reader = ANY($2) OR reader LIKE 'consumer:%')",
             )
             .await?;
         let found: HashMap<String, u64> = tx
@@ -585,6 +630,10 @@ impl PgWriter {
             .iter()
             .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
             .collect();
+        required.extend(found.keys().filter(|r| crate::consumers::is_consumer_reader(r)).cloned());
+        if required.is_empty() {
+            return Ok(()); // nobody is required to read this queue: keep everything
+        }
         let release_through = required.iter().map(|r| found.get(r).copied().unwrap_or(0)).min().unwrap_or(0);
         if release_through < state.queues[queue].stats.first_seq {
             return Ok(());
@@ -626,6 +675,13 @@ impl PgWriter {
     ) -> Result<FailedOutcome, TryError> {
         // The cursor first: if it refuses (non-fatal), nothing has been written.
         self.advance_cursor(tx, state, &failure.message.queue, &failure.reader, failure.message.seq).await?;
+        Ok(FailedOutcome::Inserted(insert_failed(tx, failure, now_ms).await?))
+    }
+}
+
+/// Inserts the copy of a failed message; returns its entry id.
+async fn insert_failed(tx: &Transaction<'_>, failure: &NewFailure, now_ms: i64) -> Result<i64, TryError> {
+    {
         let m = &failure.message;
         let insert = tx
             .prepare_cached(
@@ -656,7 +712,7 @@ impl PgWriter {
             )
             .await?
             .get(0);
-        Ok(FailedOutcome::Inserted(id))
+        Ok(id)
     }
 }
 

@@ -68,6 +68,25 @@ const MIGRATIONS: &[&str] = &[
          status TEXT NOT NULL CHECK (status IN ('failed', 'resubmitted'))
      );
      CREATE INDEX failed_by_route ON failed (route, status, id);",
+    // 4: pull consumers (see consumers.rs); a consumer's position is its cursor `consumer:<name>`.
+    "CREATE TABLE consumers (
+         consumer_id INTEGER PRIMARY KEY AUTOINCREMENT,
+         queue TEXT NOT NULL,
+         name TEXT NOT NULL,
+         head INTEGER NOT NULL,
+         created_at_ms INTEGER NOT NULL,
+         last_active_at_ms INTEGER NOT NULL,
+         UNIQUE (queue, name)
+     );
+     CREATE TABLE consumer_messages (
+         consumer_id INTEGER NOT NULL,
+         failed_id INTEGER NOT NULL,
+         seq INTEGER NOT NULL,
+         deliveries INTEGER NOT NULL,
+         leased INTEGER NOT NULL,
+         visible_at_ms INTEGER NOT NULL,
+         PRIMARY KEY (consumer_id, failed_id, seq)
+     ) WITHOUT ROWID;",
 ];
 
 /// The schema version this build writes.

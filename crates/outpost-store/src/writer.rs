@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::consumers::{LeasedMessage, SettleOutcome};
 use crate::ops::{Op, Reply, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
 use crate::{
     failed, schema, Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError,
@@ -19,15 +20,15 @@ use crate::{
 /// The writer's own copy of everything the views show, changed inside a transaction and published
 /// only after it commits.
 #[derive(Clone)]
-struct State {
-    stats: BTreeMap<String, QueueStats>,
-    queue_ids: HashMap<String, i64>,
+pub(crate) struct State {
+    pub(crate) stats: BTreeMap<String, QueueStats>,
+    pub(crate) queue_ids: HashMap<String, i64>,
     origin_positions: HashMap<(String, String), u64>,
-    cursors: HashMap<(String, String), u64>,
+    pub(crate) cursors: HashMap<(String, String), u64>,
     total_bytes: u64,
     /// Queues with messages every required reader has passed that are not deleted yet: a release
     /// goes in bounded chunks, one transaction each, between client writes.
-    releases_due: BTreeSet<String>,
+    pub(crate) releases_due: BTreeSet<String>,
     /// Bytes new messages may still take on the disk in this group: free space on the filesystem
     /// plus free pages inside the database, minus the reserve. Measured at the start of a group.
     disk_room_bytes: u64,
@@ -82,6 +83,9 @@ enum Pending {
     Origin(Reply<OriginAppended>, Result<OriginAppended, StoreError>),
     Done(Reply<()>, Result<(), StoreError>),
     Failed(Reply<failed::FailedOutcome>, Result<failed::FailedOutcome, StoreError>),
+    Leased(Reply<Vec<LeasedMessage>>, Result<Vec<LeasedMessage>, StoreError>),
+    Settled(Reply<SettleOutcome>, Result<SettleOutcome, StoreError>),
+    Deleted(Reply<bool>, Result<bool, StoreError>),
     Ping(oneshot::Sender<()>),
 }
 
@@ -206,7 +210,11 @@ impl Writer {
         if !changes.cursors.is_empty() {
             let mut cursors = self.views.cursors.write().expect("views lock poisoned");
             for key in &changes.cursors {
-                cursors.insert(key.clone(), self.state.cursors[key]);
+                // A deleted consumer's cursor is gone.
+                match self.state.cursors.get(key) {
+                    Some(seq) => cursors.insert(key.clone(), *seq),
+                    None => cursors.remove(key),
+                };
             }
         }
     }
@@ -399,6 +407,59 @@ impl Writer {
                             settle!(failed::apply_change(&tx, change, now_ms), Pending::Failed, reply);
                         pending.push(Pending::Failed(reply, result));
                     }
+                    Op::ConsumerLease { queue, name, request, reply } => {
+                        let result = crate::consumers_sqlite::lease(
+                            &tx,
+                            &self.options,
+                            &mut self.state,
+                            &queue,
+                            &name,
+                            request,
+                            now_ms,
+                            self.disk.release_chunk_bytes,
+                        );
+                        let result = settle!(result, Pending::Leased, reply);
+                        if result.is_ok() {
+                            changes.cursors.insert((queue.clone(), crate::consumers::consumer_reader(&name)));
+                            changes.queues.insert(queue);
+                        }
+                        pending.push(Pending::Leased(reply, result));
+                    }
+                    Op::ConsumerSettle { queue, name, lease_ids, settle, reply } => {
+                        let result = crate::consumers_sqlite::settle(
+                            &tx,
+                            &self.options,
+                            &mut self.state,
+                            &queue,
+                            &name,
+                            &lease_ids,
+                            settle,
+                            now_ms,
+                            self.disk.release_chunk_bytes,
+                        );
+                        let result = settle!(result, Pending::Settled, reply);
+                        if matches!(&result, Ok(outcome) if outcome.consumer_exists) {
+                            changes.cursors.insert((queue.clone(), crate::consumers::consumer_reader(&name)));
+                            changes.queues.insert(queue);
+                        }
+                        pending.push(Pending::Settled(reply, result));
+                    }
+                    Op::ConsumerDelete { queue, name, reply } => {
+                        let result = crate::consumers_sqlite::delete(
+                            &tx,
+                            &self.options,
+                            &mut self.state,
+                            &queue,
+                            &name,
+                            self.disk.release_chunk_bytes,
+                        );
+                        let result = settle!(result, Pending::Deleted, reply);
+                        if matches!(&result, Ok(true)) {
+                            changes.cursors.insert((queue.clone(), crate::consumers::consumer_reader(&name)));
+                            changes.queues.insert(queue);
+                        }
+                        pending.push(Pending::Deleted(reply, result));
+                    }
                     Op::Ping { reply } => pending.push(Pending::Ping(reply)),
                     Op::Shutdown { reply } => shutdown = Some(reply),
                 }
@@ -423,6 +484,15 @@ impl Writer {
                     Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {
                         pending.push(Pending::Failed(reply, Err(StoreError::Closed)))
                     }
+                    Op::ConsumerLease { reply, .. } => {
+                        pending.push(Pending::Leased(reply, Err(StoreError::Closed)))
+                    }
+                    Op::ConsumerSettle { reply, .. } => {
+                        pending.push(Pending::Settled(reply, Err(StoreError::Closed)))
+                    }
+                    Op::ConsumerDelete { reply, .. } => {
+                        pending.push(Pending::Deleted(reply, Err(StoreError::Closed)))
+                    }
                     Op::Ping { reply } => pending.push(Pending::Ping(reply)),
                     Op::Shutdown { reply } => shutdown = Some(reply),
                 }
@@ -444,6 +514,9 @@ impl Writer {
                         Pending::Origin(reply, result) => drop(reply.send(result)),
                         Pending::Done(reply, result) => drop(reply.send(result)),
                         Pending::Failed(reply, result) => drop(reply.send(result)),
+                        Pending::Leased(reply, result) => drop(reply.send(result)),
+                        Pending::Settled(reply, result) => drop(reply.send(result)),
+                        Pending::Deleted(reply, result) => drop(reply.send(result)),
                         Pending::Ping(reply) => drop(reply.send(())),
                     }
                 }
@@ -465,6 +538,9 @@ impl Writer {
                         Pending::Origin(reply, _) => drop(reply.send(Err(failure()))),
                         Pending::Done(reply, _) => drop(reply.send(Err(failure()))),
                         Pending::Failed(reply, _) => drop(reply.send(Err(failure()))),
+                        Pending::Leased(reply, _) => drop(reply.send(Err(failure()))),
+                        Pending::Settled(reply, _) => drop(reply.send(Err(failure()))),
+                        Pending::Deleted(reply, _) => drop(reply.send(Err(failure()))),
                         Pending::Ping(reply) => drop(reply.send(())),
                     }
                 }
@@ -698,7 +774,7 @@ fn apply_origin_release(
 
 /// Records that `reader` is done with `queue` through `acked_seq`, then releases the prefix every
 /// required reader is done with.
-fn apply_advance_cursor(
+pub(crate) fn apply_advance_cursor(
     tx: &Transaction<'_>,
     options: &StoreOptions,
     state: &mut State,
@@ -737,9 +813,16 @@ fn apply_advance_cursor(
 /// required to read the queue, and everything is kept).
 fn release_through(options: &StoreOptions, state: &State, queue: &str) -> Option<u64> {
     let required = (options.readers_of)(queue);
+    // Every consumer of the queue is a required reader too (see `consumers`).
+    let consumers = state
+        .cursors
+        .iter()
+        .filter(|((q, r), _)| q == queue && crate::consumers::is_consumer_reader(r))
+        .map(|(_, seq)| *seq);
     let through = required
         .iter()
         .map(|r| state.cursors.get(&(queue.to_string(), r.clone())).copied().unwrap_or(0))
+        .chain(consumers)
         .min()?;
     let stats = state.stats.get(queue)?;
     (through >= stats.first_seq && stats.messages > 0).then_some(through)
@@ -748,7 +831,7 @@ fn release_through(options: &StoreOptions, state: &State, queue: &str) -> Option
 /// Deletes the oldest messages of `queue` that every required reader has passed, at most
 /// `chunk_bytes` of pages (at least one message), so one release never needs more WAL than the
 /// bound leaves room for. Keeps the queue in `releases_due` while more remains.
-fn release_chunk(
+pub(crate) fn release_chunk(
     tx: &Transaction<'_>,
     options: &StoreOptions,
     state: &mut State,

@@ -1,0 +1,396 @@
+//! Pull consumers (CONTRACT section 9): readers of a queue that an application drives by leasing
+//! messages, acknowledging them and giving them back, next to the queue's routes and the edge's
+//! forwarder. Both backends keep everything here in the store itself, so on a cluster a consumer
+//! works whichever central it talks to.
+//!
+//! # Model
+//!
+//! - **A consumer is a reader** of one queue with the cursor `consumer:<name>`: its position, the
+//!   seq through which it has finished every message (acknowledged, or failed after
+//!   `max_deliveries`). Storage is released up to the lowest cursor of the queue's required
+//!   readers, and every consumer of the queue is one of them ([`is_consumer_reader`]); deleting a
+//!   consumer removes its cursor, and with it its hold on storage.
+//! - **`head`** is the highest seq the consumer has taken so far. Messages after it are new to it;
+//!   a consumer is created by its first lease with `head` (and position) just before the oldest
+//!   message still stored.
+//! - **Outstanding messages** (`consumer_messages`): one row per message between position and head
+//!   that is not finished: its delivery count, whether it is leased or was given back, and from when
+//!   it is visible again. A lease takes the visible ones first (redeliveries, in seq order) and
+//!   then new messages. Acknowledging deletes the row; the position is then the seq before the
+//!   lowest outstanding row (or `head` when none is left). Positions only move forward.
+//! - **`max_deliveries`.** A visible message that was already delivered `max_deliveries` times is
+//!   not delivered again: it is copied to the failed table (route `consumer:<name>`, reason
+//!   `max_deliveries`) and finished, in the same transaction.
+//! - **Resubmitted failed entries** of the consumer (an operator's `/v1/failed` resubmit) are
+//!   adopted by its next lease as outstanding rows with `failed_id` set, delivered from the failed
+//!   table's copy before anything else; acknowledged, the entry is removed; failing again, it is
+//!   back to `failed`. They do not hold the position.
+//! - **Lease ids** are `<consumer id>.<failed id or 0>.<seq>.<delivery>`: they name one delivery of
+//!   one message to one incarnation of a consumer, so an acknowledgement of an older delivery (the
+//!   message was delivered again since) or of a deleted consumer's lease changes nothing.
+//!
+//! Every operation is one write through the backend's writer, so a lease, an ack and a nack are
+//! each durable when answered; time comes from the writer (`now`), and visibility is evaluated
+//! lazily when a consumer leases or is listed, so no task runs per consumer.
+
+use bytes::Bytes;
+
+use crate::{Store, StoreError, StoredMessage};
+
+/// The cursor name prefix of consumers: `consumer:<name>`.
+pub const CONSUMER_READER_PREFIX: &str = "consumer:";
+/// The route name of a consumer's failed entries: `consumer:<name>` (the entry's queue says which
+/// queue's consumer).
+pub const CONSUMER_ROUTE_PREFIX: &str = "consumer:";
+/// The failure reason of a message that reached its consumer's `max_deliveries`.
+pub const MAX_DELIVERIES_REASON: &str = "max_deliveries";
+
+/// The default and largest `max` of one lease.
+pub const DEFAULT_LEASE_MAX: usize = 10;
+pub const MAX_LEASE_MAX: usize = 1000;
+/// The default and longest visibility of a lease (and the longest nack delay).
+pub const DEFAULT_VISIBILITY_MS: i64 = 30_000;
+pub const MAX_VISIBILITY_MS: i64 = 12 * 3600 * 1000;
+/// The default and largest `max_deliveries`.
+pub const DEFAULT_MAX_DELIVERIES: u32 = 10;
+pub const MAX_MAX_DELIVERIES: u32 = 1000;
+/// About the most payload bytes one lease answers with (always at least one message).
+pub const MAX_LEASE_BYTES: u64 = 16 << 20;
+/// The most lease ids one ack or nack names.
+pub const MAX_SETTLE_IDS: usize = 10_000;
+
+/// The cursor of consumer `name`.
+pub fn consumer_reader(name: &str) -> String {
+    format!("{CONSUMER_READER_PREFIX}{name}")
+}
+
+/// The failed-list route of consumer `name`'s entries.
+pub fn consumer_route(name: &str) -> String {
+    format!("{CONSUMER_ROUTE_PREFIX}{name}")
+}
+
+/// True for a consumer's cursor: consumers are required readers of their queue.
+pub fn is_consumer_reader(reader: &str) -> bool {
+    reader.starts_with(CONSUMER_READER_PREFIX)
+}
+
+/// The consumer name of a failed entry's route, if it is a consumer's.
+pub fn consumer_of_route(route: &str) -> Option<&str> {
+    route.strip_prefix(CONSUMER_ROUTE_PREFIX)
+}
+
+/// What one lease asks for (already within the limits above).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRequest {
+    pub max: usize,
+    pub visibility_ms: i64,
+    pub max_deliveries: u32,
+}
+
+impl Default for LeaseRequest {
+    fn default() -> LeaseRequest {
+        LeaseRequest {
+            max: DEFAULT_LEASE_MAX,
+            visibility_ms: DEFAULT_VISIBILITY_MS,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
+        }
+    }
+}
+
+/// One leased message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedMessage {
+    pub message: StoredMessage,
+    pub lease_id: String,
+    /// How many times this message has been delivered to this consumer, this one included.
+    pub deliveries: u32,
+}
+
+/// What to do with leased messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done with them.
+    Ack,
+    /// Give them back, visible again after `delay_ms`.
+    Nack { delay_ms: i64 },
+}
+
+/// The outcome of an ack or nack.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SettleOutcome {
+    /// False when the queue has no consumer of that name (nothing was changed).
+    pub consumer_exists: bool,
+    /// How many lease ids were applied.
+    pub settled: u64,
+    /// Lease ids that name no current delivery of this consumer (malformed, of another consumer,
+    /// already acknowledged, or superseded by a later delivery); ignored.
+    pub stale: Vec<String>,
+}
+
+/// A consumer as `GET /v1/queues/{queue}/consumers` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerView {
+    pub name: String,
+    /// The seq through which every message is finished (acknowledged or failed).
+    pub position: u64,
+    /// Messages leased now (visibility not over).
+    pub leased: u64,
+    /// Messages still to be delivered to it: new ones after its head, given back (nacked, or whose
+    /// lease ran out), and resubmitted failed entries.
+    pub pending: u64,
+    /// The most deliveries of any message it has not finished (0: none outstanding).
+    pub deliveries_max: u32,
+    pub created_at_ms: i64,
+    pub last_active_at_ms: i64,
+}
+
+/// One outstanding row, as a lease id names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LeaseKey {
+    pub consumer_id: i64,
+    pub failed_id: i64,
+    pub seq: u64,
+    pub deliveries: u32,
+}
+
+impl LeaseKey {
+    pub(crate) fn to_lease_id(self) -> String {
+        format!("{}.{}.{}.{}", self.consumer_id, self.failed_id, self.seq, self.deliveries)
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<LeaseKey> {
+        let mut parts = text.split('.');
+        let key = LeaseKey {
+            consumer_id: parts.next()?.parse().ok()?,
+            failed_id: parts.next()?.parse().ok()?,
+            seq: parts.next()?.parse().ok()?,
+            deliveries: parts.next()?.parse().ok()?,
+        };
+        (parts.next().is_none() && key.seq <= i64::MAX as u64 && key.failed_id >= 0).then_some(key)
+    }
+}
+
+/// The text of a `max_deliveries` failure.
+pub(crate) fn max_deliveries_error(deliveries: u32) -> String {
+    format!(
+        "delivered {deliveries} times to the consumer without an acknowledgement (the lease ran out or \
+         was given back each time)"
+    )
+}
+
+/// A lease request's body fields as the API hands them in: `None` takes the default. Checks the
+/// limits.
+pub fn lease_request(
+    max: Option<u64>,
+    visibility_ms: Option<i64>,
+    max_deliveries: Option<u64>,
+) -> Result<LeaseRequest, String> {
+    let mut request = LeaseRequest::default();
+    if let Some(max) = max {
+        if max == 0 || max > MAX_LEASE_MAX as u64 {
+            return Err(format!("max must be 1 to {MAX_LEASE_MAX}"));
+        }
+        request.max = max as usize;
+    }
+    if let Some(visibility_ms) = visibility_ms {
+        if visibility_ms <= 0 || visibility_ms > MAX_VISIBILITY_MS {
+            return Err("visibility must be more than 0 and at most 12h".to_string());
+        }
+        request.visibility_ms = visibility_ms;
+    }
+    if let Some(max_deliveries) = max_deliveries {
+        if max_deliveries == 0 || max_deliveries > u64::from(MAX_MAX_DELIVERIES) {
+            return Err(format!("max_deliveries must be 1 to {MAX_MAX_DELIVERIES}"));
+        }
+        request.max_deliveries = max_deliveries as u32;
+    }
+    Ok(request)
+}
+
+impl Store {
+    /// Leases up to `request.max` messages of `queue` to consumer `name` (created by its first
+    /// lease): redeliveries whose visibility ended first, then new messages, in seq order.
+    /// Durable when answered. `Invalid` if the queue does not exist.
+    pub async fn consumer_lease(
+        &self,
+        queue: &str,
+        name: &str,
+        request: LeaseRequest,
+    ) -> Result<Vec<LeasedMessage>, StoreError> {
+        self.call(|reply| crate::ops::Op::ConsumerLease {
+            queue: queue.to_string(),
+            name: name.to_string(),
+            request,
+            reply,
+        })
+        .await
+    }
+
+    /// Acknowledges (or gives back) leased messages of consumer `name`.
+    pub async fn consumer_settle(
+        &self,
+        queue: &str,
+        name: &str,
+        lease_ids: Vec<String>,
+        settle: Settle,
+    ) -> Result<SettleOutcome, StoreError> {
+        if lease_ids.len() > MAX_SETTLE_IDS {
+            return Err(StoreError::Invalid(format!(
+                "at most {MAX_SETTLE_IDS} lease ids per request; this one names {}",
+                lease_ids.len()
+            )));
+        }
+        self.call(|reply| crate::ops::Op::ConsumerSettle {
+            queue: queue.to_string(),
+            name: name.to_string(),
+            lease_ids,
+            settle,
+            reply,
+        })
+        .await
+    }
+
+    /// Forgets consumer `name` of `queue`: its outstanding messages, its cursor and its hold on
+    /// storage. False if there was none. Its failed entries stay.
+    pub async fn consumer_delete(&self, queue: &str, name: &str) -> Result<bool, StoreError> {
+        self.call(|reply| crate::ops::Op::ConsumerDelete {
+            queue: queue.to_string(),
+            name: name.to_string(),
+            reply,
+        })
+        .await
+    }
+
+    /// Every consumer of `queue`, by name, as of `now_ms`.
+    pub async fn consumers(&self, queue: &str, now_ms: i64) -> Result<Vec<ConsumerView>, StoreError> {
+        let last_seq = self.queue(queue).map(|q| q.last_seq).unwrap_or(0);
+        match &self.inner.backend {
+            crate::Backend::Postgres(pg) => pg.consumers(queue, now_ms).await,
+            crate::Backend::Sqlite(_) => {
+                let store = self.clone();
+                let queue = queue.to_string();
+                tokio::task::spawn_blocking(move || {
+                    let crate::Backend::Sqlite(sqlite) = &store.inner.backend else { unreachable!() };
+                    sqlite.with_reader(|conn| sqlite_list(conn, &queue, last_seq, now_ms))
+                })
+                .await
+                .map_err(|_| StoreError::Closed)?
+            }
+        }
+    }
+}
+
+/// One consumer's row while the writer works on it.
+#[derive(Debug, Clone)]
+pub(crate) struct ConsumerRow {
+    pub id: i64,
+    pub head: u64,
+}
+
+/// Builds a view from a consumer row and the counts over its outstanding rows.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn view(
+    name: String,
+    position: u64,
+    head: u64,
+    last_seq: u64,
+    leased: u64,
+    given_back: u64,
+    deliveries_max: u32,
+    created_at_ms: i64,
+    last_active_at_ms: i64,
+) -> ConsumerView {
+    ConsumerView {
+        name,
+        position,
+        leased,
+        pending: last_seq.saturating_sub(head) + given_back,
+        deliveries_max,
+        created_at_ms,
+        last_active_at_ms,
+    }
+}
+
+fn sqlite_list(
+    conn: &rusqlite::Connection,
+    queue: &str,
+    last_seq: u64,
+    now_ms: i64,
+) -> Result<Vec<ConsumerView>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT c.name, coalesce(cu.acked_seq, 0), c.head, c.created_at_ms, c.last_active_at_ms,
+                (SELECT count(*) FROM consumer_messages m WHERE m.consumer_id = c.consumer_id
+                   AND m.leased = 1 AND m.visible_at_ms > ?2),
+                (SELECT count(*) FROM consumer_messages m WHERE m.consumer_id = c.consumer_id
+                   AND NOT (m.leased = 1 AND m.visible_at_ms > ?2)),
+                (SELECT coalesce(max(deliveries), 0) FROM consumer_messages m WHERE m.consumer_id = c.consumer_id)
+         FROM consumers c
+         LEFT JOIN queues q ON q.name = c.queue
+         LEFT JOIN cursors cu ON cu.queue_id = q.queue_id AND cu.reader = 'consumer:' || c.name
+         WHERE c.queue = ?1 ORDER BY c.name",
+    )?;
+    let rows = stmt.query_map(rusqlite::params![queue, now_ms], |r| {
+        Ok(view(
+            r.get(0)?,
+            r.get::<_, i64>(1)? as u64,
+            r.get::<_, i64>(2)? as u64,
+            last_seq,
+            r.get::<_, i64>(5)? as u64,
+            r.get::<_, i64>(6)? as u64,
+            r.get::<_, i64>(7)? as u32,
+            r.get(3)?,
+            r.get(4)?,
+        ))
+    })?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
+}
+
+/// A message of the failed table, as a consumer gets a resubmitted entry.
+pub(crate) fn message_from_failed(
+    queue: &str,
+    seq: u64,
+    id: String,
+    origin: String,
+    origin_seq: u64,
+    content_type: String,
+    accepted_at_ms: i64,
+    payload: Bytes,
+) -> StoredMessage {
+    StoredMessage {
+        id,
+        queue: queue.to_string(),
+        seq,
+        origin,
+        origin_seq,
+        content_type,
+        accepted_at_ms,
+        payload,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ids_round_trip_and_reject_garbage() {
+        let key = LeaseKey { consumer_id: 7, failed_id: 0, seq: 42, deliveries: 3 };
+        assert_eq!(key.to_lease_id(), "7.0.42.3");
+        assert_eq!(LeaseKey::parse("7.0.42.3"), Some(key));
+        for bad in ["", "7", "7.0.42", "7.0.42.3.1", "a.b.c.d", "7.-1.42.3", "7.0.-42.3", "7.0.42.x"] {
+            assert_eq!(LeaseKey::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn lease_request_defaults_and_limits() {
+        assert_eq!(lease_request(None, None, None).unwrap(), LeaseRequest::default());
+        assert!(lease_request(Some(0), None, None).is_err());
+        assert!(lease_request(Some(1001), None, None).is_err());
+        assert!(lease_request(None, Some(MAX_VISIBILITY_MS + 1), None).is_err());
+        assert!(lease_request(None, Some(0), None).is_err());
+        assert!(lease_request(None, None, Some(0)).is_err());
+        let r = lease_request(Some(5), Some(1000), Some(2)).unwrap();
+        assert_eq!((r.max, r.visibility_ms, r.max_deliveries), (5, 1000, 2));
+    }
+}
