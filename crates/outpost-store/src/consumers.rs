@@ -33,8 +33,6 @@
 //! each durable when answered; time comes from the writer (`now`), and visibility is evaluated
 //! lazily when a consumer leases or is listed, so no task runs per consumer.
 
-use bytes::Bytes;
-
 use crate::{Store, StoreError, StoredMessage};
 
 /// The cursor name prefix of consumers: `consumer:<name>`.
@@ -343,29 +341,6 @@ fn sqlite_list(
         ))
     })?;
     rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
-}
-
-/// A message of the failed table, as a consumer gets a resubmitted entry.
-pub(crate) fn message_from_failed(
-    queue: &str,
-    seq: u64,
-    id: String,
-    origin: String,
-    origin_seq: u64,
-    content_type: String,
-    accepted_at_ms: i64,
-    payload: Bytes,
-) -> StoredMessage {
-    StoredMessage {
-        id,
-        queue: queue.to_string(),
-        seq,
-        origin,
-        origin_seq,
-        content_type,
-        accepted_at_ms,
-        payload,
-    }
 }
 
 #[cfg(test)]

@@ -66,16 +66,16 @@ fn read_failed_copy(
              WHERE id = ?1",
         )?
         .query_row([failed_id], |r| {
-            Ok(crate::consumers::message_from_failed(
-                queue,
-                r.get::<_, i64>(0)? as u64,
-                r.get(1)?,
-                r.get(2)?,
-                r.get::<_, i64>(3)? as u64,
-                r.get(4)?,
-                r.get(5)?,
-                Bytes::from(r.get::<_, Vec<u8>>(6)?),
-            ))
+            Ok(StoredMessage {
+                seq: r.get::<_, i64>(0)? as u64,
+                id: r.get(1)?,
+                queue: queue.to_string(),
+                origin: r.get(2)?,
+                origin_seq: r.get::<_, i64>(3)? as u64,
+                content_type: r.get(4)?,
+                accepted_at_ms: r.get(5)?,
+                payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
+            })
         })
         .optional()?)
 }
