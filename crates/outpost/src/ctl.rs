@@ -100,6 +100,11 @@ enum CtlCommand {
         #[arg(long, value_name = "R")]
         route: Option<String>,
     },
+    /// Pull consumers: of one queue, or of every queue.
+    Consumers {
+        /// Only this queue's.
+        queue: Option<String>,
+    },
     /// Discard failed messages for good.
     Discard {
         /// Failed-entry ids (the ID column of `ctl failed`).
@@ -155,14 +160,23 @@ pub fn run(args: CtlArgs) -> ExitCode {
     }
 }
 
+/// The name to check of a failed-entry route: a consumer's without its `consumer:` prefix.
+fn consumer_of_route(route: &str) -> &str {
+    outpost_store::consumers::consumer_of_route(route).unwrap_or(route)
+}
+
 /// Route and edge names go into URL paths: refuse what the API would refuse anyway, before asking.
 /// Failed-entry ids are opaque, so they are only checked not to break the path.
 fn names_to_check(command: &CtlCommand) -> Vec<&str> {
     match command {
         CtlCommand::EdgeOnline { id } => vec![id],
         CtlCommand::Store { route, .. } | CtlCommand::Forward { route, .. } => vec![route],
-        CtlCommand::Failed { route: Some(route), .. } => vec![route],
-        CtlCommand::Resubmit { ids, route } => ids.iter().chain(route).map(String::as_str).collect(),
+        // A pull consumer's failed entries go by `consumer:<name>`.
+        CtlCommand::Failed { route: Some(route), .. } => vec![consumer_of_route(route)],
+        CtlCommand::Resubmit { ids, route } => {
+            ids.iter().map(String::as_str).chain(route.as_deref().map(consumer_of_route)).collect()
+        }
+        CtlCommand::Consumers { queue: Some(queue) } => vec![queue],
         CtlCommand::Discard { ids } => ids.iter().map(String::as_str).collect(),
         _ => Vec::new(),
     }
@@ -233,6 +247,28 @@ async fn execute(api: &Api, out: &Output, command: CtlCommand) -> Result<(), Ctl
         }
         CtlCommand::Discard { ids } => {
             each_id(api, out, &ids, Method::DELETE, |id| format!("/v1/failed/{id}"), "discarded").await
+        }
+        CtlCommand::Consumers { queue } => {
+            let queues: Vec<String> = match queue {
+                Some(queue) => vec![queue],
+                None => {
+                    let list = api.call(Method::GET, "/v1/queues", None).await?;
+                    let names = list.as_array().into_iter().flatten().filter_map(|q| q["name"].as_str());
+                    names.map(str::to_string).collect()
+                }
+            };
+            // Each consumer with its queue: the API's objects plus `queue`.
+            let mut all = Vec::new();
+            for queue in &queues {
+                let consumers = api.call(Method::GET, &format!("/v1/queues/{queue}/consumers"), None).await?;
+                for mut consumer in consumers.as_array().cloned().unwrap_or_default() {
+                    if let Value::Object(fields) = &mut consumer {
+                        fields.insert("queue".to_string(), json!(queue));
+                    }
+                    all.push(consumer);
+                }
+            }
+            out.show(&Value::Array(all), render_consumers)
         }
     }
 }
@@ -598,6 +634,38 @@ fn render_failed(failed: &Value, now_ms: i64) -> String {
             age(entry.get("last_failed_at"), now_ms),
             text(entry, "message_id"),
             truncate(&text(entry, "last_error"), MAX_TEXT_CELL_CHARS),
+        ]);
+    }
+    table.render()
+}
+
+fn render_consumers(consumers: &Value, now_ms: i64) -> String {
+    let Some(consumers) = consumers.as_array() else { return format!("{}\n", pretty(consumers)) };
+    if consumers.is_empty() {
+        return "no pull consumers: one is created by its first lease \
+                (POST /v1/queues/{queue}/consumers/{name}/lease)\n"
+            .into();
+    }
+    let mut table = Table::new(&[
+        "QUEUE",
+        "CONSUMER",
+        "POSITION",
+        "LEASED",
+        "PENDING",
+        "MOST DELIVERIES",
+        "CREATED",
+        "LAST ACTIVE",
+    ]);
+    for consumer in consumers {
+        table.row(vec![
+            text(consumer, "queue"),
+            text(consumer, "name"),
+            text(consumer, "position"),
+            text(consumer, "leased"),
+            text(consumer, "pending"),
+            text(consumer, "deliveries_max"),
+            age(consumer.get("created_at"), now_ms),
+            age(consumer.get("last_active_at"), now_ms),
         ]);
     }
     table.render()

@@ -452,3 +452,89 @@ async fn a_consumer_on_a_cluster_works_whichever_central_it_talks_to() {
     let names: Vec<Value> = consumers(&cb, "q").await.iter().map(|c| c["name"].clone()).collect();
     assert_eq!(names, [json!("app")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_an_edge_storage_also_waits_for_the_forwarder() {
+    let mut central = Node::builder(BIN).role("central").args(["--node-id", "hq"]).start().await;
+    central.sigterm().await;
+    let config = r#"
+[connectivity]
+ping_interval = "1s"
+offline_probe_interval = "1s"
+failed_transition_wait = "1s"
+
+[failover]
+connect_timeout = "1s"
+"#;
+    let edge = Node::builder(BIN)
+        .role("edge")
+        .args(["--node-id", "e1", "--central", &central.url()])
+        .config(config)
+        .start()
+        .await;
+    let client = edge.client();
+    post(&client, "q", (1..=5).map(|n| format!("m{n}"))).await;
+    let got = lease(&client, "q", "app", json!({"max": 100})).await;
+    assert_eq!(seqs(&got), [1, 2, 3, 4, 5]);
+    ack(&client, "q", "app", &got).await;
+    assert_eq!(stored(&client, "q").await, 5, "the central does not have them yet");
+
+    central.restart().await;
+    wait_until_async(WAIT, "forwarded and consumed: released at the edge", || async {
+        stored(&client, "q").await == 0
+    })
+    .await;
+    assert_eq!(central.client().read_all("q").await.len(), 5);
+}
+
+async fn ctl(args: &[&str]) -> (i32, String, String) {
+    let output = tokio::process::Command::new(BIN).arg("ctl").args(args).output().await.unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap_or(-1), text(&output.stdout), text(&output.stderr))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_consumers_shows_every_queue_or_one() {
+    let node = Node::builder(BIN).role("edge").start().await;
+    let client = node.client();
+    let url = node.url();
+    let (code, stdout, stderr) = ctl(&["--url", &url, "consumers"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("no pull consumers"), "{stdout}");
+
+    post(&client, "orders", (1..=3).map(|n| format!("o{n}"))).await;
+    post(&client, "prices", ["p1".to_string()]).await;
+    lease(&client, "orders", "audit", json!({"max": 2})).await;
+    let got = lease(&client, "orders", "erp", json!({"max": 1})).await;
+    ack(&client, "orders", "erp", &got).await;
+    lease(&client, "prices", "shop", json!({})).await;
+
+    let (code, stdout, stderr) = ctl(&["--url", &url, "consumers"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("QUEUE") && lines[0].contains("POSITION"), "{stdout}");
+    assert_eq!(lines.len(), 4, "{stdout}");
+    let columns = |line: &str| line.split_whitespace().take(5).map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(columns(lines[1]), ["orders", "audit", "0", "2", "1"], "{stdout}");
+    assert_eq!(columns(lines[2]), ["orders", "erp", "1", "0", "2"], "{stdout}");
+    assert_eq!(columns(lines[3]), ["prices", "shop", "0", "1", "0"], "{stdout}");
+
+    let (code, stdout, stderr) = ctl(&["--url", &url, "consumers", "prices", "--json"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 1, "{json}");
+    assert_eq!(
+        (&json[0]["queue"], &json[0]["name"], &json[0]["leased"]),
+        (&json!("prices"), &json!("shop"), &json!(1))
+    );
+
+    let (code, _, stderr) = ctl(&["--url", &url, "consumers", "no-such-queue"]).await;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("HTTP 404"), "{stderr}");
+    let (code, _, _) = ctl(&["--url", &url, "consumers", "bad name"]).await;
+    assert_eq!(code, 2);
+    // A consumer's failed entries are named `consumer:<name>`.
+    let (code, stdout, stderr) = ctl(&["--url", &url, "failed", "--route", "consumer:erp"]).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.starts_with("no failed messages"), "{stdout}");
+}
