@@ -22,9 +22,22 @@ pub fn routes() -> Router<ApiState> {
         .route("/console.js", get(|| async { asset("text/javascript; charset=utf-8", CONSOLE_JS) }))
 }
 
+/// The page may load and call only its own node: no inline script, nothing from elsewhere, never
+/// framed by another site.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; frame-ancestors 'none'";
+
 fn asset(content_type: &'static str, body: &'static str) -> Response {
     // no-cache: a browser revalidates, so an upgraded node never runs an old script.
-    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+        .into_response()
 }
 
 #[cfg(test)]
