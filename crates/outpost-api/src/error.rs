@@ -52,6 +52,9 @@ impl From<StoreError> for ApiError {
             StoreError::QuotaReached { .. } => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "store_full", error.to_string())
             }
+            StoreError::TooManyQueues { .. } => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "too_many_queues", error.to_string())
+            }
             StoreError::DiskFull(_) | StoreError::DiskReserve { .. } => ApiError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "store_full",

@@ -162,10 +162,12 @@ pub(crate) fn insert(tx: &Transaction<'_>, failure: &NewFailure, now_ms: i64) ->
 }
 
 /// Applies a change to existing entries.
+/// `freed_bytes` gets the payload bytes of entries removed (they count against the quota).
 pub(crate) fn apply_change(
     tx: &Transaction<'_>,
     change: FailedChange,
     now_ms: i64,
+    freed_bytes: &mut u64,
 ) -> Result<FailedOutcome, StoreError> {
     match change {
         FailedChange::Resubmit(FailedSelector::Route(route)) => {
@@ -220,8 +222,12 @@ pub(crate) fn apply_change(
             Ok(FailedOutcome::Changed(changed > 0))
         }
         FailedChange::Remove { id } => {
-            let changed = tx.prepare_cached("DELETE FROM failed WHERE id = ?1")?.execute([id])?;
-            Ok(FailedOutcome::Changed(changed > 0))
+            let removed: Option<i64> = tx
+                .prepare_cached("DELETE FROM failed WHERE id = ?1 RETURNING length(payload)")?
+                .query_row([id], |r| r.get(0))
+                .optional()?;
+            *freed_bytes += removed.unwrap_or(0).max(0) as u64;
+            Ok(FailedOutcome::Changed(removed.is_some()))
         }
     }
 }
@@ -393,9 +399,8 @@ mod tests {
 
     fn open(dir: &std::path::Path) -> Store {
         let options = StoreOptions {
-            max_store_bytes: 1 << 30,
-            node_id: "node-a".into(),
             readers_of: Arc::new(|_| vec!["route:r".to_string()]),
+            ..StoreOptions::keep_everything(1 << 30, "node-a")
         };
         Store::open(dir, options, None).unwrap()
     }

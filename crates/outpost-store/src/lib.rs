@@ -106,6 +106,13 @@ pub use failed::{FailedEntry, FailedQuery, FailedSelector, FailedStatus, NewFail
 pub use ops::{MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
 pub use pg::{LEASE_RENEW_INTERVAL, LEASE_TTL, MAX_CLUSTER_EVENT_BYTES, PG_POOL_SIZE};
 
+/// `limits.max_queues` when nothing else is said.
+pub const DEFAULT_MAX_QUEUES: u64 = 10_000;
+/// `limits.idempotency_ttl` when nothing else is said.
+pub const DEFAULT_IDEMPOTENCY_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// What one remembered idempotency key counts against the quota besides its text (its row).
+pub const IDEMPOTENCY_KEY_OVERHEAD_BYTES: u64 = 64;
+
 /// How many write operations may wait for the writer before callers wait to enqueue.
 pub const WRITE_QUEUE_CAPACITY: usize = 8192;
 /// How many read connections the store keeps open.
@@ -126,6 +133,12 @@ pub enum StoreError {
          {needed_bytes} more; raise limits.max_store_bytes or let the backlog drain"
     )]
     QuotaReached { used_bytes: u64, needed_bytes: u64, limit_bytes: u64 },
+    /// Refused: the write would create a queue beyond `limits.max_queues`. Nothing was written.
+    #[error(
+        "too many queues: this write would create queue {queue:?} and the store already holds \
+         {limit} (limits.max_queues); write to an existing queue or raise the limit"
+    )]
+    TooManyQueues { queue: String, limit: u64 },
     #[error("the disk holding the store is full: {0}")]
     DiskFull(String),
     /// Refused before the disk filled: what is left is kept for checkpoints and releases, so the
@@ -236,8 +249,13 @@ pub type ReadersOf = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 /// Settings of a store.
 #[derive(Clone)]
 pub struct StoreOptions {
-    /// Appends that would take the stored payload bytes over this get [`StoreError::QuotaReached`].
+    /// Appends that would take the stored bytes over this get [`StoreError::QuotaReached`]: message
+    /// payloads, failed copies and idempotency keys (the last two on SQLite; see the writers).
     pub max_store_bytes: u64,
+    /// Appends that would create a queue beyond this many get [`StoreError::TooManyQueues`].
+    pub max_queues: u64,
+    /// How long an idempotency key is remembered; older keys are forgotten and pruned.
+    pub idempotency_ttl: Duration,
     /// This node's id: the `origin` of messages accepted here.
     pub node_id: String,
     /// The readers every message of a queue must reach before its storage is released (on an edge:
@@ -248,7 +266,13 @@ pub struct StoreOptions {
 impl StoreOptions {
     /// Options whose queues have no required readers: nothing is ever released.
     pub fn keep_everything(max_store_bytes: u64, node_id: &str) -> StoreOptions {
-        StoreOptions { max_store_bytes, node_id: node_id.to_string(), readers_of: Arc::new(|_| Vec::new()) }
+        StoreOptions {
+            max_store_bytes,
+            max_queues: DEFAULT_MAX_QUEUES,
+            idempotency_ttl: DEFAULT_IDEMPOTENCY_TTL,
+            node_id: node_id.to_string(),
+            readers_of: Arc::new(|_| Vec::new()),
+        }
     }
 }
 

@@ -67,7 +67,7 @@ use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, NoTls};
@@ -188,6 +188,8 @@ const MIGRATIONS: &[&str] = &[
         visible_at_ms BIGINT NOT NULL,
         PRIMARY KEY (consumer_id, failed_id, seq)
     );
+", "
+    CREATE INDEX outpost_idempotency_keys_by_age ON outpost_idempotency_keys (created_at_ms);
 ",
 ];
 
@@ -355,13 +357,21 @@ impl Postgres {
             commits.clone(),
             refresh_rx,
         )));
+        let (listening_tx, listening) = oneshot::channel();
         background.push(tokio::spawn(run_listener(
             config,
             shown_url.clone(),
             instance.clone(),
             refresh_tx.clone(),
             events,
+            listening_tx,
         )));
+        // Commits of other centrals from now on are followed: the listener reloads everything once
+        // it listens, so nothing committed between the load above and its LISTEN is missed, and
+        // this store does not answer before it follows the cluster.
+        if tokio::time::timeout(CONNECT_TIMEOUT, listening).await.is_err() {
+            tracing::warn!(postgres = %shown_url, "the cluster listener is not connected yet; views follow other centrals once it is");
+        }
         background.push(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(FULL_REFRESH);
             ticker.tick().await;
@@ -912,16 +922,16 @@ async fn run_listener(
     instance: String,
     refresh: mpsc::Sender<Refresh>,
     events: broadcast::Sender<(String, String)>,
+    listening: oneshot::Sender<()>,
 ) {
-    let mut connected_before = false;
+    let mut listening = Some(listening);
     loop {
-        match listen_once(&config, &instance, &refresh, &events, connected_before).await {
+        match listen_once(&config, &instance, &refresh, &events, &mut listening).await {
             Ok(()) => return, // the refresher is gone: the store is closing
             Err(e) => {
                 tracing::warn!(postgres = %url, "the cluster listener lost its connection, reconnecting in {LISTEN_RETRY:?}: {e}");
             }
         }
-        connected_before = true;
         tokio::time::sleep(LISTEN_RETRY).await;
     }
 }
@@ -931,7 +941,7 @@ async fn listen_once(
     instance: &str,
     refresh: &mpsc::Sender<Refresh>,
     events: &broadcast::Sender<(String, String)>,
-    reload: bool,
+    listening: &mut Option<oneshot::Sender<()>>,
 ) -> Result<(), String> {
     let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
     let (notifications_tx, mut notifications) = mpsc::channel(NOTIFICATION_CAPACITY);
@@ -955,8 +965,13 @@ async fn listen_once(
         .batch_execute(&format!("LISTEN {COMMITS_CHANNEL}; LISTEN {EVENTS_CHANNEL}"))
         .await
         .map_err(|e| e.to_string())?;
-    if reload && refresh.send(Refresh::everything()).await.is_err() {
+    // Whatever was committed before the LISTEN took effect (at startup, or while the connection
+    // was lost) came with no notification: reload it all once.
+    if refresh.send(Refresh::everything()).await.is_err() {
         return Ok(());
+    }
+    if let Some(listening) = listening.take() {
+        let _ = listening.send(());
     }
     while let Some(notification) = notifications.recv().await {
         match notification.channel() {

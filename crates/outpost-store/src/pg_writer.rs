@@ -136,6 +136,7 @@ impl PgWriter {
 
     pub(crate) async fn run(self, mut ops: mpsc::Receiver<Op>) {
         let mut shutdown_reply = None;
+        let mut key_prune_at = Instant::now() + self.options.idempotency_ttl.min(KEY_PRUNE_INTERVAL);
         while shutdown_reply.is_none() {
             let Some(first) = ops.recv().await else { break };
             let mut group_bytes = first.payload_bytes();
@@ -150,12 +151,46 @@ impl PgWriter {
                 }
             }
             shutdown_reply = self.commit_group(group).await;
+            if Instant::now() >= key_prune_at {
+                key_prune_at = self.prune_keys().await;
+            }
         }
         ops.close();
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
         }
         tracing::debug!("PostgreSQL store writer stopped");
+    }
+
+    /// Deletes a chunk of idempotency keys older than `limits.idempotency_ttl` (lookups already
+    /// ignore them); returns when to prune next. Every central prunes; a chunk another central is
+    /// deleting at the same moment is skipped, not waited for.
+    async fn prune_keys(&self) -> Instant {
+        let cutoff = outpost_core::time::now_unix_ms() - self.options.idempotency_ttl.as_millis() as i64;
+        let later = Instant::now() + self.options.idempotency_ttl.min(KEY_PRUNE_INTERVAL);
+        let client = match self.pool.get().await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!("cannot prune expired idempotency keys: {e}");
+                return later;
+            }
+        };
+        let deleted = client
+            .execute(
+                "DELETE FROM outpost_idempotency_keys WHERE ctid IN
+                   (SELECT ctid FROM outpost_idempotency_keys WHERE created_at_ms < $1
+                    ORDER BY created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                &[&cutoff, &KEY_PRUNE_CHUNK],
+            )
+            .await;
+        match deleted {
+            Ok(count) if count as i64 == KEY_PRUNE_CHUNK => Instant::now(),
+            Ok(_) => later,
+            Err(e) => {
+                tracing::warn!(url = %self.url, "cannot prune expired idempotency keys: {e}");
+                later
+            }
+        }
     }
 
     async fn commit_group(&self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
@@ -473,15 +508,34 @@ impl PgWriter {
         if state.queues.contains_key(queue) {
             return Ok(());
         }
-        check_quota(&self.options, state.total_bytes, needed_bytes).map_err(TryError::Store)?;
-        let create = tx
+        let existing = tx
             .prepare_cached(
-                "INSERT INTO outpost_queues (name) VALUES ($1)
-                 ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
-                 RETURNING queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms",
+                "SELECT queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms
+                 FROM outpost_queues WHERE name = $1 FOR UPDATE",
             )
             .await?;
-        let row = tx.query_one(&create, &[&queue]).await?;
+        let row = match tx.query_opt(&existing, &[&queue]).await? {
+            Some(row) => row,
+            None => {
+                let count = tx.prepare_cached("SELECT count(*) FROM outpost_queues").await?;
+                let queues = tx.query_one(&count, &[]).await?.get::<_, i64>(0) as u64;
+                if queues >= self.options.max_queues {
+                    return Err(TryError::Store(StoreError::TooManyQueues {
+                        queue: queue.to_string(),
+                        limit: self.options.max_queues,
+                    }));
+                }
+                check_quota(&self.options, state.total_bytes, needed_bytes).map_err(TryError::Store)?;
+                let create = tx
+                    .prepare_cached(
+                        "INSERT INTO outpost_queues (name) VALUES ($1)
+                         ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name
+                         RETURNING queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms",
+                    )
+                    .await?;
+                tx.query_one(&create, &[&queue]).await?
+            }
+        };
         let (id, stats) = locked_queue_from_row(&row);
         state.queues.insert(queue.to_string(), LockedQueue { id, stats, dirty: false });
         Ok(())
@@ -503,12 +557,15 @@ impl PgWriter {
         self.ensure_queue(tx, state, queue, needed).await?;
         let queue_id = state.queues[queue].id;
         if let Some(key) = idempotency_key {
+            // A key older than the TTL is forgotten (its row may wait for the next prune).
+            let key_cutoff_ms = now_ms - self.options.idempotency_ttl.as_millis() as i64;
             let lookup = tx
                 .prepare_cached(
-                    "SELECT seq, id FROM outpost_idempotency_keys WHERE queue_id = $1 AND key = $2",
+                    "SELECT seq, id FROM outpost_idempotency_keys
+                     WHERE queue_id = $1 AND key = $2 AND created_at_ms >= $3",
                 )
                 .await?;
-            if let Some(row) = tx.query_opt(&lookup, &[&queue_id, &key]).await? {
+            if let Some(row) = tx.query_opt(&lookup, &[&queue_id, &key, &key_cutoff_ms]).await? {
                 let seq = row.get::<_, i64>(0) as u64;
                 return Ok(Appended {
                     first_seq: seq,
@@ -532,7 +589,9 @@ impl PgWriter {
             let insert = tx
                 .prepare_cached(
                     "INSERT INTO outpost_idempotency_keys (queue_id, key, seq, id, created_at_ms)
-                     VALUES ($1, $2, $3, $4, $5)",
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (queue_id, key) DO UPDATE
+                       SET seq = EXCLUDED.seq, id = EXCLUDED.id, created_at_ms = EXCLUDED.created_at_ms",
                 )
                 .await?;
             tx.execute(&insert, &[&queue_id, &key, &(first_seq as i64), &ids[0], &now_ms]).await?;
@@ -715,6 +774,11 @@ async fn insert_failed(tx: &Transaction<'_>, failure: &NewFailure, now_ms: i64) 
         Ok(id)
     }
 }
+
+/// How often expired idempotency keys are pruned (at most; a short TTL prunes more often).
+const KEY_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// The most expired keys one prune deletes; the rest follow after later commits.
+const KEY_PRUNE_CHUNK: i64 = 10_000;
 
 /// A refusal of one operation (quota, invalid) is its answer; a database error fails the group.
 fn per_op<T>(result: Result<T, TryError>) -> Result<Result<T, StoreError>, TryError> {

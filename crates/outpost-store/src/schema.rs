@@ -87,6 +87,8 @@ const MIGRATIONS: &[&str] = &[
          visible_at_ms INTEGER NOT NULL,
          PRIMARY KEY (consumer_id, failed_id, seq)
      ) WITHOUT ROWID;",
+    // 5: expired idempotency keys are pruned oldest first.
+    "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at_ms);",
 ];
 
 /// The schema version this build writes.

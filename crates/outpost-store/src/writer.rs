@@ -26,6 +26,9 @@ pub(crate) struct State {
     origin_positions: HashMap<(String, String), u64>,
     pub(crate) cursors: HashMap<(String, String), u64>,
     total_bytes: u64,
+    /// Remembered idempotency keys and failed copies: they count against the quota too.
+    key_bytes: u64,
+    failed_bytes: u64,
     /// Queues with messages every required reader has passed that are not deleted yet: a release
     /// goes in bounded chunks, one transaction each, between client writes.
     pub(crate) releases_due: BTreeSet<String>,
@@ -44,6 +47,14 @@ impl State {
             origin_positions: schema::load_origin_positions(conn)?,
             cursors: schema::load_cursors(conn)?,
             total_bytes,
+            key_bytes: conn.query_row(
+                "SELECT coalesce(sum(length(key)) + count(*) * ?1, 0) FROM idempotency_keys",
+                [crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES as i64],
+                |r| r.get::<_, i64>(0),
+            )? as u64,
+            failed_bytes: conn.query_row("SELECT coalesce(sum(length(payload)), 0) FROM failed", [], |r| {
+                r.get::<_, i64>(0)
+            })? as u64,
             releases_due: BTreeSet::new(),
             disk_room_bytes: u64::MAX,
         };
@@ -60,6 +71,11 @@ impl State {
 
 /// How long releases wait after one failed (e.g. the disk is full) before they are tried again.
 const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
+/// How often expired idempotency keys are pruned (at most; a short TTL prunes more often).
+const KEY_PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+/// The most expired keys one prune transaction deletes; the rest follow after later commits.
+const KEY_PRUNE_CHUNK: i64 = 10_000;
+
 /// How often the writer looks for client writes while it waits to retry a release.
 const RELEASE_RETRY_POLL: Duration = Duration::from_millis(20);
 
@@ -126,6 +142,8 @@ pub struct Writer {
     disk: DiskBounds,
     /// After a failed release: not before this instant again.
     release_retry_at: Option<Instant>,
+    /// When expired idempotency keys are pruned next.
+    key_prune_at: Instant,
 }
 
 impl Writer {
@@ -138,7 +156,18 @@ impl Writer {
         disk: DiskBounds,
     ) -> Result<Writer, StoreError> {
         let state = State::load(&conn, &options)?;
-        let writer = Writer { conn, options, views, commits, state, observer, disk, release_retry_at: None };
+        let key_prune_at = Instant::now() + options.idempotency_ttl.min(KEY_PRUNE_INTERVAL);
+        let writer = Writer {
+            conn,
+            options,
+            views,
+            commits,
+            state,
+            observer,
+            disk,
+            release_retry_at: None,
+            key_prune_at,
+        };
         writer.publish(None);
         Ok(writer)
     }
@@ -177,6 +206,9 @@ impl Writer {
                 }
             }
             shutdown_reply = self.commit_group(group);
+            if Instant::now() >= self.key_prune_at {
+                self.prune_keys();
+            }
         }
         // Anything still queued after a shutdown request is refused: its sender sees Closed.
         ops.close();
@@ -243,6 +275,49 @@ impl Writer {
                 );
                 self.release_retry_at = Some(Instant::now() + RELEASE_RETRY_DELAY);
                 self.recover_after_failed_commit(matches!(error, StoreError::DiskFull(_)));
+            }
+        }
+    }
+
+    /// Deletes a chunk of idempotency keys older than `limits.idempotency_ttl` (lookups already
+    /// ignore them), in a transaction of its own; another chunk follows after the next commit while
+    /// more remain.
+    fn prune_keys(&mut self) {
+        let cutoff = outpost_core::time::now_unix_ms() - self.options.idempotency_ttl.as_millis() as i64;
+        let pruned = (|| -> Result<(u64, u64), StoreError> {
+            let tx = self.conn.unchecked_transaction()?;
+            let lengths: Vec<i64> = tx
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE (queue_id, key) IN
+                       (SELECT queue_id, key FROM idempotency_keys WHERE created_at_ms < ?1
+                        ORDER BY created_at_ms LIMIT ?2)
+                     RETURNING length(key)",
+                )?
+                .query_map(params![cutoff, KEY_PRUNE_CHUNK], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            tx.commit()?;
+            let bytes = lengths.iter().map(|l| *l as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES).sum();
+            Ok((lengths.len() as u64, bytes))
+        })();
+        match pruned {
+            Ok((count, bytes)) => {
+                self.state.key_bytes = self.state.key_bytes.saturating_sub(bytes);
+                let more = count as i64 == KEY_PRUNE_CHUNK;
+                if count > 0 {
+                    tracing::debug!(count, bytes, more, "pruned expired idempotency keys");
+                }
+                self.key_prune_at = if more {
+                    Instant::now()
+                } else {
+                    Instant::now() + self.options.idempotency_ttl.min(KEY_PRUNE_INTERVAL)
+                };
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                tracing::warn!(
+                    "cannot prune expired idempotency keys, retrying in {KEY_PRUNE_INTERVAL:?}: {e}"
+                );
+                self.key_prune_at = Instant::now() + KEY_PRUNE_INTERVAL;
             }
         }
     }
@@ -397,14 +472,20 @@ impl Writer {
                         .and_then(|()| failed::insert(&tx, &failure, now_ms));
                         let result = settle!(result, Pending::Failed, reply);
                         if result.is_ok() {
+                            self.state.failed_bytes += failure.message.payload.len() as u64;
                             changes.cursors.insert((failure.message.queue.clone(), failure.reader.clone()));
                             changes.queues.insert(failure.message.queue.clone());
                         }
                         pending.push(Pending::Failed(reply, result.map(failed::FailedOutcome::Inserted)));
                     }
                     Op::ChangeFailed { change, reply } => {
-                        let result =
-                            settle!(failed::apply_change(&tx, change, now_ms), Pending::Failed, reply);
+                        let mut freed = 0;
+                        let result = settle!(
+                            failed::apply_change(&tx, change, now_ms, &mut freed),
+                            Pending::Failed,
+                            reply
+                        );
+                        self.state.failed_bytes = self.state.failed_bytes.saturating_sub(freed);
                         pending.push(Pending::Failed(reply, result));
                     }
                     Op::ConsumerLease { queue, name, request, reply } => {
@@ -567,7 +648,7 @@ fn check_quota(options: &StoreOptions, state: &State, needed_bytes: u64) -> Resu
     if needed_bytes > state.disk_room_bytes {
         return Err(StoreError::DiskReserve { room_bytes: state.disk_room_bytes, needed_bytes });
     }
-    let used_bytes = state.total_bytes;
+    let used_bytes = state.total_bytes + state.key_bytes + state.failed_bytes;
     if used_bytes.saturating_add(needed_bytes) > options.max_store_bytes {
         return Err(StoreError::QuotaReached {
             used_bytes,
@@ -588,6 +669,9 @@ fn ensure_queue(
 ) -> Result<i64, StoreError> {
     if let Some(id) = state.queue_ids.get(queue) {
         return Ok(*id);
+    }
+    if state.queue_ids.len() as u64 >= options.max_queues {
+        return Err(StoreError::TooManyQueues { queue: queue.to_string(), limit: options.max_queues });
     }
     check_quota(options, state, needed_bytes)?;
     tx.execute("INSERT INTO queues (name, last_seq) VALUES (?1, 0)", [queue])?;
@@ -668,23 +752,37 @@ fn apply_append(
         return Err(StoreError::Invalid("an append needs at least one message".into()));
     }
     let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
-    let queue_id = ensure_queue(tx, options, state, queue, needed)?;
+    // A new queue holds no key yet: its key's bytes are part of what the quota must have room for.
+    let new_key_bytes =
+        idempotency_key.as_ref().map_or(0, |key| key.len() as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES);
+    let queue_id = ensure_queue(tx, options, state, queue, needed + new_key_bytes)?;
 
+    // A key older than the TTL is forgotten (its row may wait for the next prune): reused, it
+    // stores a new message and takes the row over.
+    let key_cutoff_ms = now_ms - options.idempotency_ttl.as_millis() as i64;
+    let mut key_row_exists = false;
     if let Some(key) = &idempotency_key {
-        let existing: Option<(i64, String)> = tx
-            .prepare_cached("SELECT seq, id FROM idempotency_keys WHERE queue_id = ?1 AND key = ?2")?
-            .query_row(params![queue_id, key], |r| Ok((r.get(0)?, r.get(1)?)))
+        let existing: Option<(i64, String, i64)> = tx
+            .prepare_cached(
+                "SELECT seq, id, created_at_ms FROM idempotency_keys WHERE queue_id = ?1 AND key = ?2",
+            )?
+            .query_row(params![queue_id, key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
-        if let Some((seq, id)) = existing {
-            return Ok(Appended {
-                first_seq: seq as u64,
-                last_seq: seq as u64,
-                ids: vec![id],
-                duplicate: true,
-            });
+        match existing {
+            Some((seq, id, created_at_ms)) if created_at_ms >= key_cutoff_ms => {
+                return Ok(Appended {
+                    first_seq: seq as u64,
+                    last_seq: seq as u64,
+                    ids: vec![id],
+                    duplicate: true,
+                });
+            }
+            Some(_) => key_row_exists = true,
+            None => {}
         }
     }
-    check_quota(options, state, needed)?;
+    let key_bytes = if key_row_exists { 0 } else { new_key_bytes };
+    check_quota(options, state, needed + key_bytes)?;
 
     let mut ids = Vec::with_capacity(messages.len());
     let rows = messages.iter().map(|m| Row {
@@ -697,9 +795,12 @@ fn apply_append(
     let (first_seq, last_seq) = insert_rows(tx, state, queue, queue_id, rows, now_ms, &mut ids)?;
     if let Some(key) = &idempotency_key {
         tx.prepare_cached(
-            "INSERT INTO idempotency_keys (queue_id, key, seq, id, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO idempotency_keys (queue_id, key, seq, id, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (queue_id, key) DO UPDATE
+               SET seq = excluded.seq, id = excluded.id, created_at_ms = excluded.created_at_ms",
         )?
         .execute(params![queue_id, key, first_seq as i64, ids[0], now_ms])?;
+        state.key_bytes += key_bytes;
     }
     Ok(Appended { first_seq, last_seq, ids, duplicate: false })
 }

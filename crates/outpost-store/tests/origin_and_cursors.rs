@@ -57,9 +57,8 @@ async fn edge_batches_are_stored_once_in_order_across_reopen() {
 async fn messages_are_released_once_every_required_reader_has_them() {
     let dir = tempfile::tempdir().unwrap();
     let options = StoreOptions {
-        max_store_bytes: 1 << 30,
-        node_id: "edge".into(),
         readers_of: Arc::new(|_| vec!["upstream".to_string(), "route:r".to_string()]),
+        ..StoreOptions::keep_everything(1 << 30, "edge")
     };
     let store = Store::open(dir.path(), options.clone(), None).unwrap();
     for i in 0..10 {

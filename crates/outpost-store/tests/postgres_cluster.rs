@@ -164,8 +164,8 @@ async fn views_documents_and_events_follow_the_other_store() {
     b_commits.borrow_and_update();
     let started = std::time::Instant::now();
     a.append_from_origin("orders", "edge-1", batch("edge-1", 1..=5)).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(2), b_commits.changed()).await.unwrap().unwrap();
-    eventually(&b, Duration::from_secs(2), "b sees a's commit", |s| {
+    tokio::time::timeout(Duration::from_secs(10), b_commits.changed()).await.unwrap().unwrap();
+    eventually(&b, Duration::from_secs(10), "b sees a's commit", |s| {
         s.origin_position("edge-1", "orders") == 5 && s.queue("orders").is_some_and(|q| q.messages == 5)
     })
     .await;
@@ -177,18 +177,18 @@ async fn views_documents_and_events_follow_the_other_store() {
     let mut on_a = a.cluster_events();
     let mut on_b = b.cluster_events();
     a.publish_cluster_event("route_mode", "{\"route\":\"r\"}").await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(2), on_b.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), on_b.recv()).await.unwrap().unwrap();
     assert_eq!(got, ("route_mode".to_string(), "{\"route\":\"r\"}".to_string()));
     assert_eq!(on_a.recv().await.unwrap().0, "route_mode", "the publisher's own subscribers hear it");
     b.publish_cluster_event("second", "{}").await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(2), on_a.recv()).await.unwrap().unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(10), on_a.recv()).await.unwrap().unwrap();
     assert_eq!(next.0, "second", "and only once: the NOTIFY of its own event is not delivered again");
     assert!(a.publish_cluster_event("big", &"x".repeat(10_000)).await.is_err());
 
     // A cursor advanced on one store is what the other reads, fresh or from its views.
     a.advance_cursor("orders", "route:r", 3).await.unwrap();
     assert_eq!(b.fresh_cursor("orders", "route:r").await.unwrap(), 3);
-    eventually(&b, Duration::from_secs(2), "b's view of the cursor", |s| s.cursor("orders", "route:r") == 3)
+    eventually(&b, Duration::from_secs(10), "b's view of the cursor", |s| s.cursor("orders", "route:r") == 3)
         .await;
     a.shutdown().await;
     b.shutdown().await;
@@ -230,9 +230,8 @@ async fn a_lease_is_held_by_one_store_at_a_time_and_passes_on_release() {
 async fn cursors_release_and_failed_messages_work_on_postgres() {
     let database = TestDatabase::create().await;
     let options = StoreOptions {
-        max_store_bytes: 1 << 30,
-        node_id: "node-a".into(),
         readers_of: Arc::new(|_| vec!["route:r".to_string()]),
+        ..StoreOptions::keep_everything(1 << 30, "node-a")
     };
     let store = Store::open_postgres(&database.url, options.clone(), None).await.unwrap();
     store.append("q", ["a", "b", "c"].map(text).to_vec(), None).await.unwrap();

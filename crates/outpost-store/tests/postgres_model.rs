@@ -35,7 +35,7 @@ fn postgres_store_matches_model() {
     let result = runner.run(&prop::collection::vec(action(), 1..40), |actions| {
         runtime.block_on(async {
             truncate(&database.url).await;
-            run_case(actions, || open(&database.url)).await
+            run_case(actions, false, || open(&database.url)).await
         });
         Ok(())
     });

@@ -183,6 +183,8 @@ fn store_options(config: &Config) -> StoreOptions {
         config.routes.iter().map(|r| (r.queue.clone(), r.name.clone())).collect();
     StoreOptions {
         max_store_bytes: config.limits.max_store_bytes,
+        max_queues: u64::from(config.limits.max_queues),
+        idempotency_ttl: config.limits.idempotency_ttl,
         node_id: config.node_id.clone(),
         readers_of: Arc::new(move |queue: &str| {
             if let Some(readers) = outpost_central::downlink_readers(queue) {

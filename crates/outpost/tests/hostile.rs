@@ -407,3 +407,28 @@ async fn an_edge_whose_routes_released_messages_forwards_the_rest_to_a_later_cen
     .await;
     assert!(edge.is_running(), "the edge is still running");
 }
+
+/// CONTRACT section 2, `limits.max_queues`: a write that would create one queue too many gets 507
+/// with code `too_many_queues` and creates nothing; the existing queues go on taking writes, and the
+/// limit holds after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_that_would_create_one_queue_too_many_gets_507_too_many_queues() {
+    let mut edge = Node::builder(BIN).role("edge").config("[limits]\nmax_queues = 2\n").start().await;
+    let client = edge.client();
+    for queue in ["a", "b"] {
+        client.post_message(queue, "x").await.unwrap().accepted();
+    }
+    let refused = client.post_message("c", "x").await.unwrap();
+    assert_eq!(refused.expect_error(507), "too_many_queues", "{}", refused.text());
+    assert!(refused.text().contains("limits.max_queues"), "the message says which limit: {}", refused.text());
+    let refused = client.post("/v1/queues/c/batch", Some("application/x-ndjson"), "1\n2\n").await.unwrap();
+    assert_eq!(refused.expect_error(507), "too_many_queues");
+    client.post_message("a", "y").await.unwrap().accepted();
+    edge.sigterm().await;
+    edge.restart().await;
+    let refused = edge.client().post_message("c", "x").await.unwrap();
+    assert_eq!(refused.expect_error(507), "too_many_queues");
+    let queues = edge.client().get("/v1/queues").await.unwrap().json();
+    let names: Vec<&str> = queues.as_array().unwrap().iter().filter_map(|q| q["name"].as_str()).collect();
+    assert!(!names.contains(&"c"), "the refused writes created no queue: {names:?}");
+}

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use bytes::Bytes;
-use outpost_store::{NewMessage, Store, StoreError};
+use outpost_store::{NewMessage, Store, StoreError, IDEMPOTENCY_KEY_OVERHEAD_BYTES};
 use proptest::prelude::*;
 
 pub const QUOTA_BYTES: u64 = 4_000;
@@ -43,7 +43,8 @@ fn payload(counter: &mut u32, size: usize) -> Bytes {
 
 /// Runs `actions` against a store from `open` (called again for every reopen) and the model,
 /// checking every answer and the statistics after every step.
-pub async fn run_case<F, Fut>(actions: Vec<Action>, mut open: F)
+/// `counts_keys`: the backend counts idempotency keys against the quota (SQLite does).
+pub async fn run_case<F, Fut>(actions: Vec<Action>, counts_keys: bool, mut open: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Store>,
@@ -66,12 +67,16 @@ where
                     .collect();
                 let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
                 let key_text = key.map(|k| format!("key-{k}"));
+                let key_bytes = match &key_text {
+                    Some(text) if counts_keys => text.len() as u64 + IDEMPOTENCY_KEY_OVERHEAD_BYTES,
+                    _ => 0,
+                };
                 let result = store.append(&queue, messages.clone(), key_text).await;
                 if let Some((seq, id)) = key.and_then(|k| model.keys.get(&(queue.clone(), k))) {
                     let appended = result.unwrap();
                     assert!(appended.duplicate);
                     assert_eq!((appended.first_seq, appended.ids[0].as_str()), (*seq, id.as_str()));
-                } else if model.bytes + needed > QUOTA_BYTES {
+                } else if model.bytes + needed + key_bytes > QUOTA_BYTES {
                     assert!(matches!(result, Err(StoreError::QuotaReached { .. })), "{result:?}");
                 } else {
                     let appended = result.unwrap();
@@ -86,7 +91,7 @@ where
                     if let Some(k) = key {
                         model.keys.insert((queue.clone(), k), (expected_first, appended.ids[0].clone()));
                     }
-                    model.bytes += needed;
+                    model.bytes += needed + key_bytes;
                 }
             }
             Action::Read { queue, after_seq, limit } => {
