@@ -182,6 +182,7 @@ pub(crate) fn lease(
                     last_error,
                 };
                 failed::insert(tx, &failure, now_ms)?;
+                state.failed_bytes += failure.message.payload.len() as u64;
             } else {
                 let change = FailedChange::FailedAgain {
                     id: failed_id,
@@ -189,7 +190,7 @@ pub(crate) fn lease(
                     reason: MAX_DELIVERIES_REASON.to_string(),
                     last_error,
                 };
-                failed::apply_change(tx, change, now_ms)?;
+                failed::apply_change(tx, change, now_ms, &mut 0)?;
             }
             delete_row(tx, consumer.id, failed_id, seq)?;
             continue;
@@ -283,7 +284,9 @@ pub(crate) fn settle(
             Settle::Ack => {
                 delete_row(tx, consumer.id, key.failed_id, key.seq)?;
                 if key.failed_id != 0 {
-                    failed::apply_change(tx, FailedChange::Remove { id: key.failed_id }, now_ms)?;
+                    let mut freed = 0;
+                    failed::apply_change(tx, FailedChange::Remove { id: key.failed_id }, now_ms, &mut freed)?;
+                    state.failed_bytes = state.failed_bytes.saturating_sub(freed);
                 }
             }
             Settle::Nack { delay_ms } => {

@@ -188,7 +188,8 @@ const MIGRATIONS: &[&str] = &[
         visible_at_ms BIGINT NOT NULL,
         PRIMARY KEY (consumer_id, failed_id, seq)
     );
-", "
+",
+    "
     CREATE INDEX outpost_idempotency_keys_by_age ON outpost_idempotency_keys (created_at_ms);
 ",
 ];

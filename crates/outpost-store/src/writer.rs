@@ -27,8 +27,8 @@ pub(crate) struct State {
     pub(crate) cursors: HashMap<(String, String), u64>,
     total_bytes: u64,
     /// Remembered idempotency keys and failed copies: they count against the quota too.
-    key_bytes: u64,
-    failed_bytes: u64,
+    pub(crate) key_bytes: u64,
+    pub(crate) failed_bytes: u64,
     /// Queues with messages every required reader has passed that are not deleted yet: a release
     /// goes in bounded chunks, one transaction each, between client writes.
     pub(crate) releases_due: BTreeSet<String>,
