@@ -8,6 +8,11 @@ use outpost_core::metrics::QueueLabel;
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
 use serde_json::json;
 
+use outpost_forward::pacing::{
+    describe_drain, drain_estimates, drain_seconds, unforwarded_bytes, QueueDrain,
+};
+use outpost_forward::UPSTREAM_READER;
+
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
 use crate::ApiState;
@@ -26,6 +31,7 @@ pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result
     let backlog_messages: u64 = queues.iter().map(|q| q.messages).sum();
     let backlog_bytes: u64 = queues.iter().map(|q| q.bytes).sum();
     let oldest = queues.iter().filter_map(|q| q.oldest_accepted_at_ms).min();
+    let drain = drain_view(&state, &link);
     Ok(Json(json!({
         "node_id": state.config.node_id,
         "role": state.config.role.as_str(),
@@ -38,6 +44,10 @@ pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result
             "messages": backlog_messages,
             "bytes": backlog_bytes,
             "oldest_age_seconds": oldest.map(|at| (now_ms - at).max(0) as f64 / 1000.0).unwrap_or(0.0),
+            "unforwarded_bytes": drain.as_ref().map(|d| d.unforwarded_bytes),
+            "forward_rate_bytes_per_second": link.forward_rate_bytes_per_second,
+            "drain_seconds": drain.as_ref().and_then(|d| d.seconds),
+            "drain": drain.as_ref().and_then(|d| d.text.clone()),
         },
         "offline_log": link.offline_log,
     }))
@@ -56,7 +66,56 @@ pub fn refresh_backlog_metrics(state: &ApiState) {
         let age_seconds = q.oldest_accepted_at_ms.map(|at| (now_ms - at).max(0) / 1000).unwrap_or(0);
         metrics.backlog_oldest_age_seconds.get_or_create(&label).set(age_seconds);
     }
-    metrics.set_edge_state(&state.link.borrow().state);
+    let link = state.link.borrow().clone();
+    metrics.set_edge_state(&link.state);
+    let rate = link.forward_rate_bytes_per_second.map(|r| r as f64);
+    for (queue, seconds) in drain_estimates(&queue_drains(state), rate) {
+        if let Some(seconds) = seconds {
+            metrics.backlog_drain_seconds.get_or_create(&QueueLabel { queue }).set(seconds);
+        }
+    }
+}
+
+/// An edge's forwarding backlog and when it will be through.
+struct DrainView {
+    unforwarded_bytes: u64,
+    seconds: Option<f64>,
+    /// "~4 min at 310 kB/s"
+    text: Option<String>,
+}
+
+/// Each queue's bytes not yet forwarded (an edge with a central; empty otherwise).
+fn queue_drains(state: &ApiState) -> Vec<QueueDrain> {
+    if state.config.role != outpost_core::Role::Edge || state.config.upstreams.is_empty() {
+        return Vec::new();
+    }
+    state
+        .store
+        .queue_stats()
+        .into_iter()
+        .map(|q| {
+            let cursor = state.store.cursor(&q.name, UPSTREAM_READER);
+            QueueDrain {
+                priority: state.config.queue_priority(&q.name),
+                unforwarded_bytes: unforwarded_bytes(q.messages, q.bytes, q.first_seq, q.last_seq, cursor),
+                queue: q.name,
+            }
+        })
+        .collect()
+}
+
+fn drain_view(state: &ApiState, link: &outpost_core::status::LinkStatus) -> Option<DrainView> {
+    if state.config.role != outpost_core::Role::Edge || state.config.upstreams.is_empty() {
+        return None;
+    }
+    let unforwarded_bytes: u64 = queue_drains(state).iter().map(|q| q.unforwarded_bytes).sum();
+    let rate = link.forward_rate_bytes_per_second.filter(|r| *r > 0).map(|r| r as f64);
+    let seconds = drain_seconds(unforwarded_bytes, rate);
+    let text = match (seconds, rate) {
+        (Some(s), Some(r)) if unforwarded_bytes > 0 => Some(describe_drain(s, r)),
+        _ => None,
+    };
+    Some(DrainView { unforwarded_bytes, seconds, text })
 }
 
 /// `POST /v1/admin/transition-online` (edge): start a transition to online now, ignoring

@@ -255,6 +255,7 @@ fn hello(edge: &str, ping_interval_ms: u64, report: EdgeReport) -> Hello {
         ping_interval_ms,
         report,
         released_unforwarded: Default::default(),
+        batch_encodings: Vec::new(),
     }
 }
 
@@ -311,6 +312,7 @@ async fn handshake_answers_welcome_then_pings_at_the_requested_interval() {
             maintenance: false,
             positions: BTreeMap::new(),
             downlink: BTreeMap::new(),
+            batch_encoding: None,
         }
     );
     let started = Instant::now();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use outpost_core::metrics::QueueLabel;
 use outpost_core::status::OFFLINE_LOG_CAPACITY;
 use outpost_core::time::now_unix_ms;
-use outpost_core::wire::{Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer};
+use outpost_core::wire::{Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer, BATCH_ENCODING_ZSTD};
 use outpost_store::Store;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -173,8 +173,23 @@ impl CentralHub {
             maintenance,
             positions: self.store.origin_positions(edge_id),
             downlink: self.downlink_waiting(edge_id),
+            batch_encoding: self.agreed_batch_encoding(&hello.batch_encodings),
         };
         Ok(OpenedLink { welcome, events, downlink, guard })
+    }
+
+    /// The batch frame encoding for a link whose edge offers `offered`: zstd when both sides
+    /// have it (this central's `forwarding.compression` is not `none`), else plain frames.
+    pub fn agreed_batch_encoding(&self, offered: &[String]) -> Option<String> {
+        let accepts_zstd = self.config.forwarding.compression == outpost_core::config::Compression::Zstd;
+        (accepts_zstd && offered.iter().any(|e| e == BATCH_ENCODING_ZSTD))
+            .then(|| BATCH_ENCODING_ZSTD.to_string())
+    }
+
+    /// Whether batch frames in `encoding` are accepted (415 otherwise).
+    pub fn accepts_batch_encoding(&self, encoding: &str) -> bool {
+        encoding == BATCH_ENCODING_ZSTD
+            && self.config.forwarding.compression == outpost_core::config::Compression::Zstd
     }
 
     /// The edge released these ranges without ever forwarding them (its routes delivered them

@@ -116,6 +116,18 @@ struct RawConfig {
     ha: RawHa,
     #[serde(default)]
     route: Vec<RawRoute>,
+    #[serde(default)]
+    queue: Vec<RawQueue>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    name: String,
+    #[serde(default, deserialize_with = "de_number")]
+    priority: Option<u64>,
+    #[serde(default, deserialize_with = "de_duration")]
+    message_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +222,10 @@ struct RawForwarding {
     in_flight: Option<u64>,
     #[serde(default, deserialize_with = "de_duration")]
     request_timeout: Option<Duration>,
+    #[serde(default)]
+    compression: Option<String>,
+    #[serde(default, deserialize_with = "de_size")]
+    max_bandwidth: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -260,6 +276,10 @@ struct RawRoute {
     auto_forward: Option<bool>,
     #[serde(default, deserialize_with = "de_duration")]
     probe_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_number")]
+    max_in_flight: Option<u64>,
+    #[serde(default, deserialize_with = "de_number")]
+    batch: Option<u64>,
 }
 
 // Lenient deserializers: environment variables always arrive as strings, so every scalar accepts
@@ -397,6 +417,8 @@ pub struct Config {
     pub edges: Vec<EdgeCredential>,
     pub ha: HaConfig,
     pub routes: Vec<RouteConfig>,
+    /// `[[queue]]`: per-queue settings; a queue not listed has the defaults.
+    pub queues: Vec<QueueConfig>,
     /// Where the configuration came from, for the startup log line.
     pub sources: Vec<String>,
 }
@@ -493,6 +515,42 @@ pub struct ForwardingConfig {
     pub in_flight: u32,
     /// Time allowed for one batch request.
     pub request_timeout: Duration,
+    /// How batch frames travel: the edge offers it in the handshake, a central accepts it only if
+    /// its own `compression` is not `none`.
+    pub compression: Compression,
+    /// Bytes per second of batch frames on the wire; 0: no cap.
+    pub max_bandwidth_bytes_per_second: u64,
+}
+
+/// `forwarding.compression`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Zstd,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The default priority of a queue not listed in `[[queue]]`.
+pub const DEFAULT_QUEUE_PRIORITY: u8 = 5;
+/// The lowest priority (`[[queue]] priority` is 0 ..= this).
+pub const LOWEST_QUEUE_PRIORITY: u8 = 9;
+
+/// One `[[queue]]` entry.
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub name: String,
+    /// 0 (first) ..= 9; while a backlog drains, lower numbers go first.
+    pub priority: u8,
+    /// Overrides `limits.message_ttl` for this queue; `Some(ZERO)`: never expire.
+    pub message_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -524,6 +582,32 @@ pub struct RouteConfig {
     pub poison: Vec<String>,
     pub auto_forward: bool,
     pub probe_interval: Duration,
+    /// Deliveries in flight at once (1: one per round trip); the cursor still moves only over a
+    /// contiguous delivered prefix.
+    pub max_in_flight: u32,
+    /// Messages per POST: 1 posts each message as itself, more posts an NDJSON body.
+    pub batch: u32,
+}
+
+/// The most deliveries a route keeps in flight, and the most messages of one route POST.
+pub const MAX_ROUTE_IN_FLIGHT: u32 = 256;
+pub const MAX_ROUTE_BATCH: u32 = 10_000;
+
+impl Config {
+    /// The priority of `queue` (`[[queue]] priority`, default 5).
+    pub fn queue_priority(&self, queue: &str) -> u8 {
+        self.queues.iter().find(|q| q.name == queue).map_or(DEFAULT_QUEUE_PRIORITY, |q| q.priority)
+    }
+
+    /// The TTL of `queue`'s messages: its `[[queue]] message_ttl`, else `limits.message_ttl`;
+    /// `None`: never expire.
+    pub fn queue_message_ttl(&self, queue: &str) -> Option<Duration> {
+        match self.queues.iter().find(|q| q.name == queue).and_then(|q| q.message_ttl) {
+            Some(ttl) if ttl.is_zero() => None,
+            Some(ttl) => Some(ttl),
+            None => self.limits.message_ttl,
+        }
+    }
 }
 
 impl Config {
@@ -858,7 +942,21 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         in_flight: positive_u32(fw.in_flight, 4).map_err(|p| err("forwarding.in_flight", p))?,
         request_timeout: nonzero(fw.request_timeout, Duration::from_secs(30))
             .map_err(|p| err("forwarding.request_timeout", p))?,
+        compression: match fw.compression.as_deref().map(str::trim) {
+            None | Some("zstd") => Compression::Zstd,
+            Some("none") => Compression::None,
+            Some(other) => {
+                return Err(err(
+                    "forwarding.compression",
+                    format!("{other:?}: expected \"zstd\" or \"none\""),
+                ))
+            }
+        },
+        max_bandwidth_bytes_per_second: fw.max_bandwidth.unwrap_or(0),
     };
+    if forwarding.max_bandwidth_bytes_per_second != 0 && forwarding.max_bandwidth_bytes_per_second < 1024 {
+        return Err(err("forwarding.max_bandwidth", "at least 1KiB per second, or \"0\" for no cap".into()));
+    }
     if forwarding.in_flight > 64 {
         return Err(err("forwarding.in_flight", "at most 64 batches in flight".into()));
     }
@@ -962,7 +1060,30 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
             auto_forward: r.auto_forward.unwrap_or(false),
             probe_interval: nonzero(r.probe_interval, Duration::from_secs(30))
                 .map_err(|p| err(&key("probe_interval"), p))?,
+            max_in_flight: bounded_u32(r.max_in_flight, 1, MAX_ROUTE_IN_FLIGHT)
+                .map_err(|p| err(&key("max_in_flight"), p))?,
+            batch: bounded_u32(r.batch, 1, MAX_ROUTE_BATCH).map_err(|p| err(&key("batch"), p))?,
         });
+    }
+
+    let mut queues: Vec<QueueConfig> = Vec::new();
+    for (i, q) in raw.queue.into_iter().enumerate() {
+        let key = |field: &str| format!("queue[{i}].{field}");
+        validate_name(&q.name).map_err(|p| err(&key("name"), p))?;
+        if queues.iter().any(|x| x.name == q.name) {
+            return Err(err(&key("name"), format!("queue {:?} is listed twice", q.name)));
+        }
+        let priority = match q.priority {
+            None => DEFAULT_QUEUE_PRIORITY,
+            Some(p) if p <= u64::from(LOWEST_QUEUE_PRIORITY) => p as u8,
+            Some(p) => {
+                return Err(err(
+                    &key("priority"),
+                    format!("{p}: expected 0 (first) to {LOWEST_QUEUE_PRIORITY}"),
+                ))
+            }
+        };
+        queues.push(QueueConfig { name: q.name, priority, message_ttl: q.message_ttl });
     }
 
     Ok(Config {
@@ -981,8 +1102,17 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
         edges,
         ha,
         routes,
+        queues,
         sources: Vec::new(),
     })
+}
+
+fn bounded_u32(value: Option<u64>, default: u32, max: u32) -> Result<u32, String> {
+    match value {
+        None => Ok(default),
+        Some(n) if n >= 1 && n <= u64::from(max) => Ok(n as u32),
+        Some(n) => Err(format!("{n}: expected 1 to {max}")),
+    }
 }
 
 fn positive_u32(value: Option<u64>, default: u32) -> Result<u32, String> {
@@ -1105,6 +1235,48 @@ mod tests {
         // --central wins over "none" from the environment.
         let flags = Flags { centrals: vec!["http://a:1".into()], ..Flags::default() };
         assert_eq!(Config::load_from(Role::Edge, &flags, &env).unwrap().upstreams.len(), 1);
+    }
+
+    #[test]
+    fn wan_keys_forwarding_queues_and_route_windows() {
+        let c = Config::load_from(Role::Edge, &Flags::default(), &[]).unwrap();
+        assert_eq!(c.forwarding.compression, Compression::Zstd);
+        assert_eq!(c.forwarding.max_bandwidth_bytes_per_second, 0);
+        assert_eq!(c.queue_priority("anything"), DEFAULT_QUEUE_PRIORITY);
+        assert_eq!(c.queue_message_ttl("anything"), None);
+        let (_f, flags) = write(
+            "[limits]\nmessage_ttl = \"1h\"\n[forwarding]\ncompression = \"none\"\nmax_bandwidth = \"256KiB\"\n\
+             [[queue]]\nname = \"alarms\"\npriority = 0\nmessage_ttl = \"5m\"\n\
+             [[queue]]\nname = \"audit\"\nmessage_ttl = \"0s\"\n\
+             [[route]]\nname = \"r\"\nqueue = \"alarms\"\nurls = [\"http://x/\"]\nmax_in_flight = 32\nbatch = 100\n",
+        );
+        let c = Config::load_from(Role::Edge, &flags, &[]).unwrap();
+        assert_eq!(c.forwarding.compression, Compression::None);
+        assert_eq!(c.forwarding.max_bandwidth_bytes_per_second, 256 << 10);
+        assert_eq!(c.queue_priority("alarms"), 0);
+        assert_eq!(c.queue_priority("audit"), DEFAULT_QUEUE_PRIORITY);
+        assert_eq!(c.queue_message_ttl("alarms"), Some(Duration::from_secs(300)));
+        assert_eq!(c.queue_message_ttl("audit"), None, "0s: never, whatever limits says");
+        assert_eq!(c.queue_message_ttl("other"), Some(Duration::from_secs(3600)));
+        assert_eq!((c.routes[0].max_in_flight, c.routes[0].batch), (32, 100));
+        for (text, key) in [
+            ("[forwarding]\ncompression = \"gzip\"\n", "forwarding.compression"),
+            ("[forwarding]\nmax_bandwidth = 100\n", "forwarding.max_bandwidth"),
+            ("[[queue]]\nname = \"q\"\npriority = 10\n", "queue[0].priority"),
+            ("[[queue]]\nname = \"q\"\n[[queue]]\nname = \"q\"\n", "queue[1].name"),
+            (
+                "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\nmax_in_flight = 0\n",
+                "route[0].max_in_flight",
+            ),
+            (
+                "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\nbatch = 100000\n",
+                "route[0].batch",
+            ),
+        ] {
+            let (_f, flags) = write(text);
+            let error = Config::load_from(Role::Edge, &flags, &[]).unwrap_err();
+            assert_eq!(error.key, key, "{text}: {error}");
+        }
     }
 
     #[test]

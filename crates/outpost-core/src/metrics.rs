@@ -1,6 +1,8 @@
 //! The Prometheus metrics of CONTRACT section 6, in one registry every task updates directly where
 //! the event happens (a state change logs a line and moves its metric in the same place).
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,6 +13,11 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
     pub queue: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EncodingLabel {
+    pub encoding: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -53,6 +60,10 @@ pub struct Metrics {
     pub store_commit_seconds: Histogram,
     pub edges: Family<StateLabel, Gauge>,
     pub node_state: Family<StateLabel, Gauge>,
+    /// Edge: batch frame bytes sent to the central, by encoding (`zstd` or `none`).
+    pub forward_bytes: Family<EncodingLabel, Counter>,
+    /// Edge: estimated seconds to forward each queue's backlog at the recent rate.
+    pub backlog_drain_seconds: Family<QueueLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -81,6 +92,8 @@ impl Metrics {
             store_commit_seconds: Histogram::new(exponential_buckets(0.00005, 2.0, 20)),
             edges: Family::default(),
             node_state: Family::default(),
+            forward_bytes: Family::default(),
+            backlog_drain_seconds: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -149,6 +162,16 @@ impl Metrics {
             "outpost_node_state",
             "1 for the central's current state (online or maintenance)",
             m.node_state.clone(),
+        );
+        registry.register(
+            "outpost_forward_bytes",
+            "Batch frame bytes sent to the central, by encoding",
+            m.forward_bytes.clone(),
+        );
+        registry.register(
+            "outpost_backlog_drain_seconds",
+            "Estimated seconds to forward the queue's backlog at the recent rate (queues before it by priority included)",
+            m.backlog_drain_seconds.clone(),
         );
         Metrics { registry, ..m }
     }

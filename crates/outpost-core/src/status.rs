@@ -36,6 +36,9 @@ pub struct LinkStatus {
     pub offline_log: Vec<OfflineLogEntry>,
     /// `Some(seconds)`: client writes get 503 with this `Retry-After`.
     pub writes_blocked_retry_after_seconds: Option<u64>,
+    /// Edge: payload bytes per second the central acknowledged recently (smoothed; kept while
+    /// offline as the last rate seen); `None` before the first batches.
+    pub forward_rate_bytes_per_second: Option<u64>,
 }
 
 impl LinkStatus {
@@ -47,6 +50,7 @@ impl LinkStatus {
             last_ping_at_ms: None,
             offline_log: Vec::new(),
             writes_blocked_retry_after_seconds: None,
+            forward_rate_bytes_per_second: None,
         }
     }
 }

@@ -6,13 +6,16 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use outpost_core::config::Upstream;
 use outpost_core::wire::{
-    Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer, BATCH_CONTENT_TYPE, EDGE_ID_HEADER,
-    LINK_DOWNLINK_PATH, LINK_MESSAGES_PATH, LINK_PATH, LINK_PROBE_PATH, LINK_REPORT_PATH,
+    decompress_frame, Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer, BATCH_CONTENT_TYPE,
+    BATCH_ENCODING_ZSTD, EDGE_ID_HEADER, LINK_DOWNLINK_PATH, LINK_MESSAGES_PATH, LINK_PATH, LINK_PROBE_PATH,
+    LINK_REPORT_PATH,
 };
 use reqwest::StatusCode;
 
 /// The longest line the link stream may send.
 const MAX_EVENT_LINE_BYTES: usize = 64 << 10;
+/// The largest decompressed downlink frame this edge reads (a central's own bound is 64 MiB).
+const MAX_DOWNLINK_FRAME_BYTES: u64 = 64 << 20;
 
 /// Why a request to a central failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -51,6 +54,8 @@ pub struct CentralClient {
     token: String,
     edge_id: String,
     request_timeout: Duration,
+    /// The batch frame encoding this link agreed on (see `Welcome::batch_encoding`).
+    batch_encoding: Option<String>,
 }
 
 impl CentralClient {
@@ -66,7 +71,18 @@ impl CentralClient {
             token: upstream.token.clone(),
             edge_id: edge_id.to_string(),
             request_timeout,
+            batch_encoding: None,
         }
+    }
+
+    /// This client for a link that agreed on `encoding` for batch frames.
+    pub fn with_batch_encoding(mut self, encoding: Option<String>) -> CentralClient {
+        self.batch_encoding = encoding;
+        self
+    }
+
+    pub fn batch_encoding(&self) -> Option<&str> {
+        self.batch_encoding.as_deref()
     }
 
     pub fn url(&self) -> &str {
@@ -144,14 +160,37 @@ impl CentralClient {
 
     /// Sends one batch; the central stores each message once.
     pub async fn send_batch(&self, batch: &Batch) -> Result<BatchAck, LinkError> {
-        let response = self
+        self.send_frame(&batch.queue, batch.encode().into(), None, None).await
+    }
+
+    /// Sends one encoded batch frame of `queue`, compressed in `encoding` (as agreed in the
+    /// welcome) or plain; through `bucket` when forwarding has a bandwidth cap.
+    pub async fn send_frame(
+        &self,
+        queue: &str,
+        frame: Bytes,
+        encoding: Option<&str>,
+        bucket: Option<std::sync::Arc<crate::pacing::TokenBucket>>,
+    ) -> Result<BatchAck, LinkError> {
+        let mut request = self
             .request(reqwest::Method::POST, LINK_MESSAGES_PATH)
             .header(reqwest::header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
-            .timeout(self.request_timeout)
-            .body(batch.encode())
-            .send()
-            .await
-            .map_err(|e| self.unreachable(request_error(e)))?;
+            .header(reqwest::header::CONTENT_LENGTH, frame.len())
+            .timeout(self.request_timeout);
+        if let Some(encoding) = encoding {
+            request = request.header(reqwest::header::CONTENT_ENCODING, encoding);
+        }
+        request = match bucket {
+            Some(bucket) => request.body(crate::pacing::paced_body(frame, bucket)),
+            None => request.body(frame),
+        };
+        let response = request.send().await.map_err(|e| self.unreachable(request_error(e)))?;
+        if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
+            // The central took the encoding in the handshake and now refuses it (replaced by an
+            // older or differently configured central behind the same URL): a new link renegotiates.
+            let detail = format!("refused a batch of queue {queue:?} in encoding {encoding:?} (HTTP 415)");
+            return Err(self.unreachable(detail));
+        }
         match response.status() {
             StatusCode::OK => {
                 response.json::<BatchAck>().await.map_err(|e| self.unreachable(format!("bad ack: {e}")))
@@ -181,16 +220,25 @@ impl CentralClient {
     ) -> Result<Option<Batch>, LinkError> {
         let path =
             format!("{LINK_DOWNLINK_PATH}?queue={queue}&after_seq={after_seq}&acked={acked}&limit={limit}");
-        let response = self
-            .request(reqwest::Method::GET, &path)
-            .timeout(self.request_timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(error_chain(&e)))?;
+        let mut request = self.request(reqwest::Method::GET, &path).timeout(self.request_timeout);
+        if let Some(encoding) = &self.batch_encoding {
+            request = request.header(reqwest::header::ACCEPT_ENCODING, encoding);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(error_chain(&e)))?;
         match response.status() {
             StatusCode::NO_CONTENT => Ok(None),
             StatusCode::OK => {
+                let compressed = response
+                    .headers()
+                    .get(reqwest::header::CONTENT_ENCODING)
+                    .is_some_and(|v| v.as_bytes() == BATCH_ENCODING_ZSTD.as_bytes());
                 let frame = response.bytes().await.map_err(|e| self.unreachable(error_chain(&e)))?;
+                let frame = if compressed {
+                    decompress_frame(&frame, MAX_DOWNLINK_FRAME_BYTES)
+                        .map_err(|e| self.unreachable(format!("bad downlink frame: {e}")))?
+                } else {
+                    frame
+                };
                 // The central's limits, not this edge's, bound what it posts: decode generously.
                 let batch = Batch::decode(&frame, u64::MAX, u32::MAX)
                     .map_err(|e| self.unreachable(format!("bad downlink frame: {e}")))?;

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outpost_core::config::Compression;
 use outpost_core::metrics::{Metrics, QueueLabel, TransitionLabel};
 use outpost_core::status::{LinkStatus, OfflineLogEntry as StatusLogEntry, UpstreamInfo};
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
-use outpost_core::wire::{EdgeReport, Hello, LinkEvent};
+use outpost_core::wire::{EdgeReport, Hello, LinkEvent, BATCH_ENCODING_ZSTD};
 use outpost_core::Config;
 use outpost_link::connectivity::{
     Action, Connectivity, ConnectivityParams, Event, OfflineLogEntry, State, TransitionId, TriggerSource,
@@ -24,7 +25,8 @@ use tokio::task::JoinHandle;
 
 use crate::client::{CentralClient, EventStream, LinkError};
 use crate::downlink;
-use crate::forwarder::{self, Forwarded};
+use crate::forwarder::{self, Forwarded, LinkSettings};
+use crate::pacing::RateMeter;
 use crate::UPSTREAM_READER;
 
 /// The document holding the persisted offline log.
@@ -85,6 +87,8 @@ struct Session {
     welcome_positions: BTreeMap<String, u64>,
     /// Downlink the welcome said waits.
     welcome_downlink: BTreeMap<String, u64>,
+    /// The batch frame encoding the welcome agreed on.
+    batch_encoding: Option<String>,
     stream: Option<EventStream>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -171,6 +175,7 @@ pub async fn start(
         probing: false,
         failback_running: false,
         input_tx,
+        forward_rate: RateMeter::default(),
     };
     let task = tokio::spawn(driver.run(trigger_rx, input_rx));
     Ok(EdgeLink { trigger: trigger_tx, task })
@@ -204,6 +209,8 @@ struct Driver {
     probing: bool,
     failback_running: bool,
     input_tx: mpsc::Sender<Input>,
+    /// Payload bytes per second the central acknowledged recently (the drain estimate).
+    forward_rate: RateMeter,
 }
 
 impl Driver {
@@ -314,6 +321,9 @@ impl Driver {
                 self.spawn_connect(None);
             }
             Input::Forwarded { session, progress } if self.is_current(session) => {
+                // An acknowledgement came back over the link: it is alive, whatever the pings do.
+                self.apply(Event::SignOfLife).await;
+                self.forward_rate.record(progress.payload_bytes, tokio::time::Instant::now());
                 if progress.stored > 0 {
                     self.metrics
                         .messages_forwarded
@@ -428,6 +438,10 @@ impl Driver {
             ping_interval_ms: self.config.connectivity.ping_interval.as_millis() as u64,
             report: self.report(),
             released_unforwarded: self.released_unforwarded(),
+            batch_encodings: match self.config.forwarding.compression {
+                Compression::Zstd => vec![BATCH_ENCODING_ZSTD.to_string()],
+                Compression::None => Vec::new(),
+            },
         }
     }
 
@@ -498,20 +512,24 @@ impl Driver {
                 tokio::time::sleep_until(attempt.not_before.into()).await;
                 let client = &clients[attempt.endpoint_index];
                 match client.open_link(&hello).await {
-                    Ok((LinkEvent::Welcome { positions, central_id, downlink, .. }, stream)) => {
+                    Ok((
+                        LinkEvent::Welcome { positions, central_id, downlink, batch_encoding, .. },
+                        stream,
+                    )) => {
                         if let SuccessOutcome::Switched { from, to } =
                             failover.report_success(attempt.endpoint_index, Instant::now())
                         {
                             metrics.failovers.inc();
                             tracing::warn!(from = %clients[from].url(), to = %clients[to].url(), "switched central endpoint");
                         }
-                        tracing::info!(url = %client.url(), %central_id, "link to the central open");
+                        tracing::info!(url = %client.url(), %central_id, batch_encoding = batch_encoding.as_deref().unwrap_or("none"), "link to the central open");
                         break Ok(Session {
                             id: session_id,
                             endpoint_index: attempt.endpoint_index,
                             url: client.url().to_string(),
                             welcome_positions: positions,
                             welcome_downlink: downlink,
+                            batch_encoding,
                             stream: Some(stream),
                             tasks: Vec::new(),
                         });
@@ -556,7 +574,7 @@ impl Driver {
         self.next_session_id += 1;
         tokio::spawn(async move {
             let outcome = client.open_link(&hello).await.map(|(welcome, stream)| {
-                let LinkEvent::Welcome { positions, downlink, .. } = welcome else {
+                let LinkEvent::Welcome { positions, downlink, batch_encoding, .. } = welcome else {
                     unreachable!("open_link returns a welcome")
                 };
                 Session {
@@ -565,6 +583,7 @@ impl Driver {
                     url: client.url().to_string(),
                     welcome_positions: positions,
                     welcome_downlink: downlink,
+                    batch_encoding,
                     stream: Some(stream),
                     tasks: Vec::new(),
                 }
@@ -610,16 +629,18 @@ impl Driver {
                 }
             }
         }));
-        let client = self.clients[session.endpoint_index].clone();
+        let client =
+            self.clients[session.endpoint_index].clone().with_batch_encoding(session.batch_encoding.clone());
         let store = self.store.clone();
-        let settings = self.config.forwarding.clone();
+        let settings = LinkSettings { config: self.config.clone(), metrics: self.metrics.clone() };
         let positions = session.welcome_positions.clone();
         let inputs = self.input_tx.clone();
         session.tasks.push(tokio::spawn(async move {
             let error = forwarder::run(store, client, settings, positions, progress_tx).await;
             let _ = inputs.send(Input::LinkLost { session: id, error }).await;
         }));
-        let client = self.clients[session.endpoint_index].clone();
+        let client =
+            self.clients[session.endpoint_index].clone().with_batch_encoding(session.batch_encoding.clone());
         let store = self.store.clone();
         let batch_messages = self.config.forwarding.batch_messages;
         let inputs = self.input_tx.clone();
@@ -708,6 +729,7 @@ impl Driver {
                 }),
             last_ping_at_ms: self.machine.last_ping_at().map(|m| m.unix_ms),
             offline_log: self.status_log(),
+            forward_rate_bytes_per_second: self.forward_rate.bytes_per_second().map(|r| r.round() as u64),
             writes_blocked_retry_after_seconds: if self.machine.writes_blocked() {
                 self.machine.retry_after(now.instant).map(|d| d.as_secs().max(1))
             } else {

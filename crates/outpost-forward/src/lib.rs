@@ -5,6 +5,7 @@ pub mod client;
 pub mod downlink;
 pub mod edge;
 pub mod forwarder;
+pub mod pacing;
 pub mod route;
 pub mod route_delivery;
 pub mod route_modes;

@@ -178,7 +178,7 @@ pub async fn start(
             reader: reader_name(&route.name),
             auto_forward: route.auto_forward,
             probe_interval: route.probe_interval,
-            message_ttl: config.limits.message_ttl,
+            message_ttl: config.queue_message_ttl(&route.queue),
             policy: RoutePolicy::from_config(route),
             deliverer,
             store: store.clone(),
@@ -1007,7 +1007,7 @@ impl RouteTask {
             None => (
                 "expired".to_string(),
                 format!(
-                    "limits.message_ttl of {:?} passed before the route reached the message",
+                    "the message_ttl of {:?} (limits or [[queue]]) passed before the route reached the message",
                     self.message_ttl.unwrap_or_default()
                 ),
             ),

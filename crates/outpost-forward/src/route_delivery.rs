@@ -344,6 +344,8 @@ mod tests {
             poison: ["http:400", "http:413", "http:422"].map(String::from).to_vec(),
             auto_forward: false,
             probe_interval: Duration::from_secs(30),
+            max_in_flight: 1,
+            batch: 1,
         }
     }
 

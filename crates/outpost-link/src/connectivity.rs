@@ -232,6 +232,10 @@ pub enum Event {
     ManualTrigger { source: TriggerSource },
     /// The central pinged this edge.
     Ping,
+    /// Bytes arrived from the central other than a ping (a batch acknowledged, downlink pulled):
+    /// the link is alive, so the missed-ping clock restarts, but `last_ping_at` stays. On a slow
+    /// line a ping may queue behind data; what arrived meanwhile is progress, not silence.
+    SignOfLife,
     /// A probe (requested by [`Action::Probe`]) reached a trigger upstream that is not in maintenance.
     ProbeSucceeded { endpoint: String },
     /// A probe reached no trigger upstream; `detail` names the endpoints and errors.
@@ -470,6 +474,10 @@ impl Connectivity {
         let mut actions = Vec::new();
         if let Event::Ping = event {
             self.last_ping_at = Some(now);
+            self.missed_ping_clock_start = self.missed_ping_clock_start.max(now.instant);
+            return actions;
+        }
+        if let Event::SignOfLife = event {
             self.missed_ping_clock_start = self.missed_ping_clock_start.max(now.instant);
             return actions;
         }

@@ -528,6 +528,21 @@ fn each_ping_restarts_the_missed_ping_window() {
     assert_eq!(edge.state(), State::TransitionToOffline);
 }
 
+#[test]
+fn a_sign_of_life_restarts_the_missed_ping_window_without_counting_as_a_ping() {
+    let mut edge = Edge::online(params());
+    let before = edge.machine.last_ping_at();
+    for seen_at in [secs(299), secs(600), secs(1400)] {
+        assert_eq!(edge.handle(seen_at, Event::SignOfLife), vec![]);
+        assert_eq!(edge.machine.last_ping_at(), before, "a sign of life is not a ping");
+        assert_eq!(edge.deadline_offset(), Some(seen_at + secs(900)));
+        assert_eq!(edge.tick(seen_at + secs(899)), vec![]);
+        assert_eq!(edge.state(), State::Online);
+    }
+    assert_eq!(edge.tick(secs(2300)).len(), 2);
+    assert_eq!(edge.state(), State::TransitionToOffline);
+}
+
 /// How a link can fail while online (online since 1s): each returns when it failed and the actions.
 type FailWhileOnline = fn(&mut Edge) -> (Duration, Vec<Action>);
 

@@ -524,6 +524,9 @@ fn render_status(status: &Value, now_ms: i64) -> String {
         backlog_text.push_str(&format!(", oldest {}", duration_text((oldest * 1000.0) as i64)));
     }
     lines.row(vec!["backlog".into(), backlog_text]);
+    if let Some(drain) = backlog.get("drain").and_then(Value::as_str) {
+        lines.row(vec!["drains in".into(), drain.to_string()]);
+    }
     let mut out = lines.render_without_header();
 
     let log = status.get("offline_log").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]);
@@ -925,7 +928,7 @@ mod tests {
             "state_since": "2026-11-22T05:07:00.000Z",
             "upstream": {"url": "http://central:7401", "is_primary": false},
             "last_ping_at": "2026-11-22T05:09:58.000Z",
-            "backlog": {"messages": 2, "bytes": 2048, "oldest_age_seconds": 75.0},
+            "backlog": {"messages": 2, "bytes": 2048, "oldest_age_seconds": 75.0, "drain": "~4 min at 310 kB/s"},
             "offline_log": log,
         });
         let text = render_status(&status, now);
@@ -936,6 +939,7 @@ mod tests {
             "last ping  2s ago",
             "2 messages, 2.0 KiB, oldest 1m",
             "(newest last, 5 of 7)",
+            "drains in  ~4 min at 310 kB/s",
             "cause6",
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");

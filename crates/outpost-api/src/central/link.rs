@@ -195,10 +195,44 @@ pub(crate) async fn post_batch(
             wire::BATCH_CONTENT_TYPE
         )));
     }
+    let encoding = match headers.get(header::CONTENT_ENCODING) {
+        None => None,
+        Some(value) => {
+            let encoding = value.to_str().unwrap_or("").trim().to_string();
+            if !hub.accepts_batch_encoding(&encoding) {
+                return Err(ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_encoding",
+                    format!(
+                        "batch frames in Content-Encoding {encoding:?} were not agreed for this link (this \
+                         central's forwarding.compression is {:?}); open a new link",
+                        state.config.forwarding.compression.as_str()
+                    ),
+                ));
+            }
+            Some(encoding)
+        }
+    };
     hub.check_accepting_batches()?;
     let limits = &state.config.limits;
+    // A batch still arriving on a slow line is progress: each piece of it is a sign of life.
+    let now_ms = now_unix_ms();
+    hub.touch(&edge_id, now_ms, false)?;
+    let seen = hub.clone();
+    let seen_edge = edge_id.clone();
+    let body = Body::new(http_body_util::BodyExt::map_frame(body, move |frame| {
+        let _ = seen.touch(&seen_edge, now_unix_ms(), false);
+        frame
+    }));
     // The body first, then the write permit: a stalled sender holds none.
-    let frame = read_body(&headers, body, max_batch_frame_bytes(limits), "the batch frame").await?;
+    let max_frame_bytes = max_batch_frame_bytes(limits);
+    let frame = read_body(&headers, body, max_frame_bytes, "the batch frame").await?;
+    let frame = match encoding {
+        None => frame,
+        // Bounded by the same limit as a plain frame: a zip bomb is refused, not buffered.
+        Some(_) => wire::decompress_frame(&frame, max_frame_bytes)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_frame", e.to_string()))?,
+    };
     let _permit =
         state.write_permits.acquire().await.map_err(|_| ApiError::unavailable("shutting down", 5))?;
     let batch = Batch::decode(&frame, limits.max_message_bytes, limits.max_batch_messages)
@@ -258,6 +292,21 @@ pub(crate) async fn pull_downlink(
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     let frame = Batch { queue, messages }.encode();
+    let wants_zstd = headers
+        .get(header::ACCEPT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|e| e.trim() == wire::BATCH_ENCODING_ZSTD));
+    if wants_zstd && hub.accepts_batch_encoding(wire::BATCH_ENCODING_ZSTD) {
+        let compressed = wire::compress_frame(&frame);
+        return Ok((
+            [
+                (header::CONTENT_TYPE, wire::BATCH_CONTENT_TYPE),
+                (header::CONTENT_ENCODING, wire::BATCH_ENCODING_ZSTD),
+            ],
+            compressed,
+        )
+            .into_response());
+    }
     Ok(([(header::CONTENT_TYPE, wire::BATCH_CONTENT_TYPE)], frame).into_response())
 }
 
