@@ -520,6 +520,43 @@ async fn each_console_action_clicked_has_its_effect() {
     assert!(!delivered.iter().any(|p| p.starts_with(&[0, 1, 2])), "the discarded one stays undelivered");
     assert!(!delivered.iter().any(|p| p.ends_with(b"unwanted")), "the discarded ones stay undelivered");
 
+    // A pull consumer: listed with what it holds, offered as a failed-list route, forgotten
+    // (confirmed).
+    for n in 0..2 {
+        api.post("/v1/queues/audit/messages", Some("text/plain"), format!("audit-{n}"))
+            .await
+            .unwrap()
+            .expect_status(202);
+    }
+    api.post(
+        "/v1/queues/audit/consumers/auditor/lease",
+        Some("application/json"),
+        r#"{"max":1,"visibility":"5m"}"#,
+    )
+    .await
+    .unwrap()
+    .expect_status(200);
+    let consumer_row = r#"#consumers tr[data-consumer="audit/auditor"]"#;
+    browser.wait_text(consumer_row, "auditor", EFFECT).await;
+    assert!(
+        browser.find(r#"#failed-route option[value="consumer:auditor"]"#).await.is_some(),
+        "consumer in the route filter"
+    );
+    save_screenshot(&browser, "central-800-consumers.png").await;
+    check_layout(&browser, &["leased", "pending", "last active"]).await;
+    let question =
+        click_and_confirm(&browser, r#"button[data-action="consumer-forget"][data-name="auditor"]"#, None)
+            .await;
+    assert!(question.contains("Forget consumer auditor of queue audit"), "{question}");
+    wait_until_async(EFFECT, "the consumer forgotten", || async {
+        json_of(&api, "/v1/queues/audit/consumers").await == json!([])
+    })
+    .await;
+    wait_until_async(EFFECT, "the consumers table gone", || async {
+        browser.find(consumer_row).await.is_none()
+    })
+    .await;
+
     // The edge's own console: "Go online now" ends store-b's failed-transition wait.
     let edge_b_api = edge_b.client().with_token(ADMIN_TOKEN);
     assert_eq!(state_of(&edge_b_api).await, "offline");

@@ -6,11 +6,14 @@ const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = 'outpost-admin-token';
 const REFRESH_MS = 2000;
 const FAILED_PAGE = 100;
+/** Consumers are read queue by queue: at most this many queues per refresh. */
+const CONSUMER_QUEUES = 100;
 
 const ui = {
   role: null,
   status: null,
   routes: [],
+  consumers: [],
   busy: false,
   edges: { after: [''], next: null, rows: [], expanded: new Set(), details: new Map() },
   failed: { after: [0], next: null, rows: [], selected: new Set(), reasons: new Set() },
@@ -271,9 +274,11 @@ function renderRoutes() {
       '</td></tr>';
   }).join('');
   setRows($('routes').tBodies[0], html);
-  // The failed browser's route choice follows the routes.
+  // The failed browser's route choice follows the routes and the pull consumers
+  // (`consumer:NAME`, as the failed list names a consumer's entries).
   const select = $('failed-route');
-  const names = ui.routes.map((r) => r.name);
+  const consumerRoutes = Array.from(new Set(ui.consumers.map((c) => 'consumer:' + c.name))).sort();
+  const names = ui.routes.map((r) => r.name).concat(consumerRoutes);
   const have = Array.from(select.options).slice(1).map((o) => o.value);
   if (have.join('\n') !== names.join('\n')) {
     const chosen = select.value;
@@ -326,6 +331,28 @@ function renderFailed() {
   $('failed-all').checked = shown.length > 0 && shown.every((f) => ui.failed.selected.has(String(f.id)));
 }
 
+function renderConsumers() {
+  $('consumers-section').hidden = ui.consumers.length === 0;
+  setRows($('consumers').tBodies[0], ui.consumers.map((c) => '<tr data-consumer="' + esc(c.queue + '/' + c.name) + '"><td>' + esc(c.queue) +
+    '</td><td>' + esc(c.name) + '</td><td class="opt num">' + esc(c.position) + '</td><td class="num">' + esc(c.leased) + '</td><td class="num">' +
+    esc(c.pending) + '</td><td class="num">' + esc(c.deliveries_max) + '</td><td class="opt">' + time(c.created_at) + '</td><td>' + time(c.last_active_at) +
+    '</td><td class="acts"><button type="button" class="small danger" data-action="consumer-forget" data-queue="' + esc(c.queue) + '" data-name="' +
+    esc(c.name) + '">Forget…</button></td></tr>').join(''));
+}
+
+async function loadConsumers(queues) {
+  const all = [];
+  for (const q of queues.slice(0, CONSUMER_QUEUES)) {
+    try {
+      for (const c of (await get('/v1/queues/' + encodeURIComponent(q.name) + '/consumers')) || []) all.push(Object.assign({ queue: q.name }, c));
+    } catch (e) {
+      if (e instanceof AuthError) throw e;
+      // A node without pull consumers, or a queue gone meanwhile: nothing to show for it.
+    }
+  }
+  ui.consumers = all;
+}
+
 function renderQueues(queues) {
   setRows($('queues').tBodies[0], queues.map((q) => '<tr><td>' + esc(q.name) + '</td><td class="num">' + esc(q.messages) +
     '</td><td class="num">' + esc(bytes(q.bytes)) + '</td><td class="num">' + age(q.oldest_age_seconds) + '</td><td class="opt num">' +
@@ -373,7 +400,10 @@ async function refresh() {
     ui.status = s;
     ui.role = s.role;
     renderStatus(s);
-    renderQueues((await get('/v1/queues')) || []);
+    const queues = (await get('/v1/queues')) || [];
+    renderQueues(queues);
+    await loadConsumers(queues);
+    renderConsumers();
     const central = s.role === 'central';
     $('edges-section').hidden = !central;
     if (central) { await loadEdges(); renderEdges(); }
@@ -381,7 +411,7 @@ async function refresh() {
     $('routes-section').hidden = ui.routes.length === 0;
     renderRoutes();
     await loadFailed();
-    $('failed-section').hidden = ui.routes.length === 0 && ui.failed.rows.length === 0 && ui.failed.after.length === 1;
+    $('failed-section').hidden = ui.routes.length === 0 && ui.consumers.length === 0 && ui.failed.rows.length === 0 && ui.failed.after.length === 1;
     renderFailed();
     $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
     if ($('notice').dataset.stale === 'refresh') { $('notice').hidden = true; delete $('notice').dataset.stale; }
@@ -416,6 +446,21 @@ const actions = {
     ui.failed.after = [0];
     await refresh();
     $('failed-section').scrollIntoView();
+  },
+  async 'consumer-forget'(el) {
+    const { queue, name } = el.dataset;
+    const c = ui.consumers.find((x) => x.queue === queue && x.name === name);
+    const ok = await confirmAction({
+      title: 'Forget consumer ' + name + ' of queue ' + queue + '?',
+      text: 'Its position and leases are dropped and it no longer holds messages in storage' +
+        (c && c.pending ? ' (' + c.pending + ' it has not taken may be released)' : '') + '. Its next lease starts it again at the oldest message still stored.',
+      ok: 'Forget', danger: true,
+    });
+    if (!ok) return;
+    await act('forgetting consumer ' + name, async () => {
+      await api('DELETE', '/v1/queues/' + encodeURIComponent(queue) + '/consumers/' + encodeURIComponent(name));
+      return 'consumer ' + name + ' of queue ' + queue + ' forgotten';
+    });
   },
   async 'failed-view'(el) { await showPayload(el.dataset.id); },
   async 'failed-resubmit'(el) {
