@@ -8,6 +8,15 @@
 //! - **One message at a time, in queue order.** The next message is sent only after the previous
 //!   one was delivered (2xx), failed, or the route was switched to `store`. Failed messages that an
 //!   operator resubmitted go first, ahead of the queue, with their original message id.
+//! - **A window, when configured** (`[[route]] max_in_flight` > 1 or `batch` > 1, see
+//!   [`RouteTask::forward_window`]): up to `max_in_flight` POSTs start at once in queue order,
+//!   each of one message or of an NDJSON body of up to `batch`; the answers are taken in queue
+//!   order, the cursor moves over the delivered prefix only, and the first failure stops the
+//!   window: everything from the failed POST on is sent again (later POSTs that succeeded are
+//!   repeats the downstream drops by `Idempotency-Key`). The failed message then goes through the
+//!   policy alone, as with the default window of one; a failed batch's messages go one by one.
+//!   Concurrent POSTs travel on separate connections, so a downstream may see them arrive out of
+//!   order by up to the window; `max_in_flight = 1` (the default) keeps one POST at a time.
 //! - **Cursor `route:<name>`.** The route's durable position in its queue; storage is released once
 //!   every reader passed a message. Deliveries advance it through the store's group commit without
 //!   waiting for each fsync, but never more than [`MAX_UNCOMMITTED_DELIVERIES`] ahead of what is on
@@ -67,7 +76,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::route_delivery::{Deliverer, DeliveryFailure, Outgoing};
+use crate::route_delivery::{Deliverer, DeliveryFailure, Outgoing, Unit};
 use crate::route_modes::{Mode, ModeState, RouteError, RouteModes, CHANGED_BY_OPERATOR, ROUTE_MODE_EVENT};
 use crate::route_policy::{Class, RoutePolicy, Verdict};
 
@@ -179,6 +188,9 @@ pub async fn start(
             auto_forward: route.auto_forward,
             probe_interval: route.probe_interval,
             message_ttl: config.queue_message_ttl(&route.queue),
+            max_in_flight: route.max_in_flight as usize,
+            batch: route.batch as usize,
+            singles_after_failed_batch: 0,
             policy: RoutePolicy::from_config(route),
             deliverer,
             store: store.clone(),
@@ -632,6 +644,12 @@ struct RouteTask {
     auto_forward: bool,
     probe_interval: Duration,
     message_ttl: Option<Duration>,
+    /// `[[route]] max_in_flight` and `batch`: a window of up to `max_in_flight` POSTs of up to
+    /// `batch` messages each (see [`RouteTask::forward_window`]).
+    max_in_flight: usize,
+    batch: usize,
+    /// After a batch POST failed, its messages go one by one: how many are left to go so.
+    singles_after_failed_batch: usize,
     policy: RoutePolicy,
     deliverer: Deliverer,
     store: Store,
@@ -719,6 +737,7 @@ impl RouteTask {
         self.read_ahead.clear();
         self.read_ahead_limit = FIRST_READ_MESSAGES;
         self.cursor = CursorCommit::new(&self.store, &self.queue, &self.reader);
+        self.singles_after_failed_batch = 0;
         self.head = None;
         self.retry_at = None;
         self.resubmits_pending = true;
@@ -800,11 +819,167 @@ impl RouteTask {
             self.cursor.settle().await;
             self.cursor.poll();
         }
+        let fresh_queued = matches!(&current.head, Head::Queued(_)) && current.attempts == 0;
+        if fresh_queued && self.singles_after_failed_batch == 0 && (self.max_in_flight > 1 || self.batch > 1)
+        {
+            return self.forward_window().await;
+        }
         match self.attempt().await {
             Attempt::Delivered => self.delivered().await,
             Attempt::Failed(failure) => self.failed(failure, false).await,
             Attempt::Stopped => Ok(()),
         }
+    }
+
+    /// Delivers the head and the messages after it as a window: up to `max_in_flight` POSTs at
+    /// once, each of one message or (`batch` > 1) an NDJSON body of up to `batch`, started in queue
+    /// order. The answers are taken in queue order too: the cursor moves over the delivered prefix
+    /// only, and the first failure stops the window there. Everything from the failed POST on goes
+    /// back in line (POSTs after it that succeeded are sent again later: repeats, which the
+    /// downstream drops by `Idempotency-Key`, never a skip). A failed single message is judged by
+    /// the policy as a single delivery would be; a failed batch sends its first message alone next,
+    /// so the policy judges messages, not batches.
+    async fn forward_window(&mut self) -> Result<(), StoreError> {
+        if !self.lease.borrow().is_valid() {
+            return Ok(());
+        }
+        self.seen = self.mode.borrow().clone();
+        let Some(Current { head: Head::Queued(first), .. }) = self.head.take() else {
+            unreachable!("a window starts at a fresh queued head")
+        };
+        let wanted = self.max_in_flight * self.batch;
+        if self.read_ahead.len() + 1 < wanted {
+            self.top_up_read_ahead(wanted - 1).await?;
+        }
+        // The window's messages: the head, then what follows, stopping before an expired one
+        // (it is failed as the head of a later step).
+        let mut messages = vec![first];
+        while messages.len() < wanted {
+            match self.read_ahead.front() {
+                Some(next) if !self.expired(next) => {
+                    messages.push(self.read_ahead.pop_front().expect("front"))
+                }
+                _ => break,
+            }
+        }
+        let units = self.units_of(&messages);
+        let outgoing: Vec<Unit> = units
+            .iter()
+            .map(|range| match range.len() {
+                1 => Unit::Single(Head::Queued(messages[range.start].clone()).outgoing()),
+                _ => Unit::Batch(
+                    messages[range.clone()].iter().map(|m| Head::Queued(m.clone()).outgoing()).collect(),
+                ),
+            })
+            .collect();
+        // Stopping, or the lease running out (as in `attempt`): nothing of the window counts, the
+        // cursor has not moved over it, and the next holder starts from the cursor.
+        let results = {
+            let deliverer = &self.deliverer;
+            let posts = futures_util::future::join_all(outgoing.iter().map(|unit| deliverer.post_unit(unit)));
+            tokio::pin!(posts);
+            loop {
+                let lease = *self.lease.borrow();
+                if !lease.is_valid() {
+                    tracing::warn!(route = %self.name, "the route's lease ran out during a window of deliveries: abandoning it to the next holder");
+                    return Ok(());
+                }
+                tokio::select! {
+                    biased;
+                    _ = lease_end(lease) => {}
+                    _ = lease_changed(&mut self.lease) => {}
+                    _ = self.stop.changed() => return Ok(()),
+                    results = &mut posts => {
+                        if !self.lease.borrow().is_valid() {
+                            return Ok(());
+                        }
+                        break results;
+                    }
+                }
+            }
+        };
+        let mut delivered = 0usize;
+        let mut failure = None;
+        for (range, result) in units.iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    let last = &messages[range.end - 1];
+                    self.delivered_through = last.seq;
+                    self.cursor.want(last.seq);
+                    delivered += range.len();
+                }
+                Err(error) => {
+                    failure = Some((range.len(), error));
+                    break;
+                }
+            }
+        }
+        self.metrics
+            .messages_delivered
+            .get_or_create(&RouteLabel { route: self.name.clone() })
+            .inc_by(delivered as u64);
+        self.cursor.poll();
+        // Everything not delivered goes back in line, in order.
+        for message in messages.drain(delivered..).rev() {
+            self.read_ahead.push_front(message);
+        }
+        let Some((unit_len, error)) = failure else { return Ok(()) };
+        let head = self.read_ahead.pop_front().expect("the failed POST's messages went back in line");
+        self.head = Some(Current { head: Head::Queued(head), attempts: 0 });
+        if unit_len == 1 {
+            return self.failed(error, false).await;
+        }
+        // A batch failed: its messages go one by one (the first one now), so the policy judges the
+        // message that fails, not the batch; then batches resume.
+        tracing::debug!(route = %self.name, "a batch POST failed, delivering its messages one by one: {error}");
+        self.singles_after_failed_batch = unit_len;
+        if self.policy.classify(error.kind()) == Class::ServiceDown {
+            return self.failed(error, false).await;
+        }
+        Ok(())
+    }
+
+    /// The POSTs of a window: ranges of `messages`, each of up to `batch` messages; a payload with a
+    /// line break cannot be an NDJSON line and goes alone.
+    fn units_of(&self, messages: &[StoredMessage]) -> Vec<std::ops::Range<usize>> {
+        let mut units: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, message) in messages.iter().enumerate() {
+            let alone = self.batch == 1 || message.payload.contains(&b'\n');
+            match units.last_mut() {
+                Some(unit)
+                    if !alone
+                        && unit.len() < self.batch
+                        && !messages[unit.start].payload.contains(&b'\n') =>
+                {
+                    unit.end = i + 1
+                }
+                _ => units.push(i..i + 1),
+            }
+            if units.len() > self.max_in_flight {
+                units.pop();
+                break;
+            }
+        }
+        units
+    }
+
+    /// Reads more of the queue into the read-ahead until it holds `count` messages or the queue
+    /// has no more.
+    async fn top_up_read_ahead(&mut self, count: usize) -> Result<(), StoreError> {
+        while self.read_ahead.len() < count {
+            let after = self.read_ahead.back().map_or(self.delivered_through, |m| m.seq);
+            let has_more = self.store.queue(&self.queue).is_some_and(|stats| stats.last_seq > after);
+            if !has_more {
+                break;
+            }
+            let limit = (count - self.read_ahead.len()).min(READ_AHEAD_MESSAGES * 4);
+            let messages = self.store.read(&self.queue, after, limit).await?;
+            if messages.is_empty() {
+                break;
+            }
+            self.read_ahead.extend(messages);
+        }
+        Ok(())
     }
 
     /// Store mode: send nothing; with `auto_forward`, probe every `probe_interval`.
@@ -939,6 +1114,7 @@ impl RouteTask {
                 self.delivered_through = message.seq;
                 self.cursor.want(message.seq);
                 self.cursor.poll();
+                self.singles_after_failed_batch = self.singles_after_failed_batch.saturating_sub(1);
             }
             Head::Resubmitted(entry) => {
                 tracing::info!(route = %self.name, id = entry.id, message_id = %entry.message_id, "resubmitted message delivered");
@@ -1025,6 +1201,7 @@ impl RouteTask {
                     last_error: last_error.clone(),
                 };
                 let id = self.store.fail_message(failure).await?;
+                self.singles_after_failed_batch = self.singles_after_failed_batch.saturating_sub(1);
                 self.delivered_through = message.seq;
                 self.cursor.committed(message.seq);
                 tracing::error!(route = %self.name, %what, failed_id = id, attempts = current.attempts, %reason, %last_error,

@@ -23,6 +23,9 @@ pub const QUEUE_HEADER: &str = "outpost-queue";
 pub const ORIGIN_HEADER: &str = "outpost-origin";
 pub const SEQ_HEADER: &str = "outpost-seq";
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// On a batch POST: how many messages (lines) it holds.
+pub const BATCH_COUNT_HEADER: &str = "outpost-batch-count";
+const NDJSON_CONTENT_TYPE: &str = "application/x-ndjson";
 
 /// The most bytes of an error answer's body kept in the error detail.
 const MAX_ERROR_BODY_BYTES: usize = 512;
@@ -40,6 +43,27 @@ pub struct Outgoing {
     pub origin_seq: u64,
     pub content_type: String,
     pub payload: Bytes,
+}
+
+/// What one POST of a route carries: a message as itself, or several as one NDJSON body
+/// (`[[route]] batch`).
+#[derive(Debug, Clone)]
+pub enum Unit {
+    Single(Outgoing),
+    Batch(Vec<Outgoing>),
+}
+
+impl Unit {
+    pub fn len(&self) -> usize {
+        match self {
+            Unit::Single(_) => 1,
+            Unit::Batch(messages) => messages.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// One failed attempt at one endpoint.
@@ -140,13 +164,47 @@ impl Deliverer {
         Err(DeliveryFailure { errors })
     }
 
+    /// One POST of `unit` to the endpoint the route prefers now, without failover: a window of
+    /// deliveries in flight stops at its first failure, and the route's single delivery of the
+    /// head ([`Deliverer::deliver`]) fails over.
+    pub async fn post_unit(&self, unit: &Unit) -> Result<(), DeliveryFailure> {
+        let url = &self.urls[self.preferred];
+        let result = match unit {
+            Unit::Single(message) => self.post(url, message).await,
+            Unit::Batch(messages) => self.post_ndjson(url, messages).await,
+        };
+        result.map_err(|error| DeliveryFailure { errors: vec![error] })
+    }
+
+    /// One POST of several messages as an NDJSON body, one payload per line (none holds a `\n`).
+    async fn post_ndjson(&self, url: &str, messages: &[Outgoing]) -> Result<(), DeliveryError> {
+        let first = messages.first().expect("a batch holds at least one message");
+        let mut body = Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum());
+        for message in messages {
+            body.extend_from_slice(&message.payload);
+            body.push(b'\n');
+        }
+        let mut headers = headers(first);
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(NDJSON_CONTENT_TYPE));
+        let key = format!("{}+{}", first.message_id, messages.len());
+        if let Ok(key) = HeaderValue::from_str(&key) {
+            headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key);
+        }
+        headers.insert(HeaderName::from_static(BATCH_COUNT_HEADER), HeaderValue::from(messages.len()));
+        self.send(url, headers, Bytes::from(body)).await
+    }
+
     async fn post(&self, url: &str, message: &Outgoing) -> Result<(), DeliveryError> {
+        self.send(url, headers(message), message.payload.clone()).await
+    }
+
+    async fn send(&self, url: &str, headers: HeaderMap, body: Bytes) -> Result<(), DeliveryError> {
         let error = |kind, detail: String| DeliveryError { url: url.to_string(), kind, detail };
         let response = self
             .http
             .post(url)
-            .headers(headers(message))
-            .body(message.payload.clone())
+            .headers(headers)
+            .body(body)
             .timeout(self.timeout)
             .send()
             .await
