@@ -62,6 +62,7 @@ pub fn routes() -> Router<ApiState> {
         .route(wire::LINK_PROBE_PATH, get(link::probe))
         .route(wire::LINK_DOWNLINK_PATH, get(link::pull_downlink))
         .route("/v1/edges", get(operator::list_edges))
+        .route("/v1/edges/{id}", get(operator::get_edge))
         .route("/v1/edges/{id}/transition-online", post(operator::transition_online))
         .route("/v1/admin/maintenance", post(operator::set_maintenance))
         .route("/v1/edges/{id}/queues/{queue}/messages", post(downlink::post_message))

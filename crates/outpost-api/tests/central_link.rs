@@ -253,6 +253,7 @@ fn hello(edge: &str, ping_interval_ms: u64, report: EdgeReport) -> Hello {
         edge_id: edge.into(),
         version: outpost_core::VERSION.into(),
         ping_interval_ms,
+        missed_pings: None,
         report,
         released_unforwarded: Default::default(),
         batch_encodings: Vec::new(),

@@ -78,6 +78,7 @@ impl CentralHub {
                 if let Some(entry) = self.registry().edges.get_mut(&edge_id) {
                     entry.transition_requested = false;
                 }
+                self.linked_elsewhere_now(&edge_id, outpost_core::time::now_unix_ms());
             }
             (EVENT_EDGE_TRANSITION_ONLINE, Some(edge_id), _) => {
                 if self.send_event(&edge_id, LinkEvent::TransitionOnline).is_ok() {
@@ -118,16 +119,19 @@ impl CentralHub {
                 return;
             }
         };
-        let mut registry = self.registry();
-        let mut changed = false;
-        for (key, value) in &documents {
-            let Some(edge_id) = key.strip_prefix(EDGE_DOCUMENT_PREFIX) else { continue };
-            let Ok(document) = serde_json::from_str::<EdgeDocument>(value) else { continue };
-            changed |= self.apply_edge_document(&mut registry, edge_id, document);
+        {
+            let mut registry = self.registry();
+            let mut changed = false;
+            for (key, value) in &documents {
+                let Some(edge_id) = key.strip_prefix(EDGE_DOCUMENT_PREFIX) else { continue };
+                let Ok(document) = serde_json::from_str::<EdgeDocument>(value) else { continue };
+                changed |= self.apply_edge_document(&mut registry, edge_id, document);
+            }
+            if changed {
+                self.refresh_edge_metrics(&registry, outpost_core::time::now_unix_ms());
+            }
         }
-        if changed {
-            self.refresh_edge_metrics(&registry);
-        }
+        self.read_link_owners(outpost_core::time::now_unix_ms()).await;
     }
 
     /// Takes an edge's document written by another central into the registry, unless the edge
@@ -160,7 +164,7 @@ impl CentralHub {
         let Some(document) = document else { return };
         let mut registry = self.registry();
         if self.apply_edge_document(&mut registry, edge_id, document) {
-            self.refresh_edge_metrics(&registry);
+            self.refresh_edge_metrics(&registry, outpost_core::time::now_unix_ms());
         }
     }
 }

@@ -45,6 +45,10 @@ pub struct CentralHub {
     pub(crate) instance: String,
     /// The ids in `[[edge]]`, for lookups that stay cheap with ten thousand listed edges.
     listed: BTreeSet<String>,
+    /// Woken when a link opens or closes here, so the cluster hears of it at once.
+    pub(crate) links_changed: Arc<tokio::sync::Notify>,
+    /// What this central knows of the other centrals' link-owner documents (cluster only).
+    pub(crate) link_owners: Mutex<crate::liveness::LinkOwners>,
 }
 
 /// Which edges [`CentralHub::edges_matching`] returns: in id order, only those after `after`,
@@ -63,20 +67,33 @@ pub struct EdgePage {
     pub more: bool,
 }
 
-/// One edge as the central knows it, for the operator's view.
+/// One edge as the central knows it, for the operator's view (CONTRACT 5, the central's own view).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EdgeView {
     pub id: String,
     /// Listed in `[[edge]]`.
     pub listed: bool,
-    /// A link stream is open.
+    /// A link to some central of the cluster is open and the edge gave a sign of life within
+    /// `missed_pings × ping_interval`.
     pub connected: bool,
     pub last_seen_ms: Option<i64>,
     /// The outpost version of its last handshake.
     pub version: Option<String>,
     /// `None`: it never reported (state `unknown`).
     pub report: Option<EdgeReport>,
+    /// What the edge last reported (`unknown` if it never did).
+    pub reported_state: String,
+    /// The reported state while connected; otherwise `offline` (or `unknown` if it never reported).
+    pub state: String,
+    /// Why `state` differs from what the edge reported: [`CAUSE_LINK_LOST`].
+    pub cause: Option<&'static str>,
+    /// Since when `state` holds: the reported `state_since`, or when the link was lost.
+    pub state_since_ms: Option<i64>,
 }
+
+/// The cause the central gives an edge it shows `offline` although the edge last reported another
+/// state: its link closed, or it stayed silent for `missed_pings × ping_interval`.
+pub const CAUSE_LINK_LOST: &str = "link_lost";
 
 impl EdgeView {
     /// A listed edge that never connected.
@@ -88,12 +105,16 @@ impl EdgeView {
             last_seen_ms: None,
             version: None,
             report: None,
+            reported_state: "unknown".into(),
+            state: "unknown".into(),
+            cause: None,
+            state_since_ms: None,
         }
     }
 
-    /// The state the edge last reported, `unknown` if none.
+    /// The central's view of the edge's state (see [`EdgeView::state`] the field).
     pub fn state(&self) -> &str {
-        self.report.as_ref().map_or("unknown", |r| r.state.as_str())
+        &self.state
     }
 }
 
@@ -133,6 +154,40 @@ pub(crate) struct EdgeEntry {
     /// after a restart the operator asks again).
     pub(crate) transition_requested: bool,
     pub(crate) persistence: Persistence,
+    /// When this central last lost the edge's link (closed, or silent too long).
+    pub(crate) link_lost_ms: Option<i64>,
+    /// Another central of the cluster holds a live link of the edge (its link-owner document is
+    /// fresh and lists the edge).
+    pub(crate) linked_elsewhere: bool,
+}
+
+impl EdgeEntry {
+    /// The link open here is live at `now_ms`: the edge gave a sign of life (handshake, report,
+    /// batch, probe, pull) within its link's silence limit.
+    pub(crate) fn local_link_alive(&self, now_ms: i64) -> bool {
+        self.link.as_ref().is_some_and(|link| {
+            self.last_seen_ms.is_some_and(|seen| now_ms.saturating_sub(seen) <= link.silence_limit_ms)
+        })
+    }
+
+    pub(crate) fn connected(&self, now_ms: i64) -> bool {
+        self.local_link_alive(now_ms) || self.linked_elsewhere
+    }
+
+    /// The central's view of the edge at `now_ms`: (state, cause, state_since_ms).
+    pub(crate) fn judged_state(&self, now_ms: i64) -> (String, Option<&'static str>, Option<i64>) {
+        let Some(report) = &self.report else { return ("unknown".into(), None, None) };
+        if self.connected(now_ms) || report.state == "offline" {
+            return (report.state.clone(), None, Some(report.state_since_ms));
+        }
+        let lost_at = match (&self.link, self.last_seen_ms) {
+            // Still open but silent: lost when the silence passed the limit.
+            (Some(link), Some(seen)) => Some(seen + link.silence_limit_ms),
+            _ => self.link_lost_ms.or(self.last_seen_ms),
+        };
+        let since = lost_at.map_or(report.state_since_ms, |at| at.max(report.state_since_ms));
+        ("offline".into(), Some(CAUSE_LINK_LOST), Some(since))
+    }
 }
 
 pub(crate) struct LinkHandle {
@@ -143,6 +198,10 @@ pub(crate) struct LinkHandle {
     pub(crate) downlink: Arc<tokio::sync::Notify>,
     /// What posts announced (queue → highest seq) since the stream last took it.
     pub(crate) announced: BTreeMap<String, u64>,
+    /// `missed_pings × ping_interval` of this link: silent longer, the edge counts as gone.
+    pub(crate) silence_limit_ms: i64,
+    /// The silence was logged (once per silence).
+    pub(crate) silent: bool,
 }
 
 #[derive(Default)]
@@ -229,6 +288,8 @@ impl CentralHub {
             next_link_id: AtomicU64::new(1),
             instance: uuid::Uuid::now_v7().to_string(),
             listed,
+            links_changed: Arc::new(tokio::sync::Notify::new()),
+            link_owners: Mutex::new(crate::liveness::LinkOwners::default()),
         };
         for listed in hub.config.edges.iter().filter(|e| e.token.is_empty()) {
             tracing::warn!(edge = %listed.id, "[[edge]] {:?} has no token: any client may connect as it", listed.id);
@@ -236,7 +297,7 @@ impl CentralHub {
         hub.metrics.set_node_state(if maintenance.enabled { "maintenance" } else { "online" });
         {
             let registry = hub.registry();
-            hub.refresh_edge_metrics(&registry);
+            hub.refresh_edge_metrics(&registry, now_ms);
             tracing::info!(
                 known_edges = registry.edges.len(),
                 listed_edges = hub.config.edges.len(),
@@ -246,6 +307,7 @@ impl CentralHub {
         }
         let hub = Arc::new(hub);
         tokio::spawn(follow_cluster(Arc::downgrade(&hub), hub.store.cluster_events()));
+        tokio::spawn(crate::liveness::watch_links(Arc::downgrade(&hub)));
         if let Some(ttl) = hub.config.limits.message_ttl {
             tokio::spawn(crate::downlink::expire_loop(Arc::downgrade(&hub), ttl));
         }
@@ -304,14 +366,20 @@ impl CentralHub {
         tracing::info!(enabled, edges_told = told, "central maintenance mode switched");
     }
 
-    /// Every edge known to this central or listed in `[[edge]]`, by id.
+    /// Every edge known to this central or listed in `[[edge]]`, by id, as seen now.
     pub fn edges(&self) -> Vec<EdgeView> {
         self.edges_matching(&EdgeQuery::default()).edges
     }
 
-    /// The edges `query` asks for, known to this central or listed in `[[edge]]`, by id. Views are
-    /// built only for the edges looked at: from `after` on, until the page is full.
+    /// [`CentralHub::edges_matching_at`] now.
     pub fn edges_matching(&self, query: &EdgeQuery) -> EdgePage {
+        self.edges_matching_at(query, outpost_core::time::now_unix_ms())
+    }
+
+    /// The edges `query` asks for, known to this central or listed in `[[edge]]`, by id, as seen
+    /// at `now_ms`. Views are built only for the edges looked at: from `after` on, until the page
+    /// is full.
+    pub fn edges_matching_at(&self, query: &EdgeQuery, now_ms: i64) -> EdgePage {
         let registry = self.registry();
         let from = match &query.after {
             Some(after) => Bound::Excluded(after.as_str()),
@@ -335,7 +403,7 @@ impl CentralHub {
             };
             let view = if take_known {
                 let (id, entry) = known.next().expect("peeked");
-                self.view(id, entry)
+                self.view(id, entry, now_ms)
             } else {
                 let id = listed.next().expect("peeked");
                 EdgeView::never_seen(id)
@@ -352,11 +420,16 @@ impl CentralHub {
         page
     }
 
-    /// One edge, if it is known or listed.
+    /// One edge as seen now, if it is known or listed.
     pub fn edge(&self, id: &str) -> Option<EdgeView> {
+        self.edge_at(id, outpost_core::time::now_unix_ms())
+    }
+
+    /// One edge as seen at `now_ms`, if it is known or listed.
+    pub fn edge_at(&self, id: &str, now_ms: i64) -> Option<EdgeView> {
         let registry = self.registry();
         match registry.edges.get(id) {
-            Some(entry) => Some(self.view(id, entry)),
+            Some(entry) => Some(self.view(id, entry, now_ms)),
             None => self.is_listed(id).then(|| EdgeView::never_seen(id)),
         }
     }
@@ -427,14 +500,19 @@ impl CentralHub {
         self.listed.contains(edge_id)
     }
 
-    fn view(&self, id: &str, entry: &EdgeEntry) -> EdgeView {
+    fn view(&self, id: &str, entry: &EdgeEntry, now_ms: i64) -> EdgeView {
+        let (state, cause, state_since_ms) = entry.judged_state(now_ms);
         EdgeView {
             id: id.to_string(),
             listed: self.is_listed(id),
-            connected: entry.link.is_some(),
+            connected: entry.connected(now_ms),
             last_seen_ms: entry.last_seen_ms,
             version: entry.version.clone(),
+            reported_state: entry.report.as_ref().map_or_else(|| "unknown".to_string(), |r| r.state.clone()),
             report: entry.report.clone(),
+            state,
+            cause,
+            state_since_ms,
         }
     }
 
@@ -486,17 +564,18 @@ impl CentralHub {
     }
 
     /// Brings `outpost_edges{state}` up to date at `now_ms` (before a scrape).
-    pub fn refresh_edge_metrics_now(&self, _now_ms: i64) {
+    pub fn refresh_edge_metrics_now(&self, now_ms: i64) {
         let registry = self.registry();
-        self.refresh_edge_metrics(&registry);
+        self.refresh_edge_metrics(&registry, now_ms);
     }
 
-    /// Sets `outpost_edges{state}` to the number of edges last reporting each state.
-    pub(crate) fn refresh_edge_metrics(&self, registry: &Registry) {
+    /// Sets `outpost_edges{state}` to the number of edges in each state of the central's own view
+    /// at `now_ms` (an edge whose link is gone counts as `offline`, whatever it last reported).
+    pub(crate) fn refresh_edge_metrics(&self, registry: &Registry, now_ms: i64) {
         let mut counts: BTreeMap<&str, i64> = EDGE_STATES.iter().map(|state| (*state, 0)).collect();
         for entry in registry.edges.values() {
-            let state = entry.report.as_ref().map_or("unknown", |r| r.state.as_str());
-            let state = if counts.contains_key(state) { state } else { "unknown" };
+            let (state, _, _) = entry.judged_state(now_ms);
+            let state = EDGE_STATES.iter().find(|known| **known == state).copied().unwrap_or("unknown");
             *counts.get_mut(state).expect("every state is counted") += 1;
         }
         let never_seen = self.listed.iter().filter(|id| !registry.edges.contains_key(id.as_str())).count();

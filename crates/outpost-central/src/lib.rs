@@ -22,6 +22,11 @@
 //!   otherwise at most every [`REPORT_PERSIST_INTERVAL`] per edge (a deferred write keeps the newest),
 //!   so a flood of reports does not flood the store writer. Whether an edge is connected is not
 //!   persisted: after a restart no edge is.
+//! - **The central's own view of each edge** (CONTRACT 5): an edge is `connected` while a link of
+//!   it is open here and it gave a sign of life (handshake, report, batch, probe, pull) within
+//!   `missed_pings × ping_interval`, or while another central of the cluster says so in its fresh
+//!   link-owner document. Otherwise the central shows it `offline` with cause `link_lost`, whatever
+//!   it last reported; `outpost_edges{state}` counts that view (module `liveness`).
 //! - **One cluster, one registry.** On a PostgreSQL store every central of the cluster reads and
 //!   writes the same documents; what one central must learn at once goes through the store's
 //!   cluster events ([`outpost_store::Store::publish_cluster_event`], a loopback on SQLite): `edge_updated` after an
@@ -39,6 +44,7 @@ mod downlink;
 mod error;
 mod hub;
 mod link;
+mod liveness;
 
 pub use downlink::{
     downlink_queue, downlink_readers, downlink_route, is_downlink_queue, parse_downlink_queue, DownlinkQueue,
@@ -46,9 +52,11 @@ pub use downlink::{
 };
 pub use error::{CentralError, SendEventError};
 pub use hub::{
-    CentralHub, EdgePage, EdgeQuery, EdgeView, TransitionDelivery, EDGE_STATES, LINK_EVENT_CAPACITY,
-    MAX_KNOWN_EDGES, REPORT_PERSIST_INTERVAL,
+    CentralHub, EdgePage, EdgeQuery, EdgeView, TransitionDelivery, CAUSE_LINK_LOST, EDGE_STATES,
+    LINK_EVENT_CAPACITY, MAX_KNOWN_EDGES, REPORT_PERSIST_INTERVAL,
 };
 pub use link::{
-    check_report, check_version, BatchStored, LinkGuard, OpenedLink, EDGE_STATES_REPORTED, PREDECESSOR_WAIT,
+    check_report, check_version, silence_limit_ms, BatchStored, LinkGuard, OpenedLink, EDGE_STATES_REPORTED,
+    PREDECESSOR_WAIT,
 };
+pub use liveness::{LINK_OWNER_EXPIRY, LINK_WATCH_INTERVAL};

@@ -49,14 +49,9 @@ pub struct LinkGuard {
 }
 
 impl LinkGuard {
-    /// Notes that the edge was seen on this link (a ping was written to it).
-    pub fn seen(&self, now_ms: i64) {
-        let _ = self.hub.touch(&self.edge_id, now_ms, false);
-    }
-
-    /// A ping for the edge, carrying what downlink waits for it.
+    /// A ping for the edge, carrying what downlink waits for it. Writing it is no sign of life of
+    /// the edge (a frozen edge's socket still takes it); the edge's report in answer is.
     pub fn ping(&self, at_ms: i64) -> LinkEvent {
-        self.seen(at_ms);
         LinkEvent::Ping { at_ms, downlink: self.hub.downlink_waiting(&self.edge_id) }
     }
 
@@ -127,6 +122,16 @@ pub fn check_report(report: &mut EdgeReport) -> Result<(), CentralError> {
     Ok(())
 }
 
+/// `missed_pings × ping_interval` of a link, with the ping interval clamped as the link stream
+/// clamps it, plus a grace for the edge's report to travel after the last ping.
+pub fn silence_limit_ms(ping_interval_ms: u64, missed_pings: u32) -> i64 {
+    const MIN_PING_INTERVAL_MS: u64 = 100;
+    const MAX_PING_INTERVAL_MS: u64 = 24 * 3600 * 1000;
+    const REPORT_GRACE_MS: i64 = 500;
+    let ping = ping_interval_ms.clamp(MIN_PING_INTERVAL_MS, MAX_PING_INTERVAL_MS) as i64;
+    ping.saturating_mul(i64::from(missed_pings.max(1))) + REPORT_GRACE_MS
+}
+
 /// The most queues a handshake may declare released without forwarding.
 const MAX_RELEASED_QUEUES: usize = 100_000;
 
@@ -162,8 +167,12 @@ impl CentralHub {
         check_version(edge_id, &hello.version)?;
         check_report(&mut hello.report)?;
         check_released(&hello.released_unforwarded)?;
+        let silence_limit_ms = silence_limit_ms(
+            hello.ping_interval_ms,
+            hello.missed_pings.unwrap_or(self.config.connectivity.missed_pings),
+        );
         let (guard, events, downlink, maintenance) =
-            self.register_link(edge_id, hello.version, hello.report, now_ms)?;
+            self.register_link(edge_id, hello.version, hello.report, silence_limit_ms, now_ms)?;
         // The guard marks the edge disconnected if this future is dropped from here on.
         self.persist_edge(edge_id, now_ms).await;
         self.publish(EVENT_EDGE_LINKED, Some(edge_id), None).await;
@@ -221,6 +230,7 @@ impl CentralHub {
         edge_id: &str,
         version: String,
         report: EdgeReport,
+        silence_limit_ms: i64,
         now_ms: i64,
     ) -> Result<(LinkGuard, mpsc::Receiver<LinkEvent>, Arc<tokio::sync::Notify>, bool), CentralError> {
         let mut registry = self.registry();
@@ -238,6 +248,8 @@ impl CentralHub {
                 events: events_tx,
                 downlink: downlink.clone(),
                 announced: BTreeMap::new(),
+                silence_limit_ms,
+                silent: false,
             })
             .is_some();
         let state = report.state.clone();
@@ -249,8 +261,9 @@ impl CentralHub {
         // Read under the same lock as the registration: a switch after this point reaches the new
         // link as an event, so the edge never misses one.
         let maintenance = registry.maintenance;
-        self.refresh_edge_metrics(&registry);
+        self.refresh_edge_metrics(&registry, now_ms);
         drop(registry);
+        self.links_changed.notify_one();
         tracing::info!(edge = %edge_id, link = link_id, %version, %state, replaced, "edge link opened");
         Ok((
             LinkGuard { hub: self.clone(), edge_id: edge_id.to_string(), link_id },
@@ -265,18 +278,21 @@ impl CentralHub {
     fn link_closed(&self, edge_id: &str, link_id: u64, now_ms: i64) -> bool {
         let mut registry = self.registry();
         let Some(entry) = registry.edges.get_mut(edge_id) else { return false };
-        entry.last_seen_ms = Some(now_ms);
         if entry.link.as_ref().is_some_and(|link| link.id == link_id) {
             entry.link = None;
-            tracing::info!(edge = %edge_id, link = link_id, "edge link closed");
+            entry.link_lost_ms = Some(now_ms);
+            self.refresh_edge_metrics(&registry, now_ms);
+            drop(registry);
+            self.links_changed.notify_one();
+            tracing::info!(edge = %edge_id, link = link_id, "edge link closed: shown offline (link_lost)");
         } else {
             tracing::debug!(edge = %edge_id, link = link_id, "replaced edge link ended");
         }
         true
     }
 
-    /// Notes that the edge was seen (a batch, a ping written to its link); `create` adds an edge
-    /// not known yet.
+    /// Notes a sign of life of the edge (a batch arriving or stored, a downlink pull); `create`
+    /// adds an edge not known yet.
     pub fn touch(&self, edge_id: &str, now_ms: i64, create: bool) -> Result<(), CentralError> {
         let mut registry = self.registry();
         let known = registry.edges.contains_key(edge_id);
@@ -285,7 +301,7 @@ impl CentralHub {
         }
         self.entry(&mut registry, edge_id)?.last_seen_ms = Some(now_ms);
         if !known {
-            self.refresh_edge_metrics(&registry);
+            self.refresh_edge_metrics(&registry, now_ms);
         }
         Ok(())
     }
@@ -335,7 +351,7 @@ impl CentralHub {
                 Some(Some(Duration::from_millis((next_write_ms - now_ms) as u64)))
             };
             if metric_changed {
-                self.refresh_edge_metrics(&registry);
+                self.refresh_edge_metrics(&registry, now_ms);
             }
             deferred_by
         };

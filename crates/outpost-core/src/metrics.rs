@@ -155,7 +155,7 @@ impl Metrics {
         );
         registry.register(
             "outpost_edges",
-            "Edges known to this central by last reported state",
+            "Edges known to this central by the central's own view of their state (offline once the link is lost)",
             m.edges.clone(),
         );
         registry.register(

@@ -59,6 +59,10 @@ pub struct Hello {
     pub version: String,
     /// How often the edge wants a ping, in milliseconds (its `connectivity.ping_interval`).
     pub ping_interval_ms: u64,
+    /// The edge's `connectivity.missed_pings`: the central counts an edge silent for
+    /// `missed_pings × ping_interval` as gone. Absent (older edges): the central's own setting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_pings: Option<u32>,
     pub report: EdgeReport,
     /// Per queue, the seq through which this edge released messages it never forwarded (its
     /// routes delivered them while it had no central). The central records that range as the

@@ -436,6 +436,7 @@ impl Driver {
             edge_id: self.config.node_id.clone(),
             version: outpost_core::VERSION.to_string(),
             ping_interval_ms: self.config.connectivity.ping_interval.as_millis() as u64,
+            missed_pings: Some(self.config.connectivity.missed_pings),
             report: self.report(),
             released_unforwarded: self.released_unforwarded(),
             batch_encodings: match self.config.forwarding.compression {

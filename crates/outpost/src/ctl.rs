@@ -560,6 +560,7 @@ fn render_edges(edges: &Value, now_ms: i64) -> String {
     let mut table = Table::new(&[
         "EDGE",
         "STATE",
+        "LINK",
         "SINCE",
         "LAST SEEN",
         "UPSTREAM",
@@ -574,9 +575,21 @@ fn render_edges(edges: &Value, now_ms: i64) -> String {
             .and_then(|log| log.last())
             .map(|entry| format!("{} {}", age(entry.get("at"), now_ms), text(entry, "cause")))
             .unwrap_or_else(|| "-".into());
+        // The central's own view: `offline (link_lost)` for a site that went dark, whatever it
+        // last reported.
+        let state = match edge.get("cause").and_then(Value::as_str) {
+            Some(cause) => format!("{} ({cause})", text(edge, "state")),
+            None => text(edge, "state"),
+        };
+        let link = match edge.get("connected").and_then(Value::as_bool) {
+            Some(true) => "connected",
+            Some(false) => "-",
+            None => "?",
+        };
         table.row(vec![
             text(edge, "id"),
-            text(edge, "state"),
+            state,
+            link.to_string(),
             age(edge.get("state_since"), now_ms),
             age(edge.get("last_seen"), now_ms),
             text(edge, "upstream_url"),

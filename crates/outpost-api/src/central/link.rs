@@ -214,6 +214,8 @@ pub(crate) async fn post_batch(
         }
     };
     hub.check_accepting_batches()?;
+    // A batch arriving is a sign of life, even if a slow line takes long to carry its body.
+    hub.touch(&edge_id, now_unix_ms(), false)?;
     let limits = &state.config.limits;
     // A batch still arriving on a slow line is progress: each piece of it is a sign of life.
     let now_ms = now_unix_ms();

@@ -27,12 +27,17 @@ pub const NEXT_AFTER_HEADER: &str = "outpost-next-after";
 /// The largest `POST /v1/admin/maintenance` body.
 const MAX_MAINTENANCE_BODY_BYTES: u64 = 1024;
 
+/// One edge as the central sees it (CONTRACT 5): `state` is the reported state while `connected`,
+/// otherwise `offline` with `cause: "link_lost"`; `reported_state` is what the edge last said.
 fn edge_json(edge: &EdgeView, downlink_pending: u64) -> serde_json::Value {
     let report = edge.report.as_ref();
     json!({
         "id": edge.id,
         "state": edge.state(),
-        "state_since": report.map(|r| rfc3339_from_unix_ms(r.state_since_ms)),
+        "reported_state": edge.reported_state,
+        "cause": edge.cause,
+        "state_since": edge.state_since_ms.map(rfc3339_from_unix_ms),
+        "reported_state_since": report.map(|r| rfc3339_from_unix_ms(r.state_since_ms)),
         "last_seen": edge.last_seen_ms.map(rfc3339_from_unix_ms),
         "upstream_url": report.and_then(|r| r.upstream_url.clone()),
         "backlog_messages": report.map_or(0, |r| r.backlog_messages),
@@ -56,7 +61,7 @@ pub(crate) async fn list_edges(
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let hub = hub(&state)?;
     let query = parse_edge_query(query.as_deref().unwrap_or(""))?;
-    let page = hub.edges_matching(&query);
+    let page = hub.edges_matching_at(&query, now_unix_ms());
     let pending = hub.downlink_pending();
     let edges: Vec<_> =
         page.edges.iter().map(|edge| edge_json(edge, pending.get(&edge.id).copied().unwrap_or(0))).collect();
@@ -105,6 +110,25 @@ fn parse_edge_query(query: &str) -> Result<EdgeQuery, ApiError> {
         }
     }
     Ok(parsed)
+}
+
+/// `GET /v1/edges/{id}`: one edge, shaped as in the list; 404 if it is neither known nor listed.
+pub(crate) async fn get_edge(
+    State(state): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
+    let hub = hub(&state)?;
+    let Path(edge_id) = path.map_err(|e| ApiError::invalid_name(format!("bad edge id in path: {e}")))?;
+    outpost_core::validate_name(&edge_id).map_err(|e| ApiError::invalid_name(format!("edge id {e}")))?;
+    let edge = hub.edge_at(&edge_id, now_unix_ms()).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "edge {edge_id:?} is neither known to this central nor listed in [[edge]]"
+        ))
+    })?;
+    let pending = hub.downlink_pending().get(&edge_id).copied().unwrap_or(0);
+    Ok(Json(edge_json(&edge, pending)).into_response())
 }
 
 /// `POST /v1/edges/{id}/transition-online`: "send transition to online" to a known edge: 202 with
