@@ -107,7 +107,8 @@ async fn lease(
         count(&body, "max_deliveries")?,
     )
     .map_err(ApiError::bad_request)?;
-    known_queue(&state, &queue)?;
+    // No queue check: a first lease creates the queue, so the consumer is in place before the
+    // first message arrives.
     let leased = state.store.consumer_lease(&queue, &name, request).await?;
     let engine = base64::engine::general_purpose::STANDARD;
     let messages: Vec<Value> = leased

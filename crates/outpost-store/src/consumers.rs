@@ -12,7 +12,9 @@
 //!   consumer removes its cursor, and with it its hold on storage.
 //! - **`head`** is the highest seq the consumer has taken so far. Messages after it are new to it;
 //!   a consumer is created by its first lease with `head` (and position) just before the oldest
-//!   message still stored.
+//!   message still stored. A first lease on a queue that does not exist yet creates the queue
+//!   (empty): an application can put its consumer in place before the first message (say, a
+//!   downlink message the edge's forwarder passes at once) would otherwise be released unread.
 //! - **Outstanding messages** (`consumer_messages`): one row per message between position and head
 //!   that is not finished: its delivery count, whether it is leased or was given back, and from when
 //!   it is visible again. A lease takes the visible ones first (redeliveries, in seq order) and
@@ -208,7 +210,8 @@ pub fn lease_request(
 impl Store {
     /// Leases up to `request.max` messages of `queue` to consumer `name` (created by its first
     /// lease): redeliveries whose visibility ended first, then new messages, in seq order.
-    /// Durable when answered. `Invalid` if the queue does not exist.
+    /// Durable when answered. A queue that does not exist yet is created (empty), so a consumer
+    /// can be in place before the first message arrives.
     pub async fn consumer_lease(
         &self,
         queue: &str,

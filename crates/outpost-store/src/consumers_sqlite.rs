@@ -9,7 +9,7 @@ use crate::consumers::{
     LeasedMessage, Settle, SettleOutcome, MAX_DELIVERIES_REASON, MAX_LEASE_BYTES,
 };
 use crate::failed::{self, FailedChange, NewFailure};
-use crate::writer::{apply_advance_cursor, release_chunk, State};
+use crate::writer::{apply_advance_cursor, ensure_queue, release_chunk, State};
 use crate::{StoreError, StoreOptions, StoredMessage};
 
 fn find(tx: &Transaction<'_>, queue: &str, name: &str) -> Result<Option<ConsumerRow>, StoreError> {
@@ -99,7 +99,9 @@ fn advance(
     chunk_bytes: u64,
 ) -> Result<(), StoreError> {
     let position = position(tx, consumer)?;
-    apply_advance_cursor(tx, options, state, queue, &consumer_reader(name), position, chunk_bytes)
+    let reader = consumer_reader(name);
+    state.consumer_readers.insert((queue.to_string(), reader.clone()));
+    apply_advance_cursor(tx, options, state, queue, &reader, position, chunk_bytes)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -113,9 +115,9 @@ pub(crate) fn lease(
     now_ms: i64,
     chunk_bytes: u64,
 ) -> Result<Vec<LeasedMessage>, StoreError> {
-    let Some(&queue_id) = state.queue_ids.get(queue) else {
-        return Err(StoreError::Invalid(format!("no queue named {queue:?}")));
-    };
+    // A first lease may come before the queue's first message: the queue is created (empty), so
+    // the consumer holds every message from the first on.
+    let queue_id = ensure_queue(tx, options, state, queue, 0)?;
     let (first_seq, last_seq) = {
         let stats = &state.stats[queue];
         (stats.first_seq, stats.last_seq)
@@ -327,7 +329,9 @@ pub(crate) fn delete(
     if let Some(&queue_id) = state.queue_ids.get(queue) {
         tx.prepare_cached("DELETE FROM cursors WHERE queue_id = ?1 AND reader = ?2")?
             .execute(params![queue_id, reader])?;
-        state.cursors.remove(&(queue.to_string(), reader));
+        let key = (queue.to_string(), reader);
+        state.cursors.remove(&key);
+        state.consumer_readers.remove(&key);
         // Its hold on storage ends: release what the remaining readers have.
         state.releases_due.insert(queue.to_string());
         release_chunk(tx, options, state, queue, chunk_bytes)?;

@@ -25,6 +25,9 @@ pub(crate) struct State {
     pub(crate) queue_ids: HashMap<String, i64>,
     origin_positions: HashMap<(String, String), u64>,
     pub(crate) cursors: HashMap<(String, String), u64>,
+    /// The (queue, reader) of every consumer's cursor: required readers of their queue, found by
+    /// queue without scanning every cursor.
+    pub(crate) consumer_readers: BTreeSet<(String, String)>,
     total_bytes: u64,
     /// Remembered idempotency keys and failed copies: they count against the quota too.
     pub(crate) key_bytes: u64,
@@ -41,11 +44,15 @@ impl State {
     fn load(conn: &Connection, options: &StoreOptions) -> Result<State, StoreError> {
         let stats = schema::load_stats(conn)?;
         let total_bytes = stats.values().map(|q| q.bytes).sum();
+        let cursors = schema::load_cursors(conn)?;
+        let consumer_readers =
+            cursors.keys().filter(|(_, r)| crate::consumers::is_consumer_reader(r)).cloned().collect();
         let mut state = State {
             stats,
             queue_ids: load_queue_ids(conn)?,
             origin_positions: schema::load_origin_positions(conn)?,
-            cursors: schema::load_cursors(conn)?,
+            cursors,
+            consumer_readers,
             total_bytes,
             key_bytes: conn.query_row(
                 "SELECT coalesce(sum(length(key)) + count(*) * ?1, 0) FROM idempotency_keys",
@@ -660,7 +667,7 @@ fn check_quota(options: &StoreOptions, state: &State, needed_bytes: u64) -> Resu
 }
 
 /// The id of `queue`, creating it (after a quota check, so a rejected write leaves no empty queue).
-fn ensure_queue(
+pub(crate) fn ensure_queue(
     tx: &Transaction<'_>,
     options: &StoreOptions,
     state: &mut State,
@@ -916,10 +923,10 @@ fn release_through(options: &StoreOptions, state: &State, queue: &str) -> Option
     let required = (options.readers_of)(queue);
     // Every consumer of the queue is a required reader too (see `consumers`).
     let consumers = state
-        .cursors
-        .iter()
-        .filter(|((q, r), _)| q == queue && crate::consumers::is_consumer_reader(r))
-        .map(|(_, seq)| *seq);
+        .consumer_readers
+        .range((queue.to_string(), String::new())..)
+        .take_while(|(q, _)| q == queue)
+        .map(|key| state.cursors.get(key).copied().unwrap_or(0));
     let through = required
         .iter()
         .map(|r| state.cursors.get(&(queue.to_string(), r.clone())).copied().unwrap_or(0))

@@ -206,7 +206,13 @@ async fn lease_ack_nack_and_redelivery_after_the_visibility() {
     {
         client.post(path, Some("application/json"), body).await.unwrap().expect_error(400);
     }
-    client.post("/v1/queues/nope/consumers/app/lease", None, "").await.unwrap().expect_error(404);
+    client.get("/v1/queues/later/consumers").await.unwrap().expect_error(404);
+    // A first lease may come before the queue exists: it creates the (empty) queue, and the
+    // consumer gets the queue's first message.
+    assert!(lease(&client, "later", "app", json!({})).await.is_empty());
+    assert_eq!(consumer(&client, "later", "app").await["position"], 0);
+    post(&client, "later", ["first".to_string()]).await;
+    assert_eq!(seqs(&lease(&client, "later", "app", json!({})).await), [1]);
     client.post("/v1/queues/q/consumers/b%20d/lease", None, "").await.unwrap().expect_error(400);
     client
         .post("/v1/queues/q/consumers/ghost/ack", None, r#"{"lease_ids":[]}"#)
@@ -215,6 +221,11 @@ async fn lease_ack_nack_and_redelivery_after_the_visibility() {
         .expect_error(404);
     client.post("/v1/queues/q/consumers/app/ack", None, r#"{"ids":[]}"#).await.unwrap().expect_error(400);
     client.get("/v1/queues/nope/consumers").await.unwrap().expect_error(404);
+    client
+        .post("/v1/queues/nope/consumers/app/ack", None, r#"{"lease_ids":[]}"#)
+        .await
+        .unwrap()
+        .expect_error(404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,4 +548,41 @@ async fn ctl_consumers_shows_every_queue_or_one() {
     let (code, stdout, stderr) = ctl(&["--url", &url, "failed", "--route", "consumer:erp"]).await;
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.starts_with("no failed messages"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_on_an_edge_reads_its_downlink_through_a_consumer() {
+    let central = Node::builder(BIN).role("central").args(["--node-id", "hq"]).start().await;
+    let config = r#"
+[connectivity]
+ping_interval = "1s"
+offline_probe_interval = "1s"
+failed_transition_wait = "1s"
+"#;
+    let edge = Node::builder(BIN)
+        .role("edge")
+        .args(["--node-id", "e1", "--central", &central.url()])
+        .config(config)
+        .start()
+        .await;
+    let client = edge.client();
+    // In place before anything arrives (the forwarder passes downlink messages at once, so they
+    // would be released with no reader holding them).
+    assert!(lease(&client, "prices", "shop", json!({})).await.is_empty());
+    for n in 1..=3 {
+        central
+            .client()
+            .post("/v1/edges/e1/queues/prices/messages", Some("text/plain"), format!("price-{n}"))
+            .await
+            .unwrap()
+            .expect_status(202);
+    }
+    let got = lease_until(&client, "prices", "shop", json!({}), |got| got.len() >= 3).await;
+    assert_eq!(got.iter().map(payload).collect::<Vec<_>>(), ["price-1", "price-2", "price-3"].map(b64));
+    assert!(got.iter().all(|m| m["origin"] == "~central"), "{got:?}");
+    ack(&client, "prices", "shop", &got).await;
+    wait_until_async(WAIT, "read by the consumer and passed by the forwarder: released", || async {
+        stored(&client, "prices").await == 0
+    })
+    .await;
 }

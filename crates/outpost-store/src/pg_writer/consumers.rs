@@ -11,7 +11,7 @@ use crate::consumers::{
     LeasedMessage, Settle, SettleOutcome, MAX_DELIVERIES_REASON, MAX_LEASE_BYTES,
 };
 use crate::failed::{FailedChange, NewFailure};
-use crate::{StoreError, StoredMessage};
+use crate::StoredMessage;
 
 async fn find(tx: &Transaction<'_>, queue: &str, name: &str) -> Result<Option<ConsumerRow>, TryError> {
     let select = tx
@@ -121,9 +121,13 @@ impl PgWriter {
         request: LeaseRequest,
         now_ms: i64,
     ) -> Result<Vec<LeasedMessage>, TryError> {
-        let Some(locked) = state.queues.get(queue) else {
-            return Err(TryError::Store(StoreError::Invalid(format!("no queue named {queue:?}"))));
-        };
+        if !state.queues.contains_key(queue) {
+            // A first lease may come before the queue's first message: the queue is created
+            // (empty), so the consumer holds every message from the first on.
+            self.ensure_queue(tx, state, queue, 0).await?;
+            state.queues.get_mut(queue).expect("just created").dirty = true;
+        }
+        let locked = &state.queues[queue];
         let (queue_id, first_seq, last_seq) = (locked.id, locked.stats.first_seq, locked.stats.last_seq);
         // Messages this group appended must be in the table before they are read.
         flush_rows(tx, &mut state.rows).await?;
