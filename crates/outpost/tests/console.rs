@@ -538,10 +538,10 @@ async fn each_console_action_clicked_has_its_effect() {
     .expect_status(200);
     let consumer_row = r#"#consumers tr[data-consumer="audit/auditor"]"#;
     browser.wait_text(consumer_row, "auditor", EFFECT).await;
-    assert!(
-        browser.find(r#"#failed-route option[value="consumer:auditor"]"#).await.is_some(),
-        "consumer in the route filter"
-    );
+    wait_until_async(EFFECT, "the consumer offered in the failed-list route filter", || async {
+        browser.find(r#"#failed-route option[value="consumer:auditor"]"#).await.is_some()
+    })
+    .await;
     save_screenshot(&browser, "central-800-consumers.png").await;
     check_layout(&browser, &["leased", "pending", "last active"]).await;
     let question =
@@ -564,6 +564,14 @@ async fn each_console_action_clicked_has_its_effect() {
     open_with_token(&edge_browser, &format!("{}/", edge_b.url())).await;
     edge_browser.wait_text("#node", "store-b (edge", EFFECT).await;
     edge_browser.wait_text("#log tbody", "maintenance", EFFECT).await;
+    // A message waiting to be forwarded shows as bytes still to forward.
+    edge_b_api
+        .post("/v1/queues/orders/messages", Some("text/plain"), "from store-b")
+        .await
+        .unwrap()
+        .expect_status(202);
+    edge_browser.wait_text("#status", "to forward", EFFECT).await;
+    edge_browser.wait_text("#status", "1 messages, 12 B", EFFECT).await;
     edge_browser.click("#act-online").await;
     wait_state(&edge_b_api, "online", "store-b online after its own trigger").await;
     wait_until_async(EFFECT, "the edge's console shows online", || async {

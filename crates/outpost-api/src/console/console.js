@@ -190,6 +190,10 @@ function renderStatus(s) {
     facts.push(['last ping', s.last_ping_at ? time(s.last_ping_at) : dash()]);
   }
   facts.push([edge ? 'backlog' : 'stored', esc(b.messages ?? 0) + ' messages, ' + esc(bytes(b.bytes)) + (b.messages ? ', oldest ' + age(b.oldest_age_seconds) : '')]);
+  if (edge && b.unforwarded_bytes !== undefined && b.unforwarded_bytes !== null) {
+    // `drain` is the node's own estimate, e.g. "~4 min at 310 kB/s".
+    facts.push(['to forward', esc(bytes(b.unforwarded_bytes)) + (b.drain ? ', done in ' + esc(b.drain) : '')]);
+  }
   const html = facts.map(([k, v]) => '<dt>' + esc(k) + '</dt><dd>' + v + '</dd>').join('');
   if ($('status').dataset.html !== html) { $('status').innerHTML = html; $('status').dataset.html = html; }
   fillTimes($('status'));
@@ -243,7 +247,10 @@ function edgeDetail(e) {
 function renderEdges() {
   const rows = ui.edges.rows;
   const html = rows.map((e) => {
-    const last = (e.offline_log || []).slice(-1)[0];
+    // The central's own cause (`cause`, e.g. link_lost) when it sends one, else the edge's last
+    // offline-log entry.
+    const logged = (e.offline_log || []).slice(-1)[0];
+    const last = e.cause ? { cause: e.cause, at: e.state_since } : logged;
     const open = ui.edges.expanded.has(e.id);
     let row = '<tr data-edge="' + esc(e.id) + '"><td class="id">' + esc(e.id) + (e.version ? '<small class="sub">' + esc(e.version) + '</small>' : '') +
       '</td><td>' + edgeState(e) + '</td><td>' + time(e.state_since) + '</td><td class="opt">' + time(e.last_seen) +
