@@ -148,16 +148,25 @@ pub(crate) fn lease(
     let mut bytes = 0u64;
     let full = |out: &Vec<LeasedMessage>, bytes: u64| out.len() >= request.max || bytes >= MAX_LEASE_BYTES;
 
-    // Visible outstanding rows first: resubmitted entries, then redeliveries in seq order.
-    let due: Vec<(i64, u64, u32)> = tx
-        .prepare_cached(
-            "SELECT failed_id, seq, deliveries FROM consumer_messages
-             WHERE consumer_id = ?1 AND visible_at_ms <= ?2 ORDER BY failed_id = 0, seq, failed_id LIMIT ?3",
-        )?
-        .query_map(params![consumer.id, now_ms, request.max as i64], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
-        })?
-        .collect::<Result<_, _>>()?;
+    // Visible outstanding rows first: resubmitted entries, then redeliveries in seq order. Two
+    // queries, each walking the primary key in order and stopping after `max` visible rows, so a
+    // consumer with many messages leased does not cost a scan of all of them.
+    let mut due: Vec<(i64, u64, u32)> = Vec::new();
+    for sql in [
+        "SELECT failed_id, seq, deliveries FROM consumer_messages
+         WHERE consumer_id = ?1 AND failed_id > 0 AND visible_at_ms <= ?2 ORDER BY failed_id, seq LIMIT ?3",
+        "SELECT failed_id, seq, deliveries FROM consumer_messages
+         WHERE consumer_id = ?1 AND failed_id = 0 AND visible_at_ms <= ?2 ORDER BY seq LIMIT ?3",
+    ] {
+        let limit = (request.max - due.len()) as i64;
+        let rows = tx
+            .prepare_cached(sql)?
+            .query_map(params![consumer.id, now_ms, limit], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        due.extend(rows);
+    }
     for (failed_id, seq, deliveries) in due {
         if full(&out, bytes) {
             break;

@@ -163,18 +163,20 @@ impl PgWriter {
         let full =
             |out: &Vec<LeasedMessage>, bytes: u64| out.len() >= request.max || bytes >= MAX_LEASE_BYTES;
 
-        let due = tx
-            .prepare_cached(
-                "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
-                 WHERE consumer_id = $1 AND visible_at_ms <= $2 ORDER BY failed_id = 0, seq, failed_id LIMIT $3",
-            )
-            .await?;
-        let due: Vec<(i64, u64, u32)> = tx
-            .query(&due, &[&consumer.id, &now_ms, &(request.max as i64)])
-            .await?
-            .iter()
-            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u32))
-            .collect();
+        // Resubmitted entries, then redeliveries in seq order: each query walks the primary key
+        // and stops after `max` visible rows.
+        let mut due: Vec<(i64, u64, u32)> = Vec::new();
+        for sql in [
+            "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
+             WHERE consumer_id = $1 AND failed_id > 0 AND visible_at_ms <= $2 ORDER BY failed_id, seq LIMIT $3",
+            "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
+             WHERE consumer_id = $1 AND failed_id = 0 AND visible_at_ms <= $2 ORDER BY seq LIMIT $3",
+        ] {
+            let limit = (request.max - due.len()) as i64;
+            let select = tx.prepare_cached(sql).await?;
+            let rows = tx.query(&select, &[&consumer.id, &now_ms, &limit]).await?;
+            due.extend(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u32)));
+        }
         for (failed_id, seq, deliveries) in due {
             if full(&out, bytes) {
                 break;
