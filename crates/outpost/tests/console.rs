@@ -272,7 +272,7 @@ async fn each_console_action_clicked_has_its_effect() {
 
     // Two edges start during maintenance: their first transition fails and the failed-transition
     // wait (1 h) holds them offline.
-    let edge_a = start_edge(&central, "store-a", "token-a").await;
+    let mut edge_a = start_edge(&central, "store-a", "token-a").await;
     let edge_b = start_edge(&central, "store-b", "token-b").await;
     for edge in [&edge_a, &edge_b] {
         let client = edge.client().with_token(ADMIN_TOKEN);
@@ -554,6 +554,15 @@ async fn each_console_action_clicked_has_its_effect() {
     .await;
     wait_until_async(EFFECT, "the consumers table gone", || async {
         browser.find(consumer_row).await.is_none()
+    })
+    .await;
+
+    // A site that goes dark: the central's own view shows it offline, cause link_lost.
+    edge_a.kill9();
+    let row_a = r#"#edges tr[data-edge="store-a"]"#;
+    wait_until_async(EFFECT, "store-a offline (link_lost) in the console", || async {
+        let text = browser.text(row_a).await;
+        text.contains("offline") && text.contains("link_lost") && text.contains("not connected")
     })
     .await;
 

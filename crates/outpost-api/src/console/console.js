@@ -221,7 +221,7 @@ function edgeState(e) {
   const notes = [];
   if (e.connected === false) notes.push('not connected');
   if (e.connected === true) notes.push('connected');
-  if (e.reported_state && e.reported_state !== e.state) notes.push('reports ' + e.reported_state);
+  if (e.reported_state && e.reported_state !== e.state) notes.push('last reported ' + e.reported_state);
   if (notes.length) html += '<small class="sub">' + esc(notes.join(', ')) + '</small>';
   return html;
 }
