@@ -133,6 +133,9 @@ pub struct Routes {
     modes: Arc<RouteModes>,
     /// Tells a route's task that entries were resubmitted (capacity 1: one pending notice is enough).
     resubmit_notices: BTreeMap<String, mpsc::Sender<()>>,
+    /// The pull consumers' failed-entry routes (`consumer:<name>`) seen in the failed table, so
+    /// their gauge goes back to 0 once their entries are gone.
+    consumer_routes: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The running route tasks.
@@ -225,6 +228,7 @@ pub async fn start(
         metrics,
         modes,
         resubmit_notices,
+        consumer_routes: std::sync::Mutex::default(),
     });
     routes.refresh_failed_metric().await;
     tasks.push(tokio::spawn(follow_cluster(routes.clone(), cluster_events, stop_rx)));
@@ -388,9 +392,25 @@ impl Routes {
         Ok(self.store.failed_entry(id).await?)
     }
 
-    /// Sets `outpost_failed_messages{route}` for every configured route from the store.
+    /// Sets `outpost_failed_messages{route}` for every configured route from the store, and for
+    /// every pull consumer with failed entries (`route="consumer:<name>"`; the cluster follower's
+    /// periodic refresh picks up what a lease failed).
     pub async fn refresh_failed_metric(&self) {
-        refresh_failed_metric(&self.store, &self.metrics, self.routes.keys()).await;
+        let counts = match self.store.failed_counts(FailedStatus::Failed).await {
+            Ok(counts) => counts,
+            Err(e) => return tracing::warn!("cannot count failed messages for the metrics: {e}"),
+        };
+        let mut consumers = self.consumer_routes.lock().expect("consumer routes lock poisoned");
+        consumers.extend(
+            counts.keys().filter(|r| outpost_store::consumers::consumer_of_route(r).is_some()).cloned(),
+        );
+        for route in self.routes.keys().chain(consumers.iter()) {
+            let count = counts.get(route).copied().unwrap_or(0);
+            self.metrics
+                .failed_messages
+                .get_or_create(&RouteLabel { route: route.clone() })
+                .set(count as i64);
+        }
     }
 }
 

@@ -288,6 +288,10 @@ async fn max_deliveries_makes_a_message_failed_and_a_resubmit_gives_it_back() {
     }
     assert_eq!(failed(&client, "").await.len(), 2);
     assert_eq!(failed(&client, "?route=consumer%3Aapp").await.len(), 2);
+    wait_until_async(WAIT, "the failed gauge counts the consumer's entries", || async {
+        client.metrics().await.contains("outpost_failed_messages{route=\"consumer:app\"} 2")
+    })
+    .await;
 
     // One resubmitted: the consumer's next lease gets it, with its original id.
     let id = entries[0]["id"].as_i64().unwrap();
@@ -301,6 +305,10 @@ async fn max_deliveries_makes_a_message_failed_and_a_resubmit_gives_it_back() {
     let left = failed(&client, "").await;
     assert_eq!(left.len(), 1);
     assert_eq!(left[0]["seq"], 2);
+    wait_until_async(WAIT, "the failed gauge follows", || async {
+        client.metrics().await.contains("outpost_failed_messages{route=\"consumer:app\"} 1")
+    })
+    .await;
 
     // The other by the consumer's route, then it fails again: back in the list.
     let answer = client
