@@ -99,6 +99,7 @@ pub fn router(state: ApiState) -> Router {
 pub async fn serve(
     listener: TcpListener,
     state: ApiState,
+    tls: Option<Arc<outpost_tls::ServerTls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let ready = state.ready.clone();
@@ -110,7 +111,7 @@ pub async fn serve(
         max_connections: state_limits.max_connections,
         request_timeout: state_limits.request_timeout,
     };
-    listener::serve(listener, app, limits, async move {
+    listener::serve(listener, app, limits, tls, async move {
         shutdown.await;
         ready.store(false, Ordering::SeqCst);
         // Edge link streams never end by themselves; graceful shutdown waits for them.

@@ -1,7 +1,10 @@
 //! The HTTP listener: accepts connections up to `limits.max_connections` (more are closed at
 //! accept while the others are served on), sets TCP keepalive, gives every request
 //! `limits.request_timeout` for its headers and again for its body (a body that stops gets 408),
-//! and stops gracefully: no new connections, in-flight requests finish.
+//! and stops gracefully: no new connections, in-flight requests finish. With TLS (`[tls]`) each
+//! connection's handshake must also finish within `request_timeout`, takes the certificates in use
+//! at that moment (so reloaded files reach new connections), and a verified client certificate
+//! reaches the handlers as a [`PeerIdentity`] request extension.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -15,6 +18,7 @@ use axum::Router;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use outpost_tls::{PeerIdentity, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Sleep;
@@ -38,6 +42,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: ListenerLimits,
+    tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(limits.max_connections as usize));
@@ -47,7 +52,7 @@ pub async fn serve(
     let mut shutdown = std::pin::pin!(shutdown);
     let mut refused: u64 = 0;
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -75,39 +80,22 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let request_timeout = limits.request_timeout;
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
-            let mut app = app.clone();
-            let request = request.map(|body| Body::new(DeadlineBody::new(body, request_timeout)));
-            async move { Ok::<_, Infallible>(app.call(request).await.unwrap_or_else(|never| match never {})) }
-        });
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let open = open_rx.clone();
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
         tokio::spawn(async move {
             let _permit = permit;
             let _open = open;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(request_timeout);
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let mut connection = std::pin::pin!(connection);
-            let mut stopping = *stop.borrow();
-            if stopping {
-                connection.as_mut().graceful_shutdown();
-            }
-            loop {
-                tokio::select! {
-                    result = connection.as_mut() => {
-                        if let Err(e) = result {
-                            tracing::debug!("connection ended: {e}");
-                        }
-                        break;
-                    }
-                    changed = stop.changed(), if !stopping => {
-                        if changed.is_err() || *stop.borrow() {
-                            stopping = true;
-                            connection.as_mut().graceful_shutdown();
-                        }
-                    }
+            let Some(acceptor) = acceptor else {
+                return serve_connection(TokioIo::new(stream), app, None, request_timeout, stop).await;
+            };
+            match tokio::time::timeout(request_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => {
+                    let identity = stream.get_ref().1.peer_certificates().and_then(PeerIdentity::from_chain);
+                    serve_connection(TokioIo::new(stream), app, identity, request_timeout, stop).await;
                 }
+                Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
+                Err(_) => tracing::info!(%peer, "TLS handshake not finished within limits.request_timeout"),
             }
         });
     }
@@ -116,6 +104,50 @@ pub async fn serve(
     drop(open_rx);
     open_tx.closed().await;
     Ok(())
+}
+
+/// Serves one connection until it ends, or gracefully once `stop` turns true.
+async fn serve_connection<IO>(
+    io: TokioIo<IO>,
+    app: Router,
+    identity: Option<PeerIdentity>,
+    request_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let mut app = app.clone();
+        let mut request = request.map(|body| Body::new(DeadlineBody::new(body, request_timeout)));
+        if let Some(identity) = &identity {
+            request.extensions_mut().insert(identity.clone());
+        }
+        async move { Ok::<_, Infallible>(app.call(request).await.unwrap_or_else(|never| match never {})) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(request_timeout);
+    let connection = builder.serve_connection(io, service);
+    let mut connection = std::pin::pin!(connection);
+    let mut stopping = *stop.borrow();
+    if stopping {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!("connection ended: {e}");
+                }
+                break;
+            }
+            changed = stop.changed(), if !stopping => {
+                if changed.is_err() || *stop.borrow() {
+                    stopping = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
 }
 
 /// The request body did not arrive within `limits.request_timeout`.

@@ -86,7 +86,7 @@ impl Central {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
         let edge_tokens = state.config.edges.iter().map(|e| (e.id.clone(), e.token.clone())).collect();
-        let server = tokio::spawn(outpost_api::serve(listener, state, async {
+        let server = tokio::spawn(outpost_api::serve(listener, state, None, async {
             let _ = stopped.await;
         }));
         Central {

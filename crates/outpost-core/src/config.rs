@@ -137,6 +137,8 @@ struct RawTls {
     cert_file: String,
     #[serde(default)]
     key_file: String,
+    #[serde(default)]
+    client_ca_file: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +181,10 @@ struct RawUpstream {
     trigger: Option<bool>,
     #[serde(default)]
     ca_file: String,
+    #[serde(default)]
+    cert_file: String,
+    #[serde(default)]
+    key_file: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -280,6 +286,12 @@ struct RawRoute {
     max_in_flight: Option<u64>,
     #[serde(default, deserialize_with = "de_number")]
     batch: Option<u64>,
+    #[serde(default)]
+    ca_file: String,
+    #[serde(default)]
+    cert_file: String,
+    #[serde(default)]
+    key_file: String,
 }
 
 // Lenient deserializers: environment variables always arrive as strings, so every scalar accepts
@@ -423,10 +435,37 @@ pub struct Config {
     pub sources: Vec<String>,
 }
 
+/// `[tls]`: the listener serves HTTPS.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// Set: edges must present a client certificate signed by this CA and naming their id.
+    pub client_ca_file: Option<PathBuf>,
+}
+
+/// The TLS files of a client section (`[[upstream]]`, `[[route]]`); all empty by default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTlsFiles {
+    /// `None`: the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate for mTLS; set together with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl ClientTlsFiles {
+    fn from_raw(ca_file: String, cert_file: String, key_file: String) -> Result<Self, String> {
+        if cert_file.is_empty() != key_file.is_empty() {
+            return Err("set both cert_file and key_file (the client certificate), or neither".into());
+        }
+        let path = |s: String| (!s.is_empty()).then(|| PathBuf::from(s));
+        Ok(ClientTlsFiles { ca_file: path(ca_file), cert_file: path(cert_file), key_file: path(key_file) })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ca_file.is_none() && self.cert_file.is_none()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -483,7 +522,7 @@ pub struct Upstream {
     pub url: String,
     pub token: String,
     pub trigger: bool,
-    pub ca_file: Option<PathBuf>,
+    pub tls: ClientTlsFiles,
 }
 
 #[derive(Debug, Clone)]
@@ -587,6 +626,8 @@ pub struct RouteConfig {
     pub max_in_flight: u32,
     /// Messages per POST: 1 posts each message as itself, more posts an NDJSON body.
     pub batch: u32,
+    /// For https:// urls (an extension of CONTRACT section 2: `ca_file`, `cert_file`, `key_file`).
+    pub tls: ClientTlsFiles,
 }
 
 /// The most deliveries a route keeps in flight, and the most messages of one route POST.
@@ -691,7 +732,15 @@ impl Config {
             self.node_id,
             self.listen,
             self.data_dir.display(),
-            self.tls.is_some(),
+            match &self.tls {
+                None => "off".to_string(),
+                Some(t) => format!(
+                    "(cert_file={} key_file={} client_ca_file={})",
+                    t.cert_file.display(),
+                    t.key_file.display(),
+                    t.client_ca_file.as_ref().map_or("none".to_string(), |f| f.display().to_string())
+                ),
+            },
             match &self.auth {
                 None => "off".to_string(),
                 Some(a) => format!(
@@ -849,17 +898,21 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
 
     let tls = match raw.tls {
         None => None,
-        Some(t) if t.cert_file.is_empty() && t.key_file.is_empty() => None,
+        Some(t) if t.cert_file.is_empty() && t.key_file.is_empty() => {
+            if !t.client_ca_file.is_empty() {
+                return Err(err("tls.client_ca_file", "needs tls.cert_file and tls.key_file".into()));
+            }
+            None
+        }
         Some(t) => {
             if t.cert_file.is_empty() || t.key_file.is_empty() {
                 return Err(err("tls", "set both cert_file and key_file, or neither".into()));
             }
-            return Err(err(
-                "tls.cert_file",
-                "TLS on the listener is not built into this version yet; terminate TLS in a \
-                 reverse proxy in front of outpost, or remove the [tls] section"
-                    .into(),
-            ));
+            Some(TlsConfig {
+                cert_file: PathBuf::from(t.cert_file),
+                key_file: PathBuf::from(t.key_file),
+                client_ca_file: (!t.client_ca_file.is_empty()).then(|| PathBuf::from(t.client_ca_file)),
+            })
         }
     };
 
@@ -908,7 +961,8 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
             url: u.url.trim_end_matches('/').to_string(),
             token: u.token,
             trigger: u.trigger.unwrap_or(true),
-            ca_file: (!u.ca_file.is_empty()).then(|| PathBuf::from(u.ca_file)),
+            tls: ClientTlsFiles::from_raw(u.ca_file, u.cert_file, u.key_file)
+                .map_err(|p| err(&format!("upstream[{i}].cert_file"), p))?,
         });
     }
 
@@ -1063,6 +1117,8 @@ fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<Config, Con
             max_in_flight: bounded_u32(r.max_in_flight, 1, MAX_ROUTE_IN_FLIGHT)
                 .map_err(|p| err(&key("max_in_flight"), p))?,
             batch: bounded_u32(r.batch, 1, MAX_ROUTE_BATCH).map_err(|p| err(&key("batch"), p))?,
+            tls: ClientTlsFiles::from_raw(r.ca_file, r.cert_file, r.key_file)
+                .map_err(|p| err(&key("cert_file"), p))?,
         });
     }
 

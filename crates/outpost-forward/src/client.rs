@@ -224,7 +224,7 @@ impl CentralClient {
         if let Some(encoding) = &self.batch_encoding {
             request = request.header(reqwest::header::ACCEPT_ENCODING, encoding);
         }
-        let response = request.send().await.map_err(|e| self.unreachable(error_chain(&e)))?;
+        let response = request.send().await.map_err(|e| self.unreachable(request_error(e)))?;
         match response.status() {
             StatusCode::NO_CONTENT => Ok(None),
             StatusCode::OK => {
@@ -333,7 +333,7 @@ impl EventStream {
 /// A request's error with its causes, without the request's URL: the endpoint is named once, by
 /// whoever reports the error (`LinkError`'s text, the failover round's list).
 fn request_error(error: reqwest::Error) -> String {
-    error_chain(&error.without_url())
+    outpost_tls::explain(&error_chain(&error.without_url()))
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -107,6 +107,7 @@ pub async fn start(
     store: Store,
     metrics: Arc<Metrics>,
     status: watch::Sender<LinkStatus>,
+    tls: &[Arc<outpost_tls::ClientTls>],
 ) -> Result<EdgeLink, String> {
     let now = moment();
     let c = &config.connectivity;
@@ -145,19 +146,22 @@ pub async fn start(
         Err(e) => return Err(format!("cannot read the offline log: {e}")),
     }
 
-    let http = reqwest::Client::builder()
-        .connect_timeout(config.failover.connect_timeout)
-        // A central whose host vanished leaves a half-open connection: keepalive probes find it.
-        .tcp_keepalive(TCP_KEEPALIVE)
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(64)
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-    let clients = config
-        .upstreams
-        .iter()
-        .map(|u| CentralClient::new(http.clone(), u, &config.node_id, config.forwarding.request_timeout))
-        .collect();
+    // One HTTP client per upstream: each has its own TLS files (ca_file, client certificate).
+    let mut clients = Vec::with_capacity(config.upstreams.len());
+    for (i, upstream) in config.upstreams.iter().enumerate() {
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.failover.connect_timeout)
+            // A central whose host vanished leaves a half-open connection: keepalive probes find it.
+            .tcp_keepalive(TCP_KEEPALIVE)
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(64);
+        if let Some(tls) = tls.get(i) {
+            builder = builder.use_preconfigured_tls(tls.config());
+        }
+        let http =
+            builder.build().map_err(|e| format!("upstream[{i}]: cannot build the HTTP client: {e}"))?;
+        clients.push(CentralClient::new(http, upstream, &config.node_id, config.forwarding.request_timeout));
+    }
 
     let (trigger_tx, trigger_rx) = mpsc::channel(8);
     let (input_tx, input_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);

@@ -163,6 +163,7 @@ pub async fn start(
     config: Arc<Config>,
     store: Store,
     metrics: Arc<Metrics>,
+    tls: &[Arc<outpost_tls::ClientTls>],
 ) -> Result<(Arc<Routes>, RouteTasks), String> {
     let names: Vec<String> = config.routes.iter().map(|r| r.name.clone()).collect();
     let modes = Arc::new(
@@ -178,7 +179,7 @@ pub async fn start(
     // Seeded per node and start, so routes of many nodes do not retry in lockstep.
     let seed = config.node_id.bytes().fold(now_unix_ms() as u64, |h, b| h.rotate_left(5) ^ u64::from(b));
     for (i, route) in config.routes.iter().enumerate() {
-        let deliverer = Deliverer::new(route)
+        let deliverer = Deliverer::new(route, tls.get(i).map(|t| &**t))
             .map_err(|e| format!("route {:?}: cannot build its HTTP client: {e}", route.name))?;
         // Present from the start, at 0, rather than appearing with the first delivery.
         metrics.messages_delivered.get_or_create(&RouteLabel { route: route.name.clone() }).inc_by(0);

@@ -119,13 +119,20 @@ pub struct Deliverer {
 }
 
 impl Deliverer {
-    pub fn new(route: &RouteConfig) -> Result<Deliverer, reqwest::Error> {
-        let http = reqwest::Client::builder()
+    /// `tls`: the route's TLS setting for https:// urls (`None`: reqwest's default, no roots).
+    pub fn new(
+        route: &RouteConfig,
+        tls: Option<&outpost_tls::ClientTls>,
+    ) -> Result<Deliverer, reqwest::Error> {
+        let mut builder = reqwest::Client::builder()
             .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")))
             // A redirect would turn the POST into a GET elsewhere: a 3xx is an answer to classify.
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(route.timeout)
-            .build()?;
+            .connect_timeout(route.timeout);
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls.config());
+        }
+        let http = builder.build()?;
         Ok(Deliverer { http, urls: route.urls.clone(), timeout: route.timeout, preferred: 0 })
     }
 
@@ -404,6 +411,7 @@ mod tests {
             probe_interval: Duration::from_secs(30),
             max_in_flight: 1,
             batch: 1,
+            tls: Default::default(),
         }
     }
 
@@ -437,7 +445,7 @@ mod tests {
                 None => refused_url(),
             };
             let route = route(vec![url]);
-            let mut deliverer = Deliverer::new(&route).unwrap();
+            let mut deliverer = Deliverer::new(&route, None).unwrap();
             let got = deliverer.deliver(&message(), &RoutePolicy::from_config(&route)).await;
             assert_eq!(got.as_ref().err().map(DeliveryFailure::kind), want, "{behaviour:?}: {got:?}");
         }
@@ -447,7 +455,11 @@ mod tests {
     async fn the_request_carries_the_contract_headers() {
         let (url, mut requests) = endpoint(Behaviour::Answer(200)).await;
         let route = route(vec![url]);
-        Deliverer::new(&route).unwrap().deliver(&message(), &RoutePolicy::from_config(&route)).await.unwrap();
+        Deliverer::new(&route, None)
+            .unwrap()
+            .deliver(&message(), &RoutePolicy::from_config(&route))
+            .await
+            .unwrap();
         let request = requests.recv().await.unwrap().to_ascii_lowercase();
         for line in [
             "post /in http/1.1",
@@ -469,7 +481,7 @@ mod tests {
         let (unavailable, _) = endpoint(Behaviour::Answer(503)).await;
         let route = route(vec![refused_url(), unavailable.clone(), ok_url.clone()]);
         let policy = RoutePolicy::from_config(&route);
-        let mut deliverer = Deliverer::new(&route).unwrap();
+        let mut deliverer = Deliverer::new(&route, None).unwrap();
         deliverer.deliver(&message(), &policy).await.unwrap();
         assert_eq!(deliverer.preferred_url(), ok_url);
         assert!(ok_requests.recv().await.is_some());
@@ -479,14 +491,14 @@ mod tests {
         // A poison answer from the first endpoint stops there: it is about the message.
         let (bad_request, _) = endpoint(Behaviour::Answer(400)).await;
         let route = self::route(vec![bad_request, ok_url]);
-        let failure = Deliverer::new(&route).unwrap().deliver(&message(), &policy).await.unwrap_err();
+        let failure = Deliverer::new(&route, None).unwrap().deliver(&message(), &policy).await.unwrap_err();
         assert_eq!((failure.errors.len(), failure.kind()), (1, FailureKind::Status(400)));
         assert!(failure.to_string().contains("http:400 from http://127.0.0.1:"), "{failure}");
         assert!(failure.to_string().contains("nope"), "the answer's body is kept: {failure}");
 
         // Every endpoint down: one error each, the decision on the last.
         let route = self::route(vec![refused_url(), unavailable]);
-        let failure = Deliverer::new(&route).unwrap().deliver(&message(), &policy).await.unwrap_err();
+        let failure = Deliverer::new(&route, None).unwrap().deliver(&message(), &policy).await.unwrap_err();
         let kinds: Vec<FailureKind> = failure.errors.iter().map(|e| e.kind).collect();
         assert_eq!(kinds, [FailureKind::Connect, FailureKind::Status(503)]);
     }

@@ -289,6 +289,7 @@ mod tests {
             probe_interval: Duration::from_secs(30),
             max_in_flight: 1,
             batch: 1,
+            tls: Default::default(),
         };
         assert_eq!(RoutePolicy::from_config(&route), policy());
     }

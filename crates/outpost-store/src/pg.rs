@@ -66,11 +66,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use futures_util::StreamExt;
+use outpost_tls::postgres::PgTls;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 
 use crate::failed::{FailedEntry, FailedQuery, FailedStatus, MAX_FAILED_LIST_LIMIT};
 use crate::ops::{Op, Views};
@@ -265,9 +266,24 @@ pub(crate) fn pg_error(url: &str, error: tokio_postgres::Error) -> StoreError {
         return StoreError::Postgres(db.to_string());
     }
     if error.is_closed() || error.code().is_none() {
-        return StoreError::Unavailable { url: url.to_string(), detail: error.to_string() };
+        return StoreError::Unavailable { url: url.to_string(), detail: with_causes(&error) };
     }
     StoreError::Postgres(error.to_string())
+}
+
+/// "error performing TLS handshake: TLS with PostgreSQL: invalid peer certificate: …".
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Whether retrying the same transaction may succeed (deadlock between centrals, serialization).
@@ -301,7 +317,12 @@ pub(crate) fn redact(url: &str) -> String {
     }
 }
 
-fn parse_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
+/// The connection settings of `url` and its TLS connector (`sslmode`, `sslrootcert`: see
+/// `outpost_tls::postgres`).
+fn parse_config(url: &str) -> Result<(tokio_postgres::Config, PgTls), StoreError> {
+    let (url, tls) = outpost_tls::postgres::prepare(url)
+        .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact(url))))?;
+    let url = url.as_str();
     let mut config = tokio_postgres::Config::from_str(url)
         .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact(url))))?;
     // An acknowledgement means durable, whatever the server's default or the URL's `options` say:
@@ -315,7 +336,7 @@ fn parse_config(url: &str) -> Result<tokio_postgres::Config, StoreError> {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
     config.application_name("outpost");
-    Ok(config)
+    Ok((config, tls))
 }
 
 impl Postgres {
@@ -330,10 +351,11 @@ impl Postgres {
         ops: mpsc::Receiver<Op>,
     ) -> Result<(Postgres, JoinHandle<()>), StoreError> {
         let shown_url = redact(url);
-        let config = parse_config(url)?;
+        let (config, tls) = parse_config(url)?;
+        tracing::info!(postgres = %shown_url, sslmode = tls.mode.as_str(), sslrootcert = ?tls.root_file, "PostgreSQL TLS");
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let pool = Pool::builder(manager)
@@ -361,6 +383,7 @@ impl Postgres {
         let (listening_tx, listening) = oneshot::channel();
         background.push(tokio::spawn(run_listener(
             config,
+            tls,
             shown_url.clone(),
             instance.clone(),
             refresh_tx.clone(),
@@ -919,6 +942,7 @@ async fn run_refresher(
 /// loss (and then reloading everything: notifications sent meanwhile are lost).
 async fn run_listener(
     config: tokio_postgres::Config,
+    tls: PgTls,
     url: String,
     instance: String,
     refresh: mpsc::Sender<Refresh>,
@@ -927,7 +951,7 @@ async fn run_listener(
 ) {
     let mut listening = Some(listening);
     loop {
-        match listen_once(&config, &instance, &refresh, &events, &mut listening).await {
+        match listen_once(&config, &tls, &instance, &refresh, &events, &mut listening).await {
             Ok(()) => return, // the refresher is gone: the store is closing
             Err(e) => {
                 tracing::warn!(postgres = %url, "the cluster listener lost its connection, reconnecting in {LISTEN_RETRY:?}: {e}");
@@ -939,12 +963,13 @@ async fn run_listener(
 
 async fn listen_once(
     config: &tokio_postgres::Config,
+    tls: &PgTls,
     instance: &str,
     refresh: &mpsc::Sender<Refresh>,
     events: &broadcast::Sender<(String, String)>,
     listening: &mut Option<oneshot::Sender<()>>,
 ) -> Result<(), String> {
-    let (client, mut connection) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+    let (client, mut connection) = config.connect(tls.clone()).await.map_err(|e| e.to_string())?;
     let (notifications_tx, mut notifications) = mpsc::channel(NOTIFICATION_CAPACITY);
     let driver = tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -1035,8 +1060,8 @@ mod tests {
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
         let separator = if admin.contains('?') { '&' } else { '?' };
         let url = format!("{admin}{separator}options=-c%20synchronous_commit%3Doff%20-c%20work_mem%3D8MB");
-        let config = parse_config(&url).unwrap();
-        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap_or_else(|e| {
+        let (config, tls) = parse_config(&url).unwrap();
+        let (client, connection) = config.connect(tls).await.unwrap_or_else(|e| {
             panic!("PostgreSQL at {admin} (OUTPOST_TEST_POSTGRES) does not answer: {e}; run scripts/ensure-postgres.sh")
         });
         tokio::spawn(connection);

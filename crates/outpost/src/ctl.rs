@@ -38,6 +38,9 @@ pub struct CtlArgs {
     /// Admin token, sent as `Authorization: Bearer T`.
     #[arg(long, global = true, env = "OUTPOST_TOKEN", hide_env_values = true, value_name = "T")]
     token: Option<String>,
+    /// PEM CA certificate(s) to trust for an https:// URL (default: the system's roots).
+    #[arg(long, global = true, env = "OUTPOST_CA_FILE", value_name = "FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -121,13 +124,11 @@ enum OnOff {
 
 pub fn run(args: CtlArgs) -> ExitCode {
     let base_url = args.url.trim().trim_end_matches('/').to_string();
-    if !base_url.starts_with("http://") {
-        let problem = if base_url.starts_with("https://") {
-            "ctl speaks plain HTTP only (outpost serves plain HTTP; reach a TLS proxy's backend instead)"
-        } else {
-            "expected a URL like http://127.0.0.1:7400"
-        };
-        eprintln!("outpost ctl: --url / OUTPOST_URL {:?}: {problem}", args.url);
+    if !base_url.starts_with("http://") && !base_url.starts_with("https://") {
+        eprintln!(
+            "outpost ctl: --url / OUTPOST_URL {:?}: expected a URL like http://127.0.0.1:7400 or https://hq.example.com:7401",
+            args.url
+        );
         return ExitCode::from(exit::USAGE);
     }
     for name in names_to_check(&args.command) {
@@ -143,7 +144,21 @@ pub fn run(args: CtlArgs) -> ExitCode {
             return ExitCode::from(exit::FATAL);
         }
     };
-    let api = match Api::new(base_url, args.token.filter(|t| !t.is_empty())) {
+    let tls = match &args.ca_file {
+        None if !base_url.starts_with("https://") => None,
+        ca_file => match outpost_tls::ClientTls::load(outpost_tls::ClientFiles {
+            section: "ctl".into(),
+            ca_file: ca_file.clone(),
+            ..Default::default()
+        }) {
+            Ok(tls) => Some(tls.config()),
+            Err(e) => {
+                eprintln!("outpost ctl: --ca-file / OUTPOST_CA_FILE: {e}");
+                return ExitCode::from(exit::USAGE);
+            }
+        },
+    };
+    let api = match Api::new(base_url, args.token.filter(|t| !t.is_empty()), tls) {
         Ok(api) => api,
         Err(e) => {
             eprintln!("outpost ctl: {e}");
@@ -379,13 +394,20 @@ impl fmt::Display for CtlError {
 }
 
 impl Api {
-    fn new(base_url: String, token: Option<String>) -> Result<Api, CtlError> {
-        let http = reqwest::Client::builder()
+    fn new(
+        base_url: String,
+        token: Option<String>,
+        tls: Option<outpost_tls::rustls::ClientConfig>,
+    ) -> Result<Api, CtlError> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("outpost-ctl/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| CtlError::Client(format!("cannot build the HTTP client: {e}")))?;
+            .user_agent(concat!("outpost-ctl/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = tls {
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http =
+            builder.build().map_err(|e| CtlError::Client(format!("cannot build the HTTP client: {e}")))?;
         Ok(Api { http, base_url, token })
     }
 

@@ -6,6 +6,10 @@
 //! The banner's address lines (`edge:`, `central:`, `downstream:`, `directory:`) are one per line,
 //! label then URL, so tests and scripts can read them from stdout.
 //!
+//! With `--tls` the central serves HTTPS and requires a client certificate from the edge (mTLS,
+//! bound to the edge's id) and the edge's token: the setup of docs/tls.md, with a private CA and
+//! certificates made by `scripts/make-certs.sh` (openssl) in `DIR/pki`.
+//!
 //! The children run in their own process group, so a terminal's Ctrl-C reaches only this process,
 //! which then stops them in order (SIGTERM, wait, SIGKILL after [`CHILD_STOP_TIMEOUT`]). On Linux
 //! they also get SIGKILL if this process dies without that chance.
@@ -46,6 +50,11 @@ const MAX_PRINTED_PAYLOAD_CHARS: usize = 200;
 /// The queue the demo's route drains, and the route's name.
 const DEMO_QUEUE: &str = "orders";
 const DEMO_ROUTE: &str = "demo-orders";
+/// With `--tls`: the edge's id (its certificate's name) and its token at the central.
+const DEMO_EDGE_ID: &str = "demo-edge";
+const DEMO_EDGE_TOKEN: &str = "demo-edge-token-change-me";
+/// The certificate script, run with bash (it needs openssl).
+const MAKE_CERTS_SCRIPT: &str = include_str!("../../../scripts/make-certs.sh");
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -53,6 +62,44 @@ pub struct DemoArgs {
     /// removed on exit.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// The central serves HTTPS and requires the edge's client certificate (mTLS) and token;
+    /// certificates from a private CA are made in DIR/pki with openssl.
+    #[arg(long)]
+    tls: bool,
+}
+
+/// The demo's TLS files (`--tls`), in `DIR/pki`.
+struct DemoTls {
+    pki: PathBuf,
+}
+
+impl DemoTls {
+    /// Runs `scripts/make-certs.sh DIR/pki central demo-edge` (the CA is reused if present).
+    fn make(dir: &Path) -> Result<DemoTls, String> {
+        let pki = dir.join("pki");
+        std::fs::create_dir_all(&pki).map_err(|e| format!("cannot create {}: {e}", pki.display()))?;
+        let script = pki.join("make-certs.sh");
+        std::fs::write(&script, MAKE_CERTS_SCRIPT)
+            .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+        let output = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(&pki)
+            .arg("central")
+            .arg(DEMO_EDGE_ID)
+            .output()
+            .map_err(|e| format!("cannot run bash {}: {e}", script.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "making the demo's certificates failed (is openssl installed?): {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        Ok(DemoTls { pki })
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.pki.join(name).display().to_string()
+    }
 }
 
 pub fn run(args: DemoArgs) -> ExitCode {
@@ -82,6 +129,17 @@ async fn demo(args: DemoArgs) -> ExitCode {
             return ExitCode::from(exit::FATAL);
         }
     };
+    let tls = if args.tls {
+        match DemoTls::make(&dir) {
+            Ok(tls) => Some(tls),
+            Err(message) => {
+                eprintln!("outpost demo: {message}");
+                return ExitCode::from(exit::FATAL);
+            }
+        }
+    } else {
+        None
+    };
     let (mut sigint, mut sigterm) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
         (Ok(int), Ok(term)) => (int, term),
         (Err(e), _) | (_, Err(e)) => {
@@ -101,7 +159,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
     let mut nodes = Nodes { central: None, edge: None };
 
     let outcome = tokio::select! {
-        outcome = run_until_stopped(&dir, &downstream, &mut nodes, started) => outcome,
+        outcome = run_until_stopped(&dir, &downstream, &mut nodes, started, tls.as_ref()) => outcome,
         _ = sigint.recv() => Outcome::StopRequested("SIGINT"),
         _ = sigterm.recv() => Outcome::StopRequested("SIGTERM"),
     };
@@ -148,6 +206,7 @@ async fn run_until_stopped(
     downstream: &Downstream,
     nodes: &mut Nodes,
     started: Instant,
+    tls: Option<&DemoTls>,
 ) -> Outcome {
     let program = match std::env::current_exe() {
         Ok(program) => program,
@@ -156,19 +215,26 @@ async fn run_until_stopped(
     // Each node goes into its slot as soon as it is spawned, so a stop signal during its start
     // still stops it the ordinary way.
     if let Err(problem) =
-        NodeProcess::start(&mut nodes.central, &program, Role::Central, dir, None, downstream.addr).await
+        NodeProcess::start(&mut nodes.central, &program, Role::Central, dir, None, downstream.addr, tls).await
     {
         return Outcome::Failed(problem);
     }
     let central_url = nodes.central.as_ref().map(|n| n.url.clone()).unwrap_or_default();
-    if let Err(problem) =
-        NodeProcess::start(&mut nodes.edge, &program, Role::Edge, dir, Some(&central_url), downstream.addr)
-            .await
+    if let Err(problem) = NodeProcess::start(
+        &mut nodes.edge,
+        &program,
+        Role::Edge,
+        dir,
+        Some(&central_url),
+        downstream.addr,
+        tls,
+    )
+    .await
     {
         return Outcome::Failed(problem);
     }
     let edge_url = nodes.edge.as_ref().map(|n| n.url.clone()).unwrap_or_default();
-    print_banner(&program, dir, &edge_url, &central_url, downstream.addr);
+    print_banner(&program, dir, &edge_url, &central_url, downstream.addr, tls);
 
     // Aborted when this future ends or is cancelled by a stop signal.
     let _watcher = AbortOnDrop(tokio::spawn(print_edge_state_changes(edge_url, started)));
@@ -220,8 +286,29 @@ fn pick_port(preferred: Option<u16>) -> u16 {
     StdTcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-fn print_banner(program: &Path, dir: &Path, edge_url: &str, central_url: &str, downstream: SocketAddr) {
+fn print_banner(
+    program: &Path,
+    dir: &Path,
+    edge_url: &str,
+    central_url: &str,
+    downstream: SocketAddr,
+    tls: Option<&DemoTls>,
+) {
     let exe = program.display();
+    // With --tls, curl and ctl trust the demo's CA for the central.
+    let (cacert, ca_file, tls_note) = match tls {
+        Some(tls) => (
+            format!(" --cacert {}", tls.file("ca.pem")),
+            format!(" --ca-file {}", tls.file("ca.pem")),
+            format!(
+                "tls:        the central serves HTTPS; the edge presents {} (mTLS) and its token;\n            \
+                 CA, certificates and keys in {} (see docs/tls.md)\n",
+                tls.file(&format!("{DEMO_EDGE_ID}.pem")),
+                tls.pki.display()
+            ),
+        ),
+        None => (String::new(), String::new(), String::new()),
+    };
     let q = DEMO_QUEUE;
     println!(
         "\n\
@@ -233,7 +320,7 @@ downstream: http://{downstream}/{q}
 console:    {edge_url}/  (edge)   {central_url}/  (central)
 directory:  {dir}
 logs:       {dir}/edge.log  {dir}/central.log
-
+{tls_note}
 Try it (copy and paste):
 
   # 1. post an order to the edge: it is stored there, forwarded to the central, and delivered by
@@ -242,24 +329,24 @@ Try it (copy and paste):
 
   # 2. a delivered message is released at the central; to see one there, hold the route in store
   #    mode, post, read the queue at the central, then forward mode delivers it
-  {exe} ctl --url {central_url} store {DEMO_ROUTE}
+  {exe} ctl{ca_file} --url {central_url} store {DEMO_ROUTE}
   curl -i -X POST -H 'Content-Type: application/json' --data '{{\"order\": 2}}' {edge_url}/v1/queues/{q}/messages
-  curl -s '{central_url}/v1/queues/{q}/messages?after_seq=0'
-  {exe} ctl --url {central_url} forward {DEMO_ROUTE}
+  curl -s{cacert} '{central_url}/v1/queues/{q}/messages?after_seq=0'
+  {exe} ctl{ca_file} --url {central_url} forward {DEMO_ROUTE}
 
   # 3. a queue no route drains keeps what arrives: post a note, read it at the central
   curl -i -X POST -H 'Content-Type: text/plain' --data 'hello from the edge' {edge_url}/v1/queues/notes/messages
-  curl -s '{central_url}/v1/queues/notes/messages?after_seq=0'
+  curl -s{cacert} '{central_url}/v1/queues/notes/messages?after_seq=0'
 
   # 4. statuses
   curl -s {edge_url}/v1/status
   {exe} ctl --url {edge_url} status
-  {exe} ctl --url {central_url} edges
-  {exe} ctl --url {central_url} routes
+  {exe} ctl{ca_file} --url {central_url} edges
+  {exe} ctl{ca_file} --url {central_url} routes
 
   # 5. see the edge go offline and back: maintenance on the central, then off
-  {exe} ctl --url {central_url} maintenance on
-  {exe} ctl --url {central_url} maintenance off
+  {exe} ctl{ca_file} --url {central_url} maintenance on
+  {exe} ctl{ca_file} --url {central_url} maintenance off
 
 Ctrl-C stops everything.
 ",
@@ -330,6 +417,8 @@ struct NodeProcess {
     child: Child,
     url: String,
     log_path: PathBuf,
+    /// The CA to trust for an https `url`.
+    ca_file: Option<PathBuf>,
 }
 
 impl NodeProcess {
@@ -342,6 +431,7 @@ impl NodeProcess {
         dir: &Path,
         central_url: Option<&str>,
         downstream: SocketAddr,
+        tls: Option<&DemoTls>,
     ) -> Result<(), String> {
         let name = role.name();
         let config_path = dir.join(format!("{name}.toml"));
@@ -349,11 +439,21 @@ impl NodeProcess {
         let mut port = pick_port(Some(role.preferred_port()));
         for attempt in 1..=MAX_START_ATTEMPTS {
             let listen = SocketAddr::from(([127, 0, 0, 1], port));
-            std::fs::write(&config_path, node_config(role, listen, &dir.join(name).join("data"), downstream))
+            let data_dir = dir.join(name).join("data");
+            std::fs::write(&config_path, node_config(role, listen, &data_dir, downstream, tls, central_url))
                 .map_err(|e| format!("cannot write {}: {e}", config_path.display()))?;
             let log_offset = std::fs::metadata(&log_path).map(|m| m.len()).unwrap_or(0);
-            let node =
-                slot.insert(NodeProcess::spawn(program, role, &config_path, central_url, &log_path, listen)?);
+            // With TLS the edge's upstream (and its certificate) is in its config file.
+            let flag_url = if tls.is_some() { None } else { central_url };
+            let node = slot.insert(NodeProcess::spawn(
+                program,
+                role,
+                &config_path,
+                flag_url,
+                &log_path,
+                listen,
+                tls,
+            )?);
             match node.wait_ready().await {
                 Ok(()) => return Ok(()),
                 Err(Some(status)) if log_since(&log_path, log_offset).contains("cannot listen") => {
@@ -388,6 +488,7 @@ impl NodeProcess {
         central_url: Option<&str>,
         log_path: &Path,
         listen: SocketAddr,
+        tls: Option<&DemoTls>,
     ) -> Result<NodeProcess, String> {
         let name = role.name();
         let log = std::fs::OpenOptions::new()
@@ -432,17 +533,26 @@ impl NodeProcess {
             });
         }
         let child = command.spawn().map_err(|e| format!("cannot run {} {name}: {e}", program.display()))?;
-        Ok(NodeProcess { role, child, url: format!("http://{listen}"), log_path: log_path.to_path_buf() })
+        let scheme = if tls.is_some() && role == Role::Central { "https" } else { "http" };
+        let ca_file = tls.filter(|_| role == Role::Central).map(|t| PathBuf::from(t.file("ca.pem")));
+        Ok(NodeProcess {
+            role,
+            child,
+            url: format!("{scheme}://{listen}"),
+            log_path: log_path.to_path_buf(),
+            ca_file,
+        })
     }
 
     /// `Ok` once `/readyz` answers 200; `Err(Some(status))` if the process exited first,
     /// `Err(None)` after [`CHILD_READY_TIMEOUT`].
     async fn wait_ready(&mut self) -> Result<(), Option<ExitStatus>> {
-        let probe = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|_| None)?;
+        let mut probe = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(2));
+        if let Some(ca_file) = &self.ca_file {
+            let pem = std::fs::read(ca_file).map_err(|_| None)?;
+            probe = probe.add_root_certificate(reqwest::Certificate::from_pem(&pem).map_err(|_| None)?);
+        }
+        let probe = probe.build().map_err(|_| None)?;
         let url = format!("{}/readyz", self.url);
         let deadline = Instant::now() + CHILD_READY_TIMEOUT;
         let mut pause = Duration::from_millis(10);
@@ -528,7 +638,17 @@ async fn stop_all(nodes: &mut Nodes) -> bool {
 /// changes show within seconds; the route delivers queue `orders` to the in-process downstream.
 /// `auto_forward` stays off so that `ctl store` holds messages at the central until `ctl forward`
 /// (the banner's second step); the downstream service never fails, so nothing needs probing.
-fn node_config(role: Role, listen: SocketAddr, data_dir: &Path, downstream: SocketAddr) -> String {
+/// With `tls`, the central serves HTTPS, requires the edge's client certificate and lists the
+/// edge with its token; the edge's `[[upstream]]` names the central with the CA, its certificate
+/// and the token.
+fn node_config(
+    role: Role,
+    listen: SocketAddr,
+    data_dir: &Path,
+    downstream: SocketAddr,
+    tls: Option<&DemoTls>,
+    central_url: Option<&str>,
+) -> String {
     let mut toml = format!(
         "# Written by `outpost demo`; rewritten at every start.\n\
          node_id = \"demo-{name}\"\n\
@@ -543,6 +663,23 @@ fn node_config(role: Role, listen: SocketAddr, data_dir: &Path, downstream: Sock
         name = role.name(),
         data_dir = data_dir.display().to_string(),
     );
+    match (tls, role) {
+        (Some(tls), Role::Central) => toml.push_str(&format!(
+            "\n[tls]\ncert_file = {:?}\nkey_file = {:?}\nclient_ca_file = {:?}\n\n\
+             [[edge]]\nid = \"{DEMO_EDGE_ID}\"\ntoken = \"{DEMO_EDGE_TOKEN}\"\n",
+            tls.file("central.pem"),
+            tls.file("central.key"),
+            tls.file("ca.pem"),
+        )),
+        (Some(tls), Role::Edge) => toml.push_str(&format!(
+            "\n[[upstream]]\nurl = \"{}\"\ntoken = \"{DEMO_EDGE_TOKEN}\"\nca_file = {:?}\ncert_file = {:?}\nkey_file = {:?}\n",
+            central_url.unwrap_or_default(),
+            tls.file("ca.pem"),
+            tls.file(&format!("{DEMO_EDGE_ID}.pem")),
+            tls.file(&format!("{DEMO_EDGE_ID}.key")),
+        )),
+        (None, _) => {}
+    }
     if role == Role::Central {
         toml.push_str(&format!(
             "\n\

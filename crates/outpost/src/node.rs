@@ -13,6 +13,9 @@ use tokio::sync::watch;
 
 use crate::exit;
 
+/// How often TLS files are checked for changes (SIGHUP re-reads them at once).
+const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(2);
+
 /// How long the writer may take to answer a health round trip before systemd's watchdog pings stop.
 const WRITER_HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -53,6 +56,18 @@ async fn serve(config: Config) -> ExitCode {
         "outpost {} starting",
         config.role.as_str()
     );
+
+    // Every certificate, key and CA file is read before anything else starts: a bad one is a
+    // configuration error (exit 2) that names the file and what is wrong with it.
+    let tls = match outpost_tls::TlsSetup::load(&config) {
+        Ok(tls) => tls,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("outpost: {e}");
+            return ExitCode::from(exit::USAGE);
+        }
+    };
+    tls.log_effective();
 
     // The address first: a node that cannot serve must not create or migrate a store either.
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
@@ -97,21 +112,35 @@ async fn serve(config: Config) -> ExitCode {
     let (link_tx, link_rx) = watch::channel(initial_link_status(&config));
     let mut state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
     // Routes deliver on both roles; they start from their durable cursors and modes.
-    let route_tasks =
-        match outpost_forward::route::start(config.clone(), store.clone(), metrics.clone()).await {
-            Ok((routes, tasks)) => {
-                state.routes = Some(routes);
-                tasks
-            }
-            Err(e) => {
-                tracing::error!("cannot start the routes: {e}");
-                store.shutdown().await;
-                return ExitCode::from(exit::FATAL);
-            }
-        };
+    let route_tasks = match outpost_forward::route::start(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        &tls.routes,
+    )
+    .await
+    {
+        Ok((routes, tasks)) => {
+            state.routes = Some(routes);
+            tasks
+        }
+        Err(e) => {
+            tracing::error!("cannot start the routes: {e}");
+            store.shutdown().await;
+            return ExitCode::from(exit::FATAL);
+        }
+    };
     let mut edge_link = None;
     if config.role == Role::Edge && !config.upstreams.is_empty() {
-        match outpost_forward::edge::start(config.clone(), store.clone(), metrics.clone(), link_tx).await {
+        match outpost_forward::edge::start(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            link_tx,
+            &tls.upstreams,
+        )
+        .await
+        {
             Ok(link) => {
                 state.edge_trigger = Some(link.trigger.clone());
                 edge_link = Some(link);
@@ -141,7 +170,10 @@ async fn serve(config: Config) -> ExitCode {
         }
     }
     let shutdown = shutdown_signal();
-    let server = tokio::spawn(outpost_api::serve(listener, state, shutdown));
+    let reloadable = tls.reloadable();
+    let reloader =
+        (!reloadable.is_empty()).then(|| outpost_tls::spawn_reloader(reloadable, TLS_RELOAD_INTERVAL));
+    let server = tokio::spawn(outpost_api::serve(listener, state, tls.server.clone(), shutdown));
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), node_id = %config.node_id, "outpost {} ready", config.role.as_str());
     outpost_ha::notify_ready();
     let watchdog =
@@ -149,6 +181,9 @@ async fn serve(config: Config) -> ExitCode {
 
     let served = server.await;
     if let Some(task) = watchdog {
+        task.abort();
+    }
+    if let Some(task) = reloader {
         task.abort();
     }
     if let Some(link) = edge_link {

@@ -26,9 +26,12 @@ struct Demo {
 }
 
 impl Demo {
-    fn start(dir: &std::path::Path) -> (Demo, mpsc::Receiver<String>) {
+    fn start(dir: &std::path::Path, tls: bool) -> (Demo, mpsc::Receiver<String>) {
         let mut command = Command::new(OUTPOST);
         command.arg("demo").arg("--dir").arg(dir);
+        if tls {
+            command.arg("--tls");
+        }
         for (name, _) in std::env::vars_os() {
             if name.to_string_lossy().starts_with("OUTPOST_") {
                 command.env_remove(name);
@@ -90,7 +93,7 @@ fn collect_lines(
 fn banner_url(line: &str, label: &str) -> Option<String> {
     let rest = line.strip_prefix(label)?.strip_prefix(':')?;
     let url = rest.split_whitespace().next()?;
-    url.starts_with("http://").then(|| url.to_string())
+    (url.starts_with("http://") || url.starts_with("https://")).then(|| url.to_string())
 }
 
 /// The processes whose parent is `pid`, from /proc.
@@ -120,8 +123,29 @@ fn process_exists(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_message_travels_from_the_edge_to_the_central_and_ctrl_c_stops_everything() {
+    run_demo(false).await;
+}
+
+/// `outpost demo --tls`: the central serves HTTPS and the edge links with its client certificate
+/// (mTLS) and token; curl and ctl reach the central with the demo's CA.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tls_demo_links_the_edge_over_mtls() {
+    run_demo(true).await;
+}
+
+async fn run_demo(tls: bool) {
     let dir = tempfile::Builder::new().prefix("outpost-demo-test-").tempdir().unwrap();
-    let (mut demo, lines) = Demo::start(dir.path());
+    let (mut demo, lines) = Demo::start(dir.path(), tls);
+    let ca_file = dir.path().join("pki").join("ca.pem");
+    let ca_arg = ca_file.display().to_string();
+    let ctl = |args: &[&str]| {
+        let mut all: Vec<&str> = Vec::new();
+        if tls {
+            all.extend(["--ca-file", ca_arg.as_str()]);
+        }
+        all.extend(args);
+        ctl(&all);
+    };
 
     let deadline = Instant::now() + BANNER_TIMEOUT;
     let (mut edge_url, mut central_url) = (None, None);
@@ -142,7 +166,11 @@ async fn a_message_travels_from_the_edge_to_the_central_and_ctrl_c_stops_everyth
         panic!("the banner has no edge:/central: URL lines\n{}", demo.output());
     };
     assert_ne!(edge_url, central_url);
+    assert_eq!(central_url.starts_with("https://"), tls, "{central_url}");
     let banner = demo.output();
+    if tls {
+        assert!(banner.contains("--cacert") && banner.contains("--ca-file"), "{banner}");
+    }
     for expected in ["curl ", "/v1/queues/orders/messages", "ctl --url ", "Ctrl-C"] {
         assert!(banner.contains(expected), "banner should show {expected:?}:\n{banner}");
     }
@@ -151,7 +179,7 @@ async fn a_message_travels_from_the_edge_to_the_central_and_ctrl_c_stops_everyth
     ctl(&["--url", &central_url, "store", "demo-orders"]);
     let payload = b"{\"order\": 42}".to_vec();
     let accepted = Client::new(&edge_url).post_message("orders", payload.clone()).await.unwrap().accepted();
-    let central = Client::new(&central_url);
+    let central = if tls { Client::with_ca(&central_url, &ca_file) } else { Client::new(&central_url) };
     wait_until_async(TRAVEL_TIMEOUT, "the order at the central", || async {
         central.read_all("orders").await.iter().any(|m| m.payload == payload)
     })
@@ -200,5 +228,16 @@ async fn a_message_travels_from_the_edge_to_the_central_and_ctrl_c_stops_everyth
     // The nodes' logs and data stay in --dir.
     for file in ["edge.log", "central.log", "edge.toml", "central.toml"] {
         assert!(dir.path().join(file).is_file(), "{file} in the demo directory");
+    }
+    if tls {
+        let central_log = std::fs::read_to_string(dir.path().join("central.log")).unwrap();
+        assert!(central_log.contains("client_ca_file="), "{central_log}");
+        let central_config = std::fs::read_to_string(dir.path().join("central.toml")).unwrap();
+        let token =
+            central_config.lines().find_map(|l| l.strip_prefix("token = ")).unwrap().trim_matches('"');
+        for log in ["edge.log", "central.log"] {
+            let text = std::fs::read_to_string(dir.path().join(log)).unwrap();
+            assert!(!text.contains(token), "the edge's token in {log}");
+        }
     }
 }

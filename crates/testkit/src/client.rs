@@ -153,6 +153,16 @@ impl Client {
         Client { http, base_url: base_url.trim_end_matches('/').to_string(), token: None }
     }
 
+    /// A client for an HTTPS node whose certificate is signed by the CA in `ca_file` (PEM).
+    pub fn with_ca(base_url: &str, ca_file: &std::path::Path) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .add_root_certificate(read_ca(ca_file))
+            .build()
+            .expect("build an HTTPS client");
+        Client { http, base_url: base_url.trim_end_matches('/').to_string(), token: None }
+    }
+
     /// The same client sending `Authorization: Bearer TOKEN`.
     pub fn with_token(&self, token: &str) -> Client {
         Client { token: Some(token.to_string()), ..self.clone() }
@@ -323,4 +333,11 @@ impl Client {
     pub async fn healthy(&self) -> bool {
         self.get("/healthz").await.is_ok_and(|r| r.status == StatusCode::OK)
     }
+}
+
+/// A PEM CA certificate for reqwest.
+pub fn read_ca(ca_file: &std::path::Path) -> reqwest::Certificate {
+    let pem = std::fs::read(ca_file).unwrap_or_else(|e| panic!("read {}: {e}", ca_file.display()));
+    reqwest::Certificate::from_pem(&pem)
+        .unwrap_or_else(|e| panic!("{} is not a PEM certificate: {e}", ca_file.display()))
 }

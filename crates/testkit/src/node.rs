@@ -41,9 +41,17 @@ pub struct NodeBuilder {
     env: Vec<(OsString, OsString)>,
     data_dir: Option<PathBuf>,
     ready_timeout: Duration,
+    tls_ca: Option<PathBuf>,
 }
 
 impl NodeBuilder {
+    /// The node serves HTTPS (its config has `[tls]`) with a certificate signed by the CA in
+    /// `ca_file`: [`Node::url`] is `https://…` and [`Node::client`] trusts that CA.
+    pub fn tls_ca(mut self, ca_file: impl Into<PathBuf>) -> NodeBuilder {
+        self.tls_ca = Some(ca_file.into());
+        self
+    }
+
     /// `"edge"` (the default) or `"central"`.
     pub fn role(mut self, role: &str) -> NodeBuilder {
         self.role = role.to_string();
@@ -210,6 +218,7 @@ impl Node {
             env: Vec::new(),
             data_dir: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            tls_ca: None,
         }
     }
 
@@ -227,9 +236,10 @@ impl Node {
         builder.start().await
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` for a node built with [`NodeBuilder::tls_ca`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.spec.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr())
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -238,7 +248,10 @@ impl Node {
 
     /// A client for this node without a token.
     pub fn client(&self) -> Client {
-        Client::new(&self.url())
+        match &self.spec.tls_ca {
+            Some(ca) => Client::with_ca(&self.url(), ca),
+            None => Client::new(&self.url()),
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -396,11 +409,11 @@ impl Node {
 
     async fn wait_ready(&mut self) -> Readiness {
         // No pooled connections: a connection to a previous process must never answer for this one.
-        let probe = reqwest::Client::builder()
-            .pool_max_idle_per_host(0)
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("build the readiness client");
+        let mut probe = reqwest::Client::builder().pool_max_idle_per_host(0).timeout(Duration::from_secs(2));
+        if let Some(ca) = &self.spec.tls_ca {
+            probe = probe.add_root_certificate(crate::client::read_ca(ca));
+        }
+        let probe = probe.build().expect("build the readiness client");
         let url = format!("{}/readyz", self.url());
         let deadline = Instant::now() + self.spec.ready_timeout;
         let mut pause = Duration::from_millis(5);

@@ -9,13 +9,14 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::{Extension, Json};
 use bytes::Bytes;
 use outpost_central::{BatchStored, LinkGuard, OpenedLink};
 use outpost_core::config::Limits;
 use outpost_core::time::now_unix_ms;
 use outpost_core::wire::{self, Batch, EdgeReport, Hello, LinkEvent};
 use outpost_core::Config;
+use outpost_tls::PeerIdentity;
 use serde_json::json;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -49,7 +50,14 @@ pub fn max_batch_frame_bytes(limits: &Limits) -> u64 {
 /// Identifies and authenticates the edge of a link request: the `outpost-edge-id` header names it;
 /// with `[[edge]]` entries configured it must be listed and present its token (an entry with an
 /// empty token needs none: the edge's empty `upstream.token` sends none).
-pub(crate) fn authenticate_edge(config: &Config, headers: &HeaderMap) -> Result<String, ApiError> {
+///
+/// With `tls.client_ca_file` set, the edge must also have presented a client certificate (verified
+/// by the listener against that CA) whose DNS name or common name is the edge id it claims.
+pub(crate) fn authenticate_edge(
+    config: &Config,
+    headers: &HeaderMap,
+    peer: Option<&PeerIdentity>,
+) -> Result<String, ApiError> {
     let edge_id = headers
         .get(wire::EDGE_ID_HEADER)
         .ok_or_else(|| {
@@ -61,6 +69,9 @@ pub(crate) fn authenticate_edge(config: &Config, headers: &HeaderMap) -> Result<
         })?;
     outpost_core::validate_name(edge_id)
         .map_err(|e| ApiError::invalid_name(format!("edge id in {}: {e}", wire::EDGE_ID_HEADER)))?;
+    if config.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some()) {
+        check_client_certificate(edge_id, peer)?;
+    }
     if config.edges.is_empty() {
         return Ok(edge_id.to_string());
     }
@@ -97,6 +108,32 @@ pub(crate) fn authenticate_edge(config: &Config, headers: &HeaderMap) -> Result<
     Ok(edge_id.to_string())
 }
 
+/// mTLS: the certificate the edge presented must name the edge id the link claims.
+fn check_client_certificate(edge_id: &str, peer: Option<&PeerIdentity>) -> Result<(), ApiError> {
+    let Some(peer) = peer else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "client_certificate_required",
+            format!(
+                "edge {edge_id:?} presented no client certificate; this central requires one signed by its \
+                 tls.client_ca_file (set cert_file and key_file in the edge's [[upstream]])"
+            ),
+        ));
+    };
+    if peer.names.iter().any(|name| name == edge_id) {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "certificate_mismatch",
+        format!(
+            "the client certificate is issued to {:?}, not to edge {edge_id:?}; each edge needs a certificate \
+             whose DNS name or common name is its own id",
+            peer.names
+        ),
+    ))
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("{what} is not valid: {e}")))
 }
@@ -104,11 +141,12 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Resul
 /// `POST /v1/link`: the handshake; answers with the link's event stream.
 pub(crate) async fn open_link(
     State(state): State<ApiState>,
+    peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let hub = hub(&state)?.clone();
-    let edge_id = authenticate_edge(&state.config, &headers)?;
+    let edge_id = authenticate_edge(&state.config, &headers, peer.as_deref())?;
     let body = read_body(&headers, body, MAX_REPORT_BODY_BYTES, "the handshake").await?;
     let hello: Hello = parse_json(&body, "the handshake (Hello JSON)")?;
     if hello.edge_id != edge_id {
@@ -183,11 +221,12 @@ impl LinkStream {
 /// `POST /v1/link/messages`: one batch of one queue, stored exactly once and in order.
 pub(crate) async fn post_batch(
     State(state): State<ApiState>,
+    peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let hub = hub(&state)?.clone();
-    let edge_id = authenticate_edge(&state.config, &headers)?;
+    let edge_id = authenticate_edge(&state.config, &headers, peer.as_deref())?;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !content_type.trim_start().starts_with(wire::BATCH_CONTENT_TYPE) {
         return Err(ApiError::bad_request(format!(
@@ -263,11 +302,12 @@ pub(crate) async fn post_batch(
 /// nothing more waits.
 pub(crate) async fn pull_downlink(
     State(state): State<ApiState>,
+    peer: Option<Extension<PeerIdentity>>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let hub = hub(&state)?.clone();
-    let edge_id = authenticate_edge(&state.config, &headers)?;
+    let edge_id = authenticate_edge(&state.config, &headers, peer.as_deref())?;
     let (mut queue, mut after_seq, mut acked, mut limit) = (None, None, None, DEFAULT_PULL_LIMIT);
     for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -315,11 +355,12 @@ pub(crate) async fn pull_downlink(
 /// `POST /v1/link/report`: the edge's state, backlog and offline log.
 pub(crate) async fn post_report(
     State(state): State<ApiState>,
+    peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let hub = hub(&state)?.clone();
-    let edge_id = authenticate_edge(&state.config, &headers)?;
+    let edge_id = authenticate_edge(&state.config, &headers, peer.as_deref())?;
     let body = read_body(&headers, body, MAX_REPORT_BODY_BYTES, "the report").await?;
     let report: EdgeReport = parse_json(&body, "the report (EdgeReport JSON)")?;
     hub.record_report(&edge_id, report, now_unix_ms()).await?;
@@ -327,9 +368,13 @@ pub(crate) async fn post_report(
 }
 
 /// `GET /v1/link/probe`: is the central there, does it accept this edge, is it in maintenance.
-pub(crate) async fn probe(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(crate) async fn probe(
+    State(state): State<ApiState>,
+    peer: Option<Extension<PeerIdentity>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let hub = hub(&state)?;
-    let edge_id = authenticate_edge(&state.config, &headers)?;
+    let edge_id = authenticate_edge(&state.config, &headers, peer.as_deref())?;
     Ok(Json(hub.probe(&edge_id, now_unix_ms())).into_response())
 }
 
@@ -360,7 +405,7 @@ mod tests {
             headers
         };
         // No [[edge]]: any well-formed id, no token needed.
-        assert_eq!(authenticate_edge(&config, &request(Some("store-1"), None)).unwrap(), "store-1");
+        assert_eq!(authenticate_edge(&config, &request(Some("store-1"), None), None).unwrap(), "store-1");
         config.edges = vec![
             outpost_core::config::EdgeCredential { id: "store-1".into(), token: "s3cret".into() },
             outpost_core::config::EdgeCredential { id: "open-1".into(), token: String::new() },
@@ -375,8 +420,33 @@ mod tests {
             (Some("open-1"), None, None),
         ];
         for (id, token, expected) in cases {
-            let got = authenticate_edge(&config, &request(id, token)).err().map(|e| e.status.as_u16());
+            let got = authenticate_edge(&config, &request(id, token), None).err().map(|e| e.status.as_u16());
             assert_eq!(got, expected, "{id:?} {token:?}");
         }
+    }
+
+    #[test]
+    fn client_certificate_binds_the_edge_id() {
+        let mut config = Config::load_from(outpost_core::Role::Central, &Default::default(), &[]).unwrap();
+        config.tls = Some(outpost_core::config::TlsConfig {
+            cert_file: "c.pem".into(),
+            key_file: "k.pem".into(),
+            client_ca_file: Some("ca.pem".into()),
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(wire::EDGE_ID_HEADER, "store-1".parse().unwrap());
+        let of = |names: &[&str]| PeerIdentity { names: names.iter().map(|n| n.to_string()).collect() };
+        let status = |config: &Config, peer: Option<&PeerIdentity>| {
+            authenticate_edge(config, &headers, peer).err().map(|e| (e.status.as_u16(), e.code))
+        };
+        assert_eq!(status(&config, None), Some((401, "client_certificate_required")));
+        assert_eq!(status(&config, Some(&of(&["store-2"]))), Some((403, "certificate_mismatch")));
+        assert_eq!(
+            status(&config, Some(&of(&["store-1.example", "store-1x"]))),
+            Some((403, "certificate_mismatch"))
+        );
+        assert_eq!(status(&config, Some(&of(&["other", "store-1"]))), None);
+        config.tls.as_mut().unwrap().client_ca_file = None;
+        assert_eq!(status(&config, None), None);
     }
 }
