@@ -210,15 +210,33 @@ async fn max_bandwidth_holds_over_every_2_s_window() {
     proxy.refuse_connections(false);
     let mut samples: Vec<(Instant, u64)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(300);
+    let mut drain_estimate_seen = None;
     loop {
         samples.push((Instant::now(), proxy.bytes_up()));
         if central.client().queue("orders").await.is_some_and(|q| q.last_seq >= docs.len() as u64) {
             break;
         }
+        if drain_estimate_seen.is_none() && samples.len().is_multiple_of(10) {
+            // The catch-up is visible: /v1/status and the metric estimate when it drains.
+            let status = edge.client().status().await;
+            let backlog = &status["backlog"];
+            if backlog["drain_seconds"].as_f64().is_some_and(|s| s > 0.0) {
+                let text = edge.client().metrics().await;
+                let metric = metrics::value(&text, "outpost_backlog_drain_seconds", &[("queue", "orders")]);
+                assert!(metric.is_some_and(|s| s > 0.0), "outpost_backlog_drain_seconds: {metric:?}");
+                assert!(
+                    backlog["forward_rate_bytes_per_second"].as_u64().is_some_and(|r| r > 0),
+                    "{backlog}"
+                );
+                drain_estimate_seen = Some(backlog["drain"].as_str().expect("drain text").to_string());
+            }
+        }
         assert!(Instant::now() < deadline, "not drained within 300 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_holds_exactly(&central, "orders", "store-capped", &docs).await;
+    let drain = drain_estimate_seen.expect("a drain estimate while the backlog drained");
+    assert!(drain.starts_with('~') && drain.contains(" at ") && drain.contains("B/s"), "{drain}");
 
     // Every window of at least 2 s between two samples, from 2 s after the first batch bytes
     // (warm-up: the handshake and the first batches) to the end.
@@ -242,7 +260,7 @@ async fn max_bandwidth_holds_over_every_2_s_window() {
         );
     }
     assert!(windows >= 10, "at least 10 windows measured ({windows})");
-    eprintln!("max_bandwidth 256KiB: highest 2 s window {highest:.0} B/s over {windows} windows");
+    eprintln!("max_bandwidth 256KiB: highest 2 s window {highest:.0} B/s over {windows} windows; drain estimate {drain}");
 }
 
 // ---------------------------------------------------------------------------------------------
