@@ -470,6 +470,14 @@ async fn a_consumer_on_a_cluster_works_whichever_central_it_talks_to() {
     .await;
     let names: Vec<Value> = consumers(&cb, "q").await.iter().map(|c| c["name"].clone()).collect();
     assert_eq!(names, [json!("app")]);
+
+    // A first lease on one central creates the queue for the cluster; a post on the other comes
+    // to the consumer.
+    assert!(lease(&cb, "later", "app", json!({})).await.is_empty());
+    post(&ca, "later", ["first".to_string()]).await;
+    let got = lease(&ca, "later", "app", json!({})).await;
+    assert_eq!(seqs(&got), [1]);
+    assert_eq!(payload(&got[0]), b64("first"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
