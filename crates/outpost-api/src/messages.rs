@@ -295,4 +295,31 @@ mod tests {
         assert_eq!(split_lines(&Bytes::from_static(b"\n\n")).len(), 0);
         assert_eq!(split_lines(&Bytes::new()).len(), 0);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Fuzzing the NDJSON splitter (issue 11): any body, lines of any bytes and endings, gives
+        /// exactly the non-blank lines a plain split finds, without their `\r\n`/`\n` endings.
+        #[test]
+        fn ndjson_splitting_matches_a_plain_split(
+            body in proptest::collection::vec(
+                proptest::prop_oneof![4 => proptest::prelude::any::<u8>(), 1 => proptest::strategy::Just(b'\n'), 1 => proptest::strategy::Just(b'\r')],
+                0..300,
+            )
+        ) {
+            let expected: Vec<&[u8]> = body
+                .split(|b| *b == b'\n')
+                .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+                .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+                .collect();
+            let got = split_lines(&Bytes::from(body.clone()));
+            let got: Vec<&[u8]> = got.iter().map(|b| &b[..]).collect();
+            proptest::prop_assert_eq!(got, expected);
+        }
+    }
 }
