@@ -446,3 +446,25 @@ async fn postgres_over_tls_with_sslmode() {
     assert_eq!(exit.code(), Some(1), "{}", refused.log());
     assert!(refused.log().contains("TLS with PostgreSQL"), "{}", refused.log());
 }
+
+/// The client side re-reads its files too: an edge whose `ca_file` does not trust the central
+/// goes online once a file that does is written in its place, without a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_edge_uses_a_replaced_ca_file_without_a_restart() {
+    let certs = make_certs("central", &[]);
+    let other = make_certs("central", &[]);
+    let trust = certs.path().join("edge-trust.pem");
+    std::fs::copy(other.path().join("ca.pem"), &trust).unwrap();
+    let central = start_central(&certs, false).await;
+    let edge =
+        start_edge("store-1", &edge_config(&central, &trust.display().to_string(), TOKEN_1, None, "")).await;
+    wait_offline_log(&edge, &["UnknownIssuer"]).await;
+    let pid = edge.pid();
+
+    let staged = certs.path().join("edge-trust.pem.new");
+    std::fs::copy(certs.path().join("ca.pem"), &staged).unwrap();
+    std::fs::rename(&staged, &trust).unwrap();
+    wait_online(&edge).await;
+    assert_eq!(edge.pid(), pid, "no restart");
+    assert!(edge.log().contains("TLS files re-read"), "{}", edge.log());
+}
