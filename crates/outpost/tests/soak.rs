@@ -7,7 +7,7 @@
 //! `Outpost-Seq` the central gave it), and reached the downstream (or the failed list, with a
 //! reason).
 //!
-//! `OUTPOST_SOAK_SECONDS` sets how long faults are injected (CI: the default, 60 s; the long run
+//! `OUTPOST_SOAK_SECONDS` sets how long faults are injected (CI: the default, 120 s; the long run
 //! is documented in docs/reliability.md); `OUTPOST_TEST_SEED` replays a fault sequence.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -24,7 +24,7 @@ use testkit::{wait_until_async, Client, Node, Rng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 const EDGE_ID: &str = "soak-edge";
-const DEFAULT_SOAK_SECONDS: u64 = 60;
+const DEFAULT_SOAK_SECONDS: u64 = 120;
 /// After the faults stop: time for the backlog to reach the central and the downstream.
 const SETTLE: Duration = Duration::from_secs(120);
 
