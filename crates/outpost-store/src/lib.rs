@@ -250,7 +250,7 @@ pub type ReadersOf = Arc<dyn Fn(&str) -> Vec<String> + Send + Sync>;
 #[derive(Clone)]
 pub struct StoreOptions {
     /// Appends that would take the stored bytes over this get [`StoreError::QuotaReached`]: message
-    /// payloads, failed copies and idempotency keys (the last two on SQLite; see the writers).
+    /// payloads, failed copies and idempotency keys.
     pub max_store_bytes: u64,
     /// Appends that would create a queue beyond this many get [`StoreError::TooManyQueues`].
     pub max_queues: u64,

@@ -192,6 +192,49 @@ const MIGRATIONS: &[&str] = &[
 ",
     "
     CREATE INDEX outpost_idempotency_keys_by_age ON outpost_idempotency_keys (created_at_ms);
+", "
+    -- What failed copies and idempotency keys take, for the quota: kept by triggers, one row per
+    -- central (its connections' application_name) so centrals never wait on each other's row.
+    CREATE TABLE outpost_usage (
+        holder TEXT PRIMARY KEY,
+        key_bytes BIGINT NOT NULL DEFAULT 0,
+        failed_bytes BIGINT NOT NULL DEFAULT 0
+    );
+    INSERT INTO outpost_usage (holder, key_bytes, failed_bytes) VALUES (
+        '',
+        (SELECT coalesce(sum(octet_length(key) + 64), 0) FROM outpost_idempotency_keys),
+        (SELECT coalesce(sum(octet_length(payload)), 0) FROM outpost_failed)
+    );
+    CREATE FUNCTION outpost_count_key_bytes() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE delta BIGINT;
+    BEGIN
+        SELECT coalesce(sum(octet_length(key) + 64), 0) INTO delta FROM changed;
+        IF TG_OP = 'DELETE' THEN delta := -delta; END IF;
+        IF delta <> 0 THEN
+            INSERT INTO outpost_usage (holder, key_bytes) VALUES (current_setting('application_name'), delta)
+            ON CONFLICT (holder) DO UPDATE SET key_bytes = outpost_usage.key_bytes + EXCLUDED.key_bytes;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE FUNCTION outpost_count_failed_bytes() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE delta BIGINT;
+    BEGIN
+        SELECT coalesce(sum(octet_length(payload)), 0) INTO delta FROM changed;
+        IF TG_OP = 'DELETE' THEN delta := -delta; END IF;
+        IF delta <> 0 THEN
+            INSERT INTO outpost_usage (holder, failed_bytes) VALUES (current_setting('application_name'), delta)
+            ON CONFLICT (holder) DO UPDATE SET failed_bytes = outpost_usage.failed_bytes + EXCLUDED.failed_bytes;
+        END IF;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER outpost_keys_added AFTER INSERT ON outpost_idempotency_keys
+        REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION outpost_count_key_bytes();
+    CREATE TRIGGER outpost_keys_removed AFTER DELETE ON outpost_idempotency_keys
+        REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION outpost_count_key_bytes();
+    CREATE TRIGGER outpost_failed_added AFTER INSERT ON outpost_failed
+        REFERENCING NEW TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION outpost_count_failed_bytes();
+    CREATE TRIGGER outpost_failed_removed AFTER DELETE ON outpost_failed
+        REFERENCING OLD TABLE AS changed FOR EACH STATEMENT EXECUTE FUNCTION outpost_count_failed_bytes();
 ",
 ];
 
@@ -351,7 +394,9 @@ impl Postgres {
         ops: mpsc::Receiver<Op>,
     ) -> Result<(Postgres, JoinHandle<()>), StoreError> {
         let shown_url = redact(url);
-        let (config, tls) = parse_config(url)?;
+        let (mut config, tls) = parse_config(url)?;
+        // Names this central's row in outpost_usage (see the migrations' triggers).
+        config.application_name(&format!("outpost {}", options.node_id));
         tracing::info!(postgres = %shown_url, sslmode = tls.mode.as_str(), sslrootcert = ?tls.root_file, "PostgreSQL TLS");
         let manager = Manager::from_config(
             config.clone(),

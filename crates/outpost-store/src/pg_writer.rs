@@ -366,8 +366,13 @@ impl PgWriter {
             }
         }
         if appends {
-            let total =
-                tx.prepare_cached("SELECT coalesce(sum(bytes), 0)::bigint FROM outpost_queues").await?;
+            // Messages, failed copies and idempotency keys (the last two kept by triggers).
+            let total = tx
+                .prepare_cached(
+                    "SELECT ((SELECT coalesce(sum(bytes), 0) FROM outpost_queues)
+                           + (SELECT coalesce(sum(key_bytes + failed_bytes), 0) FROM outpost_usage))::bigint",
+                )
+                .await?;
             state.total_bytes = tx.query_one(&total, &[]).await?.get::<_, i64>(0) as u64;
         }
 
@@ -575,7 +580,11 @@ impl PgWriter {
                 });
             }
         }
-        check_quota(&self.options, state.total_bytes, needed).map_err(TryError::Store)?;
+        // A remembered key counts against the quota too (outpost_usage, kept by a trigger).
+        let key_bytes =
+            idempotency_key.map_or(0, |key| key.len() as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES);
+        check_quota(&self.options, state.total_bytes, needed + key_bytes).map_err(TryError::Store)?;
+        state.total_bytes += key_bytes;
         let mut ids = Vec::with_capacity(messages.len());
         let rows = messages.iter().map(|m| RowIn {
             id: m.id.clone().unwrap_or_else(outpost_core::new_message_id),

@@ -160,16 +160,9 @@ async fn a_key_reused_after_its_ttl_stores_a_new_message_on_postgres() {
     store.shutdown().await;
 }
 
-#[tokio::test]
-async fn failed_copies_count_against_the_quota_until_discarded() {
-    let dir = tempfile::tempdir().unwrap();
-    let options = StoreOptions {
-        readers_of: Arc::new(|_| vec!["route:r".to_string()]),
-        ..StoreOptions::keep_everything(1_000, "node")
-    };
-    let store = Store::open(dir.path(), options, None).unwrap();
+async fn failed_copies_fill_the_quota_until_discarded(store: &Store) {
     for _ in 0..5 {
-        append(&store, "q", &[b'f'; 100], None).await.unwrap();
+        append(store, "q", &[b'f'; 100], None).await.unwrap();
     }
     let messages = store.read("q", 0, 100).await.unwrap();
     let mut failed_ids = Vec::new();
@@ -190,13 +183,61 @@ async fn failed_copies_count_against_the_quota_until_discarded() {
     })
     .await;
     for _ in 0..5 {
-        append(&store, "q", &[b'n'; 100], None).await.unwrap();
+        append(store, "q", &[b'n'; 100], None).await.unwrap();
     }
     assert!(
-        matches!(append(&store, "q", &[b'n'; 100], None).await, Err(StoreError::QuotaReached { .. })),
+        matches!(append(store, "q", &[b'n'; 100], None).await, Err(StoreError::QuotaReached { .. })),
         "500 bytes of messages and 500 of failed copies fill a 1,000-byte quota"
     );
     assert!(store.remove_failed(failed_ids[0]).await.unwrap());
-    append(&store, "q", &[b'n'; 100], None).await.expect("a discarded copy gives its room back");
+    append(store, "q", &[b'n'; 100], None).await.expect("a discarded copy gives its room back");
+}
+
+fn one_route_quota_1000() -> StoreOptions {
+    StoreOptions {
+        readers_of: Arc::new(|_| vec!["route:r".to_string()]),
+        ..StoreOptions::keep_everything(1_000, "node")
+    }
+}
+
+#[tokio::test]
+async fn failed_copies_count_against_the_quota_until_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), one_route_quota_1000(), None).unwrap();
+    failed_copies_fill_the_quota_until_discarded(&store).await;
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_copies_count_against_the_quota_until_discarded_on_postgres() {
+    let database = TestDatabase::create().await;
+    let store = Store::open_postgres(&database.url, one_route_quota_1000(), None).await.unwrap();
+    failed_copies_fill_the_quota_until_discarded(&store).await;
+    store.shutdown().await;
+}
+
+/// On PostgreSQL too a remembered key takes room, and a pruned one gives it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_count_against_the_quota_on_postgres() {
+    let database = TestDatabase::create().await;
+    let ttl = Duration::from_secs(2);
+    let options = StoreOptions { idempotency_ttl: ttl, ..StoreOptions::keep_everything(2_000, "node") };
+    let store = Store::open_postgres(&database.url, options, None).await.unwrap();
+    let started = Instant::now();
+    for i in 0..10 {
+        assert!(!append(&store, "q", &[b'm'; 100], Some(&key(i))).await.unwrap());
+    }
+    assert!(
+        matches!(
+            append(&store, "q", &[b'm'; 100], Some(&key(10))).await,
+            Err(StoreError::QuotaReached { .. })
+        ),
+        "a full quota counts the keys"
+    );
+    assert!(started.elapsed() < ttl, "the machine was too slow for this test's TTL");
+    eventually(Duration::from_secs(15), "expired keys pruned", || async {
+        append(&store, "other", &[b'p'; 1_000], None).await.is_ok()
+    })
+    .await;
     store.shutdown().await;
 }

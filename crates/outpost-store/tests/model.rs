@@ -17,7 +17,7 @@ proptest! {
     fn store_matches_model(actions in prop::collection::vec(action(), 1..40)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        runtime.block_on(run_case(actions, true, || std::future::ready(open(dir.path()))));
+        runtime.block_on(run_case(actions, || std::future::ready(open(dir.path()))));
     }
 }
 

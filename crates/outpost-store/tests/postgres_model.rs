@@ -18,7 +18,8 @@ async fn truncate(url: &str) {
     client
         .batch_execute(
             "TRUNCATE outpost_queues, outpost_messages, outpost_idempotency_keys, outpost_cursors,
-             outpost_origin_positions, outpost_documents, outpost_failed, outpost_leases RESTART IDENTITY",
+             outpost_origin_positions, outpost_documents, outpost_failed, outpost_leases, outpost_usage
+             RESTART IDENTITY",
         )
         .await
         .unwrap();
@@ -35,7 +36,7 @@ fn postgres_store_matches_model() {
     let result = runner.run(&prop::collection::vec(action(), 1..40), |actions| {
         runtime.block_on(async {
             truncate(&database.url).await;
-            run_case(actions, false, || open(&database.url)).await
+            run_case(actions, || open(&database.url)).await
         });
         Ok(())
     });

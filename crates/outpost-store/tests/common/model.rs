@@ -43,8 +43,7 @@ fn payload(counter: &mut u32, size: usize) -> Bytes {
 
 /// Runs `actions` against a store from `open` (called again for every reopen) and the model,
 /// checking every answer and the statistics after every step.
-/// `counts_keys`: the backend counts idempotency keys against the quota (SQLite does).
-pub async fn run_case<F, Fut>(actions: Vec<Action>, counts_keys: bool, mut open: F)
+pub async fn run_case<F, Fut>(actions: Vec<Action>, mut open: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Store>,
@@ -67,10 +66,9 @@ where
                     .collect();
                 let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
                 let key_text = key.map(|k| format!("key-{k}"));
-                let key_bytes = match &key_text {
-                    Some(text) if counts_keys => text.len() as u64 + IDEMPOTENCY_KEY_OVERHEAD_BYTES,
-                    _ => 0,
-                };
+                // Remembered keys count against the quota too.
+                let key_bytes =
+                    key_text.as_ref().map_or(0, |text| text.len() as u64 + IDEMPOTENCY_KEY_OVERHEAD_BYTES);
                 let result = store.append(&queue, messages.clone(), key_text).await;
                 if let Some((seq, id)) = key.and_then(|k| model.keys.get(&(queue.clone(), k))) {
                     let appended = result.unwrap();
