@@ -396,7 +396,7 @@ impl Postgres {
         let shown_url = redact(url);
         let (mut config, tls) = parse_config(url)?;
         // Names this central's row in outpost_usage (see the migrations' triggers).
-        config.application_name(&format!("outpost {}", options.node_id));
+        config.application_name(format!("outpost {}", options.node_id));
         tracing::info!(postgres = %shown_url, sslmode = tls.mode.as_str(), sslrootcert = ?tls.root_file, "PostgreSQL TLS");
         let manager = Manager::from_config(
             config.clone(),
