@@ -263,3 +263,64 @@ async fn measure_downlink_throughput() {
         COUNT as f64 / took.as_secs_f64()
     );
 }
+
+/// Time for one broadcast to reach 100 connected edges (docs/benchmarks.md), not a check: 100 real
+/// edge processes linked to one central; the clock runs from the broadcast's 202 until the last
+/// edge holds the message in its local queue (every edge polled every 5 ms).
+/// `cargo test --release -p outpost --test downlink_delivery measure_broadcast_to_100_edges -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_broadcast_to_100_edges() {
+    const EDGES: usize = 100;
+    let ids: Vec<String> = (0..EDGES).map(|i| format!("b{i:03}")).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let central = start_central(&id_refs).await;
+    let hq = central.client();
+    let mut edges = Vec::with_capacity(EDGES);
+    for id in &ids {
+        edges.push(start_edge(&central, id).await);
+    }
+    wait_until_async(Duration::from_secs(120), "every edge online", || async {
+        let status =
+            futures_util::future::join_all(edges.iter().map(|e| async move { e.client().status().await }));
+        status.await.iter().all(|s| s["state"] == "online")
+    })
+    .await;
+    let mut reach = Vec::new();
+    for round in 1..=5u64 {
+        let posted = Instant::now();
+        hq.post(
+            "/v1/broadcast/queues/prices/messages",
+            Some("application/json"),
+            format!("{{\"round\":{round}}}"),
+        )
+        .await
+        .unwrap()
+        .expect_status(202);
+        let mut arrived: Vec<Option<Duration>> = vec![None; EDGES];
+        while arrived.iter().any(Option::is_none) {
+            let counts = futures_util::future::join_all(
+                edges.iter().map(|e| async move { downlink_count(&e.client(), "prices").await }),
+            )
+            .await;
+            for (i, count) in counts.into_iter().enumerate() {
+                if arrived[i].is_none() && count as u64 >= round {
+                    arrived[i] = Some(posted.elapsed());
+                }
+            }
+            assert!(posted.elapsed() < Duration::from_secs(60), "the broadcast did not reach every edge");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut times: Vec<Duration> = arrived.into_iter().flatten().collect();
+        times.sort();
+        eprintln!(
+            "broadcast round {round} to {EDGES} edges: first {:?}, median {:?}, last {:?}",
+            times[0],
+            times[EDGES / 2],
+            times[EDGES - 1]
+        );
+        reach.push(times[EDGES - 1]);
+    }
+    reach.sort();
+    eprintln!("broadcast to {EDGES} edges, 5 rounds: last edge reached in {:?} (median of rounds)", reach[2]);
+}
