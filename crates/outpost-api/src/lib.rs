@@ -9,6 +9,7 @@ mod consumers;
 pub mod error;
 pub mod listener;
 mod messages;
+mod openapi;
 mod routes;
 mod status;
 
@@ -80,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/v1/status", get(status::status))
         .route("/v1/queues", get(messages::list_queues))
         .route("/v1/queues/{queue}/messages", post(messages::post_message).get(messages::read_messages))
