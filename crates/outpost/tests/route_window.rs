@@ -35,6 +35,8 @@ struct Shared {
     /// Payload → how many more times to answer it with 500.
     fail_times: Mutex<HashMap<Vec<u8>, u32>>,
     accepted_messages: std::sync::atomic::AtomicUsize,
+    /// How long each answer takes (a remote service's latency).
+    delay: Mutex<Duration>,
 }
 
 struct Downstream {
@@ -80,6 +82,10 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     } else {
         vec![body.to_vec()]
     };
+    let delay = *shared.delay.lock().unwrap();
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     let status = {
         let mut fail_times = shared.fail_times.lock().unwrap();
         let failing = lines.iter().find(|l| fail_times.get(*l).is_some_and(|n| *n > 0)).cloned();
@@ -296,5 +302,33 @@ async fn measure_route_windows() {
             BACKLOG as f64 / took.as_secs_f64()
         );
         let _: Value = client.get("/v1/routes").await.unwrap().json();
+    }
+    // A downstream that takes 5 ms per answer (a service across a network): the window overlaps
+    // the waits.
+    const SLOW_BACKLOG: usize = 5_000;
+    for (name, extra) in [
+        ("max_in_flight = 1", ""),
+        ("max_in_flight = 8", "max_in_flight = 8"),
+        ("max_in_flight = 32", "max_in_flight = 32"),
+    ] {
+        let downstream = Downstream::start().await;
+        *downstream.shared.delay.lock().unwrap() = Duration::from_millis(5);
+        let node = start_edge(&route_toml(&downstream.url, extra)).await;
+        let client = node.client();
+        switch(&client, "store").await;
+        for _ in 0..(SLOW_BACKLOG / 1000) {
+            client.post_batch("orders", &vec![line.clone(); 1000]).await.unwrap().batch_accepted();
+        }
+        let started = Instant::now();
+        switch(&client, "forward").await;
+        wait_until_async(Duration::from_secs(900), "the backlog delivered", || async {
+            downstream.accepted_messages() >= SLOW_BACKLOG
+        })
+        .await;
+        let took = started.elapsed();
+        eprintln!(
+            "{name}, downstream answering in 5 ms: {SLOW_BACKLOG} stored messages delivered in {took:.2?}: {:.0} messages/s",
+            SLOW_BACKLOG as f64 / took.as_secs_f64()
+        );
     }
 }
