@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# outpost's throughput benchmark, side by side with NATS JetStream, all on loopback.
+# outpost's throughput benchmark, side by side with NATS JetStream and a RabbitMQ quorum queue,
+# all on loopback.
 #
 #   bench/run.sh                      # everything, 200,000 x 1 KiB messages, 64 in flight
+#                                     # (about 4 minutes on a quiet machine once built; see
+#                                     # docs/benchmarks.md)
 #   MESSAGES=50000 bench/run.sh       # shorter
 #   BENCH_REV=HEAD bench/run.sh       # build that commit (from `git archive`) instead of the
 #                                     # working tree, so concurrent edits cannot break the build
@@ -19,11 +22,22 @@
 #   nats-new-default      the same newer server with its default sync (server version vs fsync)
 #   nats-new-always-wide  sync always again, with CONCURRENCY x BATCH publishes in flight (as many
 #                         messages outstanding as outpost's batch run)
+#   nats-new-default-wide default sync, CONCURRENCY x BATCH publishes in flight (the peer for the
+#                         batch run: BATCH acks in flight per publisher)
+#   rabbit-single         RabbitMQ (already running at RABBIT_URL, not started here) durable quorum
+#                         queue, persistent messages, publisher confirms (a quorum queue confirms
+#                         after its log is fsynced): CONCURRENCY publishers, each waiting for each
+#                         confirm (bench/rabbit-compare --window 1)
+#   rabbit-windowed       the same with RABBIT_WINDOW (= BATCH) confirms in flight per publisher
+#                         (as many messages outstanding as outpost's batch run)
+#                         Both are skipped with a message when RABBIT_URL's port does not answer.
 # For the outpost runs it scrapes /metrics before and after (commit count/sum/histogram, accepted
 # messages) and reads the node's peak RSS (VmHWM) after the run. For every run it records the
 # server's CPU per thread and the machine's busy share from /proc (bench/cpu.py), the client's CPU
 # (bash `time`), and the load average before and after. Every process it starts is stopped on
-# exit (trap), also on Ctrl-C; data dirs are removed.
+# exit (trap), also on Ctrl-C; data dirs are removed. RabbitMQ is not started or stopped: its
+# queue is created fresh and deleted after each run (its data stays in RabbitMQ's own dir). The
+# summary ends with a table of ratios (outpost single and batch over each peer, from this run).
 #
 # Environment (defaults in parentheses):
 #   MESSAGES (200000), SIZE (1024), CONCURRENCY (64), BATCH (100), BATCH_MESSAGES (5 x MESSAGES)
@@ -37,6 +51,8 @@
 #   BENCH_OUTPOST_BIN               use this outpost binary, build nothing
 #   RUNS (all of the above)         a subset; SKIP_DISK=1 drops disk; RUNS=build only builds
 #   KEEP=1                          keep the work dir (logs, metrics, CPU snapshots, JSON results)
+#   RABBIT_URL (amqp://guest:guest@127.0.0.1:5672/%2f), RABBIT_WINDOW (BATCH)
+#   RABBIT_COMPARE_TARGET_DIR       where bench/rabbit-compare is built (bench/rabbit-compare/target)
 # (Not OUTPOST_*: the node reads every OUTPOST_* variable as configuration. The node is started
 # with all OUTPOST_* variables removed, so a stray one in the caller's shell cannot change it.)
 set -euo pipefail
@@ -53,7 +69,10 @@ BENCH_OUTPOST_PORT="${BENCH_OUTPOST_PORT:-17400}"
 BENCH_NATS_PORT="${BENCH_NATS_PORT:-14222}"
 NATS_OLD="${NATS_OLD:-/usr/sbin/nats-server}"
 NATS_NEW="${NATS_NEW:-}"
-RUNS="${RUNS:-disk single batch nats-2.9 nats-new-always nats-new-default nats-new-always-wide}"
+RABBIT_URL="${RABBIT_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+RABBIT_WINDOW="${RABBIT_WINDOW:-$BATCH}"
+RABBIT_COMPARE_TARGET_DIR="${RABBIT_COMPARE_TARGET_DIR:-$here/rabbit-compare/target}"
+RUNS="${RUNS:-disk single batch nats-2.9 nats-new-always nats-new-default nats-new-always-wide nats-new-default-wide rabbit-single rabbit-windowed}"
 [[ "${SKIP_DISK:-0}" == 1 ]] && RUNS="${RUNS//disk/}"
 
 work="$(mktemp -d "$BENCH_DIR/outpost-bench.XXXXXX")"
@@ -128,6 +147,26 @@ fi
 log "building bench/nats-compare (release)"
 cargo build --release --manifest-path "$here/nats-compare/Cargo.toml"
 nats_compare="$here/nats-compare/target/release/nats-compare"
+
+# RabbitMQ is a service of the machine: find it, never start it. host:port from the URL.
+rabbit_hostport="$(sed -E 's#^amqps?://([^@/]*@)?([^/?]*).*#\2#' <<<"$RABBIT_URL")"
+rabbit_host="${rabbit_hostport%:*}"
+rabbit_port="${rabbit_hostport##*:}"
+[[ "$rabbit_port" == "$rabbit_hostport" ]] && rabbit_port=5672
+rabbit_up=0
+rabbit_why=""
+if [[ " $RUNS " == *" rabbit-"* || " $RUNS " == *" build "* ]]; then
+    if (exec 3<>"/dev/tcp/$rabbit_host/$rabbit_port") 2>/dev/null; then
+        rabbit_up=1
+        log "building bench/rabbit-compare (release) into $RABBIT_COMPARE_TARGET_DIR"
+        CARGO_TARGET_DIR="$RABBIT_COMPARE_TARGET_DIR" \
+            cargo build --release --manifest-path "$here/rabbit-compare/Cargo.toml"
+    else
+        rabbit_why="skipped: nothing answers on $rabbit_host:$rabbit_port (start RabbitMQ, e.g. rabbitmq-server -detached)"
+        echo "RabbitMQ runs $rabbit_why" >&2
+    fi
+fi
+rabbit_compare="$RABBIT_COMPARE_TARGET_DIR/release/rabbit-compare"
 
 if [[ -z "$NATS_NEW" ]]; then
     NATS_NEW="$here/.nats-venv/bin/nats-server"
@@ -308,22 +347,85 @@ if wanted nats-new-default; then run_nats nats-new-default "$NATS_NEW" default; 
 if wanted nats-new-always-wide; then
     run_nats nats-new-always-wide "$NATS_NEW" always $((CONCURRENCY * BATCH))
 fi
+if wanted nats-new-default-wide; then
+    run_nats nats-new-default-wide "$NATS_NEW" default $((CONCURRENCY * BATCH))
+fi
+
+# ---- 7./8. RabbitMQ quorum queue ------------------------------------------------------------
+run_rabbit() { # name, confirms in flight per publisher
+    local name="$1" window="$2" dir="$work/$1"
+    if [[ $rabbit_up != 1 ]]; then
+        row "$name" "$rabbit_why"
+        return 0
+    fi
+    mkdir -p "$dir"
+    local srv version
+    srv="$(ss -Hltnp "sport = :$rabbit_port" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)"
+    if [[ -z "$srv" ]]; then
+        row "$name" "skipped: no local process listens on $rabbit_port (the CPU accounting needs it)"
+        return 0
+    fi
+    version="$(rabbitmqctl version 2>/dev/null | tail -1)" || true
+    version="${version:-unknown}"
+    local load_before status=0
+    load_before="$(load)"
+    log "$name: RabbitMQ $version quorum queue, confirms, $MESSAGES x $SIZE B, $CONCURRENCY publishers x $window in flight (load before: $load_before)"
+    timed_client "$dir" "$srv" beam.smp "$rabbit_compare" --url "$RABBIT_URL" \
+        --messages "$MESSAGES" --size "$SIZE" --concurrency "$CONCURRENCY" --window "$window" --json || status=$?
+    local load_after rss
+    load_after="$(load)"
+    rss="$(awk '/^VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$srv/status" 2>/dev/null)"
+    cat "$dir/bench.out" >&2
+    [[ $status == 0 ]] || { row "$name" "failed ($status): $(tail -3 "$dir/bench.err")"; return 0; }
+    local json
+    json="$(tail -1 "$dir/bench.out")"
+    row "$name ($version, quorum, $CONCURRENCY x $window in flight)" "$(result_row "$json")"
+    row "  server $name" "RSS after $rss (a long-running server: not this run's peak)"
+    row "  cpu $name" "$(cat "$dir/cpu.txt")"
+    row "  load $name" "before $load_before, after $load_after"
+    echo "$json" >"$dir/result.json"
+}
+
+if wanted rabbit-single; then run_rabbit rabbit-single 1; fi
+if wanted rabbit-windowed; then run_rabbit rabbit-windowed "$RABBIT_WINDOW"; fi
 
 # ---- summary --------------------------------------------------------------------------------
+rate() { # result.json -> msgs/s or "-"
+    [[ -f "$1" ]] || { echo "-"; return; }
+    jq -r '.messages_per_second | floor' "$1"
+}
 ratio() { # a.json b.json
-    [[ -f "$1" && -f "$2" ]] || { echo "n/a"; return; }
+    [[ -f "$1" && -f "$2" ]] || { echo "-"; return; }
     jq -rn --slurpfile a "$1" --slurpfile b "$2" \
         '($a[0].messages_per_second / $b[0].messages_per_second * 100 | round / 100 | tostring) + "x"'
 }
-for n in nats-2.9 nats-new-always nats-new-default nats-new-always-wide; do
-    [[ -f "$work/$n/result.json" ]] || continue
-    [[ -f "$work/single/result.json" ]] &&
-        row "ratio outpost single / $n" "$(ratio "$work/single/result.json" "$work/$n/result.json")"
-    [[ -f "$work/batch/result.json" ]] &&
-        row "ratio outpost batch $BATCH / $n" "$(ratio "$work/batch/result.json" "$work/$n/result.json")"
-done
+# Ratios of msgs/s from this run only: the machine's speed swings too much between runs for
+# anything else to mean much. One row per peer; "-" = not run (or failed).
+table="$work/ratios.txt"
+{
+    printf '%-24s %10s %16s %16s   %s\n' peer msgs/s "single / peer" "batch / peer" "aim (issue 13)"
+    printf '%-24s %10s %16s %16s\n' "(outpost)" "" "$(rate "$work/single/result.json")" \
+        "$(rate "$work/batch/result.json")"
+    while read -r p aim; do
+        printf '%-24s %10s %16s %16s   %s\n' "$p" "$(rate "$work/$p/result.json")" \
+            "$(ratio "$work/single/result.json" "$work/$p/result.json")" \
+            "$(ratio "$work/batch/result.json" "$work/$p/result.json")" "$aim"
+    done <<'EOF'
+nats-2.9 single >= 0.5x
+nats-new-default single >= 0.5x
+nats-new-default-wide batch >= 2x
+nats-new-always single >= 8x
+nats-new-always-wide
+rabbit-single single >= 3x
+rabbit-windowed batch >= 8x
+EOF
+} >"$table"
 
 echo
 echo "== summary (outpost built from $built_from; $SIZE B messages, $CONCURRENCY in flight;" \
     "data under $BENCH_DIR, $(df -T "$BENCH_DIR" | awk 'NR==2 {print $2 " on " $1}'); $(date -u +%FT%TZ))"
 cat "$summary"
+echo
+echo "== ratios: outpost msgs/s / peer msgs/s, same run (single: $CONCURRENCY requests of 1 message in" \
+    "flight; batch: $CONCURRENCY of $BATCH; the *-wide and rabbit-windowed peers have as many messages in flight as batch)"
+cat "$table"
