@@ -365,7 +365,8 @@ run_rabbit() { # name, confirms in flight per publisher
         row "$name" "skipped: no local process listens on $rabbit_port (the CPU accounting needs it)"
         return 0
     fi
-    version="$(rabbitmqctl version 2>/dev/null | tail -1)" || true
+    # The server's version (the node answers); `rabbitmqctl version` would be the CLI's.
+    version="$(timeout 30 rabbitmq-diagnostics -q server_version 2>/dev/null | tail -1)" || true
     version="${version:-unknown}"
     local load_before status=0
     load_before="$(load)"
