@@ -559,7 +559,11 @@ impl PgWriter {
             return Err(TryError::Store(StoreError::Invalid("an append needs at least one message".into())));
         }
         let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
-        self.ensure_queue(tx, state, queue, needed).await?;
+        // A remembered key counts against the quota too (outpost_usage, kept by a trigger): a new
+        // queue is created only if the whole write fits.
+        let key_bytes =
+            idempotency_key.map_or(0, |key| key.len() as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES);
+        self.ensure_queue(tx, state, queue, needed + key_bytes).await?;
         let queue_id = state.queues[queue].id;
         if let Some(key) = idempotency_key {
             // A key older than the TTL is forgotten (its row may wait for the next prune).
@@ -580,9 +584,6 @@ impl PgWriter {
                 });
             }
         }
-        // A remembered key counts against the quota too (outpost_usage, kept by a trigger).
-        let key_bytes =
-            idempotency_key.map_or(0, |key| key.len() as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES);
         check_quota(&self.options, state.total_bytes, needed + key_bytes).map_err(TryError::Store)?;
         state.total_bytes += key_bytes;
         let mut ids = Vec::with_capacity(messages.len());
