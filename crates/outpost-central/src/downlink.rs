@@ -175,6 +175,12 @@ impl CentralHub {
                 Err(e) => return Err(e.into()),
             }
         }
+        // Seqs are stored as SQLite integers (i64): nothing lies beyond i64::MAX. Asking the store
+        // for more would wrap around to a negative bound (reading from the first entry again), and
+        // `after_seq + 1` below would overflow at u64::MAX (a panic, found by schemathesis).
+        if after_seq >= i64::MAX as u64 {
+            return Ok(Vec::new());
+        }
         let messages = self.store.read(&name, after_seq, limit).await?;
         let mut entries = Vec::with_capacity(messages.len());
         let mut next = after_seq + 1;

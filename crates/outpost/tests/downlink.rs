@@ -173,3 +173,31 @@ async fn a_downlink_message_waiting_past_its_ttl_becomes_failed_with_its_edge() 
     let waiting = downlink_of(&client, "store-2").await;
     assert_eq!((waiting[0]["pending"].as_u64(), waiting[0]["delivered_seq"].as_u64()), (Some(0), Some(1)));
 }
+
+/// Found by schemathesis (scripts/schemathesis.sh): a downlink pull with `after_seq` at u64::MAX
+/// overflowed `after_seq + 1` and the panic ended the central; one past i64::MAX wrapped to a
+/// negative bound in the store. Both answer 204 now, with a message waiting, and the central serves on.
+#[tokio::test]
+async fn a_downlink_pull_after_the_largest_seq_answers_nothing_and_the_central_serves_on() {
+    let central = start_central("").await;
+    let client = central.client();
+    post_downlink(&client, "/v1/edges/store-1/queues/prices/messages", b"p-1", None).await.expect_status(202);
+    for after_seq in [u64::MAX, u64::MAX - 1, i64::MAX as u64 + 1, i64::MAX as u64] {
+        let request = client
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/link/downlink?queue=prices&after_seq={after_seq}&acked=0"),
+            )
+            .header("outpost-edge-id", "store-1")
+            .header("authorization", "Bearer t1");
+        let response = client.send(request).await.expect("pull downlink");
+        response.expect_status(204);
+    }
+    client.get("/healthz").await.expect("the central still serves").expect_status(200);
+    // The message still waits, and an ordinary pull gets it.
+    let request = client
+        .request(reqwest::Method::GET, "/v1/link/downlink?queue=prices&after_seq=0&acked=0")
+        .header("outpost-edge-id", "store-1")
+        .header("authorization", "Bearer t1");
+    client.send(request).await.expect("pull downlink").expect_status(200);
+}
