@@ -432,3 +432,54 @@ async fn a_write_that_would_create_one_queue_too_many_gets_507_too_many_queues()
     let names: Vec<&str> = queues.as_array().unwrap().iter().filter_map(|q| q["name"].as_str()).collect();
     assert!(!names.contains(&"c"), "the refused writes created no queue: {names:?}");
 }
+
+/// Sends a health check on `stream` and reads what comes back until the server closes or 3 s pass.
+async fn health_answer(stream: &mut TcpStream) -> String {
+    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: outpost\r\nConnection: close\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// CONTRACT section 2, `limits.max_connections`, enforced at accept: with that many connections
+/// open, one more is closed at once without an answer (and logged), the open ones are still served,
+/// and a slot freed by a closed connection takes a new one.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_past_max_connections_are_closed_at_accept_and_the_rest_served() {
+    const MAX: usize = 8;
+    let edge = Node::builder(BIN)
+        .role("edge")
+        .config(&format!(
+            "upstream = \"none\"\n\n[limits]\nmax_connections = {MAX}\nrequest_timeout = \"30s\"\n"
+        ))
+        .start()
+        .await;
+    // Readiness checks of the test kit are over; hold every slot with idle connections.
+    let mut held = Vec::new();
+    for _ in 0..MAX {
+        held.push(TcpStream::connect(edge.addr()).await.unwrap());
+    }
+    // The listener takes a slot when it accepts: wait until it has accepted all of them, seen as
+    // one more connection being turned away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut extra = TcpStream::connect(edge.addr()).await.unwrap();
+        let answer = health_answer(&mut extra).await;
+        if answer.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a connection past max_connections was still served: {answer}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(edge.log().contains("limits.max_connections"), "the refusal is logged:\n{}", edge.log_tail(20));
+    // A connection that was already open is served.
+    let answer = health_answer(&mut held[0]).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "an open connection is served: {answer:?}");
+    // Its slot (closed by `Connection: close`) and those of dropped connections take new ones.
+    held.truncate(MAX / 2);
+    wait_until_async(Duration::from_secs(10), "a new connection served once slots are free", || async {
+        let mut fresh = TcpStream::connect(edge.addr()).await.unwrap();
+        health_answer(&mut fresh).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
