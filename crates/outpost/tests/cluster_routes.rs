@@ -242,6 +242,24 @@ fn assert_once_by_one_central(downstream: &Downstream) -> String {
     centrals.into_iter().next().unwrap()
 }
 
+/// Posts `count` lines `backlog-i` as one batch; records seq → payload.
+async fn post_backlog(central: &Client, count: usize, acknowledged: &mut BTreeMap<u64, String>) {
+    let lines: Vec<String> = (0..count).map(|i| format!("backlog-{i}")).collect();
+    let batch = central.post_batch("orders", &lines).await.unwrap().batch_accepted();
+    for (seq, line) in (batch.first_seq..=batch.last_seq).zip(lines) {
+        acknowledged.insert(seq, line);
+    }
+}
+
+/// After a takeover, `central` delivered in queue order from where it started, skipping nothing.
+fn assert_continues_in_order(downstream: &Downstream, central: &str, acknowledged: &BTreeMap<u64, String>) {
+    let bodies: Vec<Vec<u8>> =
+        downstream.delivered().into_iter().filter(|d| d.central == central).map(|d| d.body).collect();
+    let first = acknowledged.values().position(|p| p.as_bytes() == bodies[0]).unwrap();
+    let expected: Vec<Vec<u8>> = acknowledged.values().skip(first).map(|p| p.as_bytes().to_vec()).collect();
+    assert_eq!(bodies, expected, "the new holder continues in queue order, skipping nothing");
+}
+
 fn route_mode_metric(text: &str, mode: &str) -> f64 {
     metrics::value(text, "outpost_route_mode", &[("route", "r"), ("mode", mode)])
         .unwrap_or_else(|| panic!("no outpost_route_mode{{route=r,mode={mode}}} in\n{text}"))
@@ -386,11 +404,7 @@ async fn kill9_of_the_delivering_central_hands_the_route_over_without_skipping()
 
     // A backlog that takes a few seconds to deliver, so the kill lands mid-delivery.
     downstream.set_delay(Duration::from_millis(10));
-    let lines: Vec<String> = (0..300).map(|i| format!("backlog-{i}")).collect();
-    let batch = survivor.client().post_batch("orders", &lines).await.unwrap().batch_accepted();
-    for (seq, line) in (batch.first_seq..=batch.last_seq).zip(lines) {
-        acknowledged.insert(seq, line);
-    }
+    post_backlog(&survivor.client(), 300, &mut acknowledged).await;
     wait_until_async(WAIT, "the holder is delivering the backlog", || async {
         downstream.delivered().iter().filter(|d| d.body.starts_with(b"backlog-")).count() >= 50
     })
@@ -415,11 +429,7 @@ async fn kill9_of_the_delivering_central_hands_the_route_over_without_skipping()
     assert!(by_both <= MAX_REPEATS_PER_CRASH, "{by_both} repeats");
     assert!(deliverers.values().all(|by| by.len() <= 2), "no message more than once per central");
     // After the takeover the survivor delivers in queue order, from where the cursor was.
-    let survivor_bodies: Vec<Vec<u8>> =
-        downstream.delivered().into_iter().filter(|d| d.central == survivor_id).map(|d| d.body).collect();
-    let first = acknowledged.values().position(|p| p.as_bytes() == survivor_bodies[0]).unwrap();
-    let expected: Vec<Vec<u8>> = acknowledged.values().skip(first).map(|p| p.as_bytes().to_vec()).collect();
-    assert_eq!(survivor_bodies, expected, "the new holder continues in queue order, skipping nothing");
+    assert_continues_in_order(&downstream, survivor_id, &acknowledged);
     let text = survivor.client().metrics().await;
     assert_eq!(route_mode_metric(&text, "forward"), 1.0);
 }
@@ -443,11 +453,7 @@ async fn a_frozen_holder_sends_nothing_once_its_lease_ran_out() {
 
     // Slow answers, so the holder is always waiting on one when it is frozen.
     downstream.set_delay(Duration::from_millis(200));
-    let lines: Vec<String> = (0..200).map(|i| format!("backlog-{i}")).collect();
-    let batch = survivor.client().post_batch("orders", &lines).await.unwrap().batch_accepted();
-    for (seq, line) in (batch.first_seq..=batch.last_seq).zip(lines) {
-        acknowledged.insert(seq, line);
-    }
+    post_backlog(&survivor.client(), 200, &mut acknowledged).await;
     let before = downstream.arrivals_from(&holder_id).len();
     wait_until_async(WAIT, "the holder is delivering the backlog", || async {
         downstream.arrivals_from(&holder_id).len() >= before + 3
@@ -481,12 +487,7 @@ async fn a_frozen_holder_sends_nothing_once_its_lease_ran_out() {
 
     downstream.set_delay(Duration::ZERO);
     wait_all_delivered(&downstream, &acknowledged).await;
-    // The new holder delivers in queue order from the durable cursor, skipping nothing.
-    let survivor_bodies: Vec<Vec<u8>> =
-        downstream.delivered().into_iter().filter(|d| d.central == survivor_id).map(|d| d.body).collect();
-    let first = acknowledged.values().position(|p| p.as_bytes() == survivor_bodies[0]).unwrap();
-    let expected: Vec<Vec<u8>> = acknowledged.values().skip(first).map(|p| p.as_bytes().to_vec()).collect();
-    assert_eq!(survivor_bodies, expected, "the new holder continues in queue order, skipping nothing");
+    assert_continues_in_order(&downstream, survivor_id, &acknowledged);
     assert!(
         holder.log().contains("lease ran out"),
         "the resumed holder says why it stopped:\n{}",
