@@ -35,6 +35,7 @@
 //! each durable when answered; time comes from the writer (`now`), and visibility is evaluated
 //! lazily when a consumer leases or is listed, so no task runs per consumer.
 
+use crate::failed::{FailedChange, NewFailure};
 use crate::{Store, StoreError, StoredMessage};
 
 /// The cursor name prefix of consumers: `consumer:<name>`.
@@ -170,8 +171,44 @@ impl LeaseKey {
     }
 }
 
+/// What a message delivered `deliveries` times (reaching `max_deliveries`) becomes: a new failed
+/// entry of the consumer's route `consumer:<name>`, or, for a resubmitted entry (`failed_id` not
+/// 0), that entry failed again. The same decision for both backends.
+pub(crate) enum Exhausted {
+    Insert(NewFailure),
+    FailAgain(FailedChange),
+}
+
+pub(crate) fn exhausted(
+    route: &str,
+    name: &str,
+    failed_id: i64,
+    message: StoredMessage,
+    deliveries: u32,
+) -> Exhausted {
+    let last_error = max_deliveries_error(deliveries);
+    let reason = MAX_DELIVERIES_REASON.to_string();
+    if failed_id == 0 {
+        Exhausted::Insert(NewFailure {
+            route: route.to_string(),
+            reader: consumer_reader(name),
+            message,
+            attempts: deliveries,
+            reason,
+            last_error,
+        })
+    } else {
+        Exhausted::FailAgain(FailedChange::FailedAgain {
+            id: failed_id,
+            attempts: deliveries,
+            reason,
+            last_error,
+        })
+    }
+}
+
 /// The text of a `max_deliveries` failure.
-pub(crate) fn max_deliveries_error(deliveries: u32) -> String {
+fn max_deliveries_error(deliveries: u32) -> String {
     format!(
         "delivered {deliveries} times to the consumer without an acknowledgement (the lease ran out or \
          was given back each time)"

@@ -5,10 +5,10 @@ use bytes::Bytes;
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::consumers::{
-    consumer_reader, consumer_route, max_deliveries_error, ConsumerRow, LeaseKey, LeaseRequest,
-    LeasedMessage, Settle, SettleOutcome, MAX_DELIVERIES_REASON, MAX_LEASE_BYTES,
+    consumer_reader, consumer_route, exhausted, ConsumerRow, Exhausted, LeaseKey, LeaseRequest,
+    LeasedMessage, Settle, SettleOutcome, MAX_LEASE_BYTES,
 };
-use crate::failed::{self, FailedChange, NewFailure};
+use crate::failed::{self, FailedChange};
 use crate::writer::{apply_advance_cursor, ensure_queue, release_chunk, State};
 use crate::{StoreError, StoreOptions, StoredMessage};
 
@@ -182,26 +182,14 @@ pub(crate) fn lease(
             continue;
         };
         if deliveries >= request.max_deliveries {
-            let last_error = max_deliveries_error(deliveries);
-            if failed_id == 0 {
-                let failure = NewFailure {
-                    route: route.clone(),
-                    reader: consumer_reader(name),
-                    message,
-                    attempts: deliveries,
-                    reason: MAX_DELIVERIES_REASON.to_string(),
-                    last_error,
-                };
-                failed::insert(tx, &failure, now_ms)?;
-                state.failed_bytes += failure.message.payload.len() as u64;
-            } else {
-                let change = FailedChange::FailedAgain {
-                    id: failed_id,
-                    attempts: deliveries,
-                    reason: MAX_DELIVERIES_REASON.to_string(),
-                    last_error,
-                };
-                failed::apply_change(tx, change, now_ms, &mut 0)?;
+            match exhausted(&route, name, failed_id, message, deliveries) {
+                Exhausted::Insert(failure) => {
+                    failed::insert(tx, &failure, now_ms)?;
+                    state.failed_bytes += failure.message.payload.len() as u64;
+                }
+                Exhausted::FailAgain(change) => {
+                    failed::apply_change(tx, change, now_ms, &mut 0)?;
+                }
             }
             delete_row(tx, consumer.id, failed_id, seq)?;
             continue;

@@ -7,10 +7,10 @@ use deadpool_postgres::Transaction;
 
 use super::{change_failed, flush_rows, insert_failed, Group, PgWriter, TryError};
 use crate::consumers::{
-    consumer_reader, consumer_route, max_deliveries_error, ConsumerRow, LeaseKey, LeaseRequest,
-    LeasedMessage, Settle, SettleOutcome, MAX_DELIVERIES_REASON, MAX_LEASE_BYTES,
+    consumer_reader, consumer_route, exhausted, ConsumerRow, Exhausted, LeaseKey, LeaseRequest,
+    LeasedMessage, Settle, SettleOutcome, MAX_LEASE_BYTES,
 };
-use crate::failed::{FailedChange, NewFailure};
+use crate::failed::FailedChange;
 use crate::StoredMessage;
 
 async fn find(tx: &Transaction<'_>, queue: &str, name: &str) -> Result<Option<ConsumerRow>, TryError> {
@@ -191,25 +191,13 @@ impl PgWriter {
                 continue;
             };
             if deliveries >= request.max_deliveries {
-                let last_error = max_deliveries_error(deliveries);
-                if failed_id == 0 {
-                    let failure = NewFailure {
-                        route: route.clone(),
-                        reader: consumer_reader(name),
-                        message,
-                        attempts: deliveries,
-                        reason: MAX_DELIVERIES_REASON.to_string(),
-                        last_error,
-                    };
-                    insert_failed(tx, &failure, now_ms).await?;
-                } else {
-                    let change = FailedChange::FailedAgain {
-                        id: failed_id,
-                        attempts: deliveries,
-                        reason: MAX_DELIVERIES_REASON.to_string(),
-                        last_error,
-                    };
-                    change_failed(tx, &change, now_ms).await?;
+                match exhausted(&route, name, failed_id, message, deliveries) {
+                    Exhausted::Insert(failure) => {
+                        insert_failed(tx, &failure, now_ms).await?;
+                    }
+                    Exhausted::FailAgain(change) => {
+                        change_failed(tx, &change, now_ms).await?;
+                    }
                 }
                 delete_row(tx, consumer.id, failed_id, seq).await?;
                 continue;
