@@ -136,7 +136,9 @@ impl PgWriter {
 
     pub(crate) async fn run(self, mut ops: mpsc::Receiver<Op>) {
         let mut shutdown_reply = None;
-        let mut key_prune_at = Instant::now() + self.options.idempotency_ttl.min(KEY_PRUNE_INTERVAL);
+        // Off the commit path: pruning never holds up a write.
+        let pruner =
+            tokio::spawn(keep_keys_pruned(self.pool.clone(), self.url.clone(), self.options.idempotency_ttl));
         while shutdown_reply.is_none() {
             let Some(first) = ops.recv().await else { break };
             let mut group_bytes = first.payload_bytes();
@@ -151,46 +153,13 @@ impl PgWriter {
                 }
             }
             shutdown_reply = self.commit_group(group).await;
-            if Instant::now() >= key_prune_at {
-                key_prune_at = self.prune_keys().await;
-            }
         }
+        pruner.abort();
         ops.close();
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
         }
         tracing::debug!("PostgreSQL store writer stopped");
-    }
-
-    /// Deletes a chunk of idempotency keys older than `limits.idempotency_ttl` (lookups already
-    /// ignore them); returns when to prune next. Every central prunes; a chunk another central is
-    /// deleting at the same moment is skipped, not waited for.
-    async fn prune_keys(&self) -> Instant {
-        let cutoff = outpost_core::time::now_unix_ms() - self.options.idempotency_ttl.as_millis() as i64;
-        let later = Instant::now() + self.options.idempotency_ttl.min(KEY_PRUNE_INTERVAL);
-        let client = match self.pool.get().await {
-            Ok(client) => client,
-            Err(e) => {
-                tracing::warn!("cannot prune expired idempotency keys: {e}");
-                return later;
-            }
-        };
-        let deleted = client
-            .execute(
-                "DELETE FROM outpost_idempotency_keys WHERE ctid IN
-                   (SELECT ctid FROM outpost_idempotency_keys WHERE created_at_ms < $1
-                    ORDER BY created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                &[&cutoff, &KEY_PRUNE_CHUNK],
-            )
-            .await;
-        match deleted {
-            Ok(count) if count as i64 == KEY_PRUNE_CHUNK => Instant::now(),
-            Ok(_) => later,
-            Err(e) => {
-                tracing::warn!(url = %self.url, "cannot prune expired idempotency keys: {e}");
-                later
-            }
-        }
     }
 
     async fn commit_group(&self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
@@ -785,6 +754,42 @@ async fn insert_failed(tx: &Transaction<'_>, failure: &NewFailure, now_ms: i64) 
     }
 }
 
+/// Deletes idempotency keys older than `ttl` (lookups already ignore them), a chunk at a time, every
+/// [`KEY_PRUNE_INTERVAL`] (or `ttl`, if shorter) and at once again while chunks come back full.
+/// Every central prunes; a chunk another central is deleting at the same moment is skipped, not
+/// waited for; a database that does not answer within [`KEY_PRUNE_TIMEOUT`] is tried next time.
+async fn keep_keys_pruned(pool: deadpool_postgres::Pool, url: String, ttl: std::time::Duration) {
+    let interval = ttl.min(KEY_PRUNE_INTERVAL);
+    loop {
+        tokio::time::sleep(interval).await;
+        loop {
+            let cutoff = outpost_core::time::now_unix_ms() - ttl.as_millis() as i64;
+            let prune = async {
+                let client = pool.get().await.map_err(|e| e.to_string())?;
+                client
+                    .execute(
+                        "DELETE FROM outpost_idempotency_keys WHERE ctid IN
+                           (SELECT ctid FROM outpost_idempotency_keys WHERE created_at_ms < $1
+                            ORDER BY created_at_ms LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                        &[&cutoff, &KEY_PRUNE_CHUNK],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(KEY_PRUNE_TIMEOUT, prune).await {
+                Ok(Ok(count)) if count as i64 == KEY_PRUNE_CHUNK => continue,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(postgres = %url, "cannot prune expired idempotency keys: {e}"),
+                Err(_) => tracing::warn!(postgres = %url,
+                    "cannot prune expired idempotency keys: no answer within {KEY_PRUNE_TIMEOUT:?}"),
+            }
+            break;
+        }
+    }
+}
+
+/// How long one prune may take before it is given up until the next interval.
+const KEY_PRUNE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// How often expired idempotency keys are pruned (at most; a short TTL prunes more often).
 const KEY_PRUNE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 /// The most expired keys one prune deletes; the rest follow after later commits.
