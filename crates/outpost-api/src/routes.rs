@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use outpost_core::time::rfc3339_from_unix_ms;
+use outpost_forward::route::modes::{Mode, RouteError};
 use outpost_forward::route::{RouteView, Routes};
-use outpost_forward::route_modes::{Mode, RouteError};
 use outpost_store::{FailedEntry, FailedSelector};
 use serde_json::{json, Value};
 

@@ -7,9 +7,6 @@ pub mod edge;
 pub mod forwarder;
 pub mod pacing;
 pub mod route;
-pub mod route_delivery;
-pub mod route_modes;
-pub mod route_policy;
 
 /// The cursor name of the edge's forwarder in every queue.
 pub const UPSTREAM_READER: &str = "upstream";

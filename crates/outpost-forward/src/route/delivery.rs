@@ -16,7 +16,7 @@ use bytes::Bytes;
 use outpost_core::config::RouteConfig;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 
-use crate::route_policy::{Class, FailureKind, RoutePolicy};
+use crate::route::policy::{Class, FailureKind, RoutePolicy};
 
 pub const MESSAGE_ID_HEADER: &str = "outpost-message-id";
 pub const QUEUE_HEADER: &str = "outpost-queue";

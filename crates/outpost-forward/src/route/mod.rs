@@ -3,6 +3,9 @@
 //! loop; [`Routes`] is the handle the API uses (list, switch modes, resubmit and discard failed
 //! messages); [`RouteTasks`] stops the tasks.
 //!
+//! Under it: [`policy`] (the pure failure policy), [`modes`] (durable route modes) and [`delivery`]
+//! (one HTTP delivery with endpoint failover).
+//!
 //! # How a route moves through its queue
 //!
 //! - **One message at a time, in queue order.** The next message is sent only after the previous
@@ -23,7 +26,7 @@
 //!   disk: after a crash a route repeats at most that many deliveries (plus the one in flight),
 //!   which the downstream drops by `Idempotency-Key`. Failing a message moves the cursor past it in
 //!   the same commit that stores the failed copy ([`Store::fail_message`]).
-//! - **Failure policy** ([`crate::route_policy`]): a `service_down` class switches the route to
+//! - **Failure policy** ([`crate::route::policy`]): a `service_down` class switches the route to
 //!   `store` and the message stays first in line; `poison` fails it at once; anything else is
 //!   retried after `retry_initial` doubling to `retry_max` (with jitter) until `max_attempts`.
 //! - **Store mode** sends nothing. With `auto_forward`, every `probe_interval` the task tries to
@@ -59,6 +62,10 @@
 //! - **Resubmits** are announced the same way ([`ROUTE_RESUBMITTED_EVENT`]), so the holder picks
 //!   up entries resubmitted on another central; a periodic look repairs a missed event.
 
+pub mod delivery;
+pub mod modes;
+pub mod policy;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -76,9 +83,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::route_delivery::{Deliverer, DeliveryFailure, Outgoing, Unit};
-use crate::route_modes::{Mode, ModeState, RouteError, RouteModes, CHANGED_BY_OPERATOR, ROUTE_MODE_EVENT};
-use crate::route_policy::{Class, RoutePolicy, Verdict};
+use delivery::{Deliverer, DeliveryFailure, Outgoing, Unit};
+use modes::{Mode, ModeState, RouteError, RouteModes, CHANGED_BY_OPERATOR, ROUTE_MODE_EVENT};
+use policy::{Class, RoutePolicy, Verdict};
 
 /// The most deliveries a route makes beyond its last committed cursor (the bound on repeats after
 /// a crash).
