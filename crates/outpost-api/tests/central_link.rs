@@ -464,7 +464,12 @@ async fn out_of_order_batches_in_flight_are_stored_in_edge_order() {
         let central = central.clone();
         tokio::spawn(async move { central.send_batch("store-1", "orders", 4..=6).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await; // lets the overtaking batch arrive first
+    // The central notes the edge as seen before the batch waits for its predecessor.
+    wait_until("the overtaking batch reached the central", || async {
+        central.admin(reqwest::Method::GET, "/v1/edges/store-1", None).await.status() == StatusCode::OK
+    })
+    .await;
+    assert!(!second.is_finished(), "the overtaking batch waits for its predecessor");
     let started = Instant::now();
     let first = central.send_batch("store-1", "orders", 1..=3).await;
     let second = second.await.unwrap();

@@ -204,7 +204,20 @@ async fn a_lease_is_held_by_one_store_at_a_time_and_passes_on_release() {
         .unwrap()
         .unwrap();
     let mut on_b = b.lease("route:r");
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // b asks every renew interval while a renews: two renewals of a (its lease's end moved twice)
+    // take at least one interval, and b must not have got it meanwhile.
+    let mut renewals = 0;
+    let mut end = on_a.borrow().valid_until;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while renewals < 2 {
+        assert!(!on_b.borrow().held, "one holder");
+        let now = on_a.borrow().valid_until;
+        if now != end {
+            (renewals, end) = (renewals + 1, now);
+        }
+        assert!(std::time::Instant::now() < deadline, "a renewed its lease {renewals} times in 10 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert!(on_a.borrow().is_valid() && !on_b.borrow().held, "one holder");
     drop(on_a); // a gives the lease up
     let started = std::time::Instant::now();
@@ -311,9 +324,15 @@ async fn a_lease_whose_renewal_hangs_ends_before_another_store_may_take_it() {
     let hung_at = std::time::Instant::now();
     // The last renewal was sent before the hang, so by this node's own clock the lease ends at most
     // LEASE_TTL - LEASE_RENEW_INTERVAL later: before the others may claim it (LEASE_TTL).
-    tokio::time::sleep(LEASE_TTL - LEASE_RENEW_INTERVAL + Duration::from_millis(20)).await;
-    assert!(!on_a.borrow().is_valid(), "the lease is still believed {:?} into the hang", hung_at.elapsed());
-    tokio::time::timeout(LEASE_TTL - (LEASE_TTL - LEASE_RENEW_INTERVAL), on_a.wait_for(|lease| !lease.held))
+    let believed_until = on_a.borrow().valid_until.expect("a lease held on PostgreSQL has an end");
+    assert!(
+        believed_until <= hung_at + LEASE_TTL - LEASE_RENEW_INTERVAL,
+        "the lease is believed {:?} into the hang",
+        believed_until - hung_at
+    );
+    // Nothing the hung renewals do moves that end: receivers are told the lease is gone by then.
+    let told_by = tokio::time::Instant::from_std(hung_at + LEASE_TTL);
+    tokio::time::timeout_at(told_by, on_a.wait_for(|lease| !lease.held))
         .await
         .expect("receivers are told the lease is gone before another store may take it")
         .unwrap();

@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Router;
 use serde_json::Value;
 use testkit::postgres::TestDatabase;
-use testkit::{metrics, wait_until_async, Client, Node};
+use testkit::{metrics, wait_until, wait_until_async, Client, Node};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 const WAIT: Duration = Duration::from_secs(30);
@@ -162,12 +162,24 @@ retry_max = "100ms"
 }
 
 async fn start_central(database: &TestDatabase, id: &str, downstream: &Downstream) -> Node {
+    start_central_with(database, id, downstream, "").await
+}
+
+/// `extra`: more configuration after route r.
+async fn start_central_with(database: &TestDatabase, id: &str, downstream: &Downstream, extra: &str) -> Node {
     Node::builder(BIN)
         .role("central")
         .args(["--node-id", id, "--postgres", &database.url])
-        .config(&route_toml(&downstream.url_for(id)))
+        .config(&format!("{}{extra}", route_toml(&downstream.url_for(id))))
         .start()
         .await
+}
+
+/// A second route on queue `orders`, named `witness`, always in `forward`, to its own downstream:
+/// once it has delivered a message, the cluster's routes have all been told of that message. A test
+/// proving that a stored route sent nothing waits for the witness instead of sleeping.
+fn witness_toml(witness: &Downstream, central: &str) -> String {
+    route_toml(&witness.url_for(central)).replace("name = \"r\"", "name = \"witness\"")
 }
 
 async fn route_r(client: &Client) -> Value {
@@ -273,8 +285,9 @@ fn route_mode_metric(text: &str, mode: &str) -> f64 {
 async fn mode_changes_follow_on_every_central_and_one_central_delivers_each_message_once() {
     let database = TestDatabase::create().await;
     let downstream = Downstream::start().await;
-    let a = start_central(&database, "hq-a", &downstream).await;
-    let b = start_central(&database, "hq-b", &downstream).await;
+    let witness = Downstream::start().await;
+    let a = start_central_with(&database, "hq-a", &downstream, &witness_toml(&witness, "hq-a")).await;
+    let b = start_central_with(&database, "hq-b", &downstream, &witness_toml(&witness, "hq-b")).await;
     let (ca, cb) = (a.client(), b.client());
     let mut acknowledged = BTreeMap::new();
 
@@ -305,7 +318,10 @@ async fn mode_changes_follow_on_every_central_and_one_central_delivers_each_mess
         })
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(1500)).await; // proving an absence takes some time
+    wait_until(WAIT, "the witness route delivered every message", || {
+        witness.deliverers().len() >= acknowledged.len()
+    })
+    .await;
     assert_eq!(downstream.log().len(), requests_before, "nothing is sent while the route is stored");
 
     // (b) forward on B: A follows, both resume, every message once, in queue order.

@@ -277,6 +277,13 @@ async fn switch(client: &Client, name: &str, mode: &str) -> Value {
     response.json()
 }
 
+/// A second route on the same queue, named `witness`, always in `forward`, to its own downstream.
+/// Once it has delivered a message, the node's routes have all been told of that message: a test
+/// proving that a stored route sent nothing waits for the witness instead of sleeping.
+fn witness_toml(witness: &Downstream) -> String {
+    route_toml("witness", "orders", &[witness.url()], "")
+}
+
 async fn wait_delivered(downstream: &Downstream, count: usize) {
     wait_until_async(WAIT, &format!("{count} distinct messages delivered"), || async {
         downstream.delivered_ids().len() >= count
@@ -319,7 +326,10 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[tokio::test]
 async fn outages_store_the_route_and_forward_delivers_everything_in_order() {
     let mut downstream = Downstream::start().await;
-    let node = start_edge(&route_toml("erp", "orders", &[downstream.url()], "")).await;
+    let witness = Downstream::start().await;
+    let config =
+        format!("{}{}", route_toml("erp", "orders", &[downstream.url()], ""), witness_toml(&witness));
+    let node = start_edge(&config).await;
     let client = node.client();
 
     let initial = route(&client, "erp").await;
@@ -372,7 +382,7 @@ async fn outages_store_the_route_and_forward_delivers_everything_in_order() {
         let more = payloads(&format!("{outage}-after"), 0..3);
         accepted.extend(post_all(&client, "orders", &more).await);
         all.extend(more);
-        tokio::time::sleep(Duration::from_millis(700)).await; // proving an absence takes some time
+        wait_delivered(&witness, all.len()).await;
         assert_eq!(downstream.log().len(), requests_before, "{outage}: nothing is sent in store mode");
         let stored = route(&client, "erp").await;
         let delivered_so_far = downstream.delivered_ids().len() as u64;
@@ -657,9 +667,18 @@ async fn auto_forward_returns_the_route_to_forward_by_itself() {
     post_all(&client, "orders", &sent).await;
     let stored = wait_mode(&client, "erp", "store").await;
     assert_eq!(stored["changed_by"], "auto:service_down");
-    // Probes while the service is still down keep the route stored.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(route(&client, "erp").await["mode"], "store");
+    // Probes while the service is still down keep the route stored (a failed probe says so in
+    // the reason).
+    let probed = testkit::wait::poll_until(WAIT, || async {
+        let erp = route(&client, "erp").await;
+        erp["reason"].as_str().is_some_and(|r| r.ends_with("(probe)")).then_some(erp)
+    })
+    .await
+    .expect("a probe while the service is down");
+    assert_eq!(
+        (probed["mode"].as_str(), probed["changed_by"].as_str()),
+        (Some("store"), Some("auto:service_down"))
+    );
 
     downstream.restart().await;
     let forwarded = wait_mode(&client, "erp", "forward").await;
@@ -717,7 +736,10 @@ async fn kill_9_during_delivery_skips_nothing_and_repeats_little() {
 #[tokio::test]
 async fn the_mode_survives_restarts() {
     let downstream = Downstream::start().await;
-    let mut node = start_edge(&route_toml("erp", "orders", &[downstream.url()], "")).await;
+    let witness = Downstream::start().await;
+    let config =
+        format!("{}{}", route_toml("erp", "orders", &[downstream.url()], ""), witness_toml(&witness));
+    let mut node = start_edge(&config).await;
     let client = node.client();
     let stored = switch(&client, "erp", "store").await;
     assert_eq!((stored["mode"].as_str(), stored["changed_by"].as_str()), (Some("store"), Some("operator")));
@@ -739,11 +761,14 @@ async fn the_mode_survives_restarts() {
     assert_eq!(route(&client, "erp").await["mode_since"], stored["mode_since"]);
     let text = client.metrics().await;
     assert_eq!(metric(&text, "outpost_route_mode", &[("route", "erp"), ("mode", "store")]), 1.0);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stored route would send its backlog as its task starts; the witness delivering a message
+    // posted after the restart shows the restarted node's routes are running.
+    post_all(&client, "orders", &payloads("after-restart", 0..1)).await;
+    wait_delivered(&witness, 6).await;
     assert!(downstream.log().is_empty(), "a stored route sends nothing after a restart either");
 
     switch(&client, "erp", "forward").await;
-    wait_delivered(&downstream, 5).await;
+    wait_delivered(&downstream, 6).await;
     node.kill9();
     node.restart().await;
     let forwarded = route(&client, "erp").await;
