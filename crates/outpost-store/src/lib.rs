@@ -10,7 +10,7 @@
 //!   it has committed: SQLite in WAL mode with `synchronous=FULL` (the WAL was fsynced), PostgreSQL
 //!   with `synchronous_commit=on` (the server flushed its WAL).
 //! - **One writer per node, group commit.** A single writer owns the writes: on SQLite a thread
-//!   ([`writer`]) with the only write connection, on PostgreSQL a task ([`pg_writer`]). It waits
+//!   ([`writer`]) with the only write connection, on PostgreSQL a task ([`pg::writer`]). It waits
 //!   for the first pending operation ([`ops::Op`]), then takes every operation that arrived meanwhile
 //!   (up to [`MAX_OPS_PER_COMMIT`] / [`MAX_BYTES_PER_COMMIT`]) into the same transaction. Writes
 //!   arriving while a commit is in flight join the next one, and N concurrent clients cost one
@@ -88,7 +88,6 @@ mod consumers_sqlite;
 pub mod failed;
 mod ops;
 mod pg;
-mod pg_writer;
 mod schema;
 mod sqlite;
 mod writer;

@@ -39,7 +39,8 @@ use crate::failed::{
     FailedChange, FailedOutcome, FailedSelector, NewFailure, ResubmitOutcome, MAX_RESUBMIT_IDS,
 };
 use crate::ops::{Op, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
-use crate::pg::{self, CommitNotice, COMMITS_CHANNEL};
+use crate::pg::listen::{self, CommitNotice};
+use crate::pg::{self, COMMITS_CHANNEL};
 use crate::{Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError, StoreOptions};
 
 /// How often a group that hit a deadlock or serialization failure is tried again.
@@ -186,9 +187,9 @@ impl PgWriter {
                 let changed = !(committed.stats.is_empty()
                     && committed.positions.is_empty()
                     && committed.cursors.is_empty());
-                pg::merge_stats(&self.views, committed.stats);
-                pg::merge_max(&self.views.origin_positions, committed.positions);
-                pg::merge_max(&self.views.cursors, committed.cursors);
+                listen::merge_stats(&self.views, committed.stats);
+                listen::merge_max(&self.views.origin_positions, committed.positions);
+                listen::merge_max(&self.views.cursors, committed.cursors);
                 if !committed.removed_cursors.is_empty() {
                     let mut cursors = self.views.cursors.write().expect("views lock poisoned");
                     for key in &committed.removed_cursors {
