@@ -1,7 +1,10 @@
 //! Stage 2 types: the validated sections of a [`super::Config`], in the units and types the code
 //! uses (`Duration`, bounded integers), with their defaults. Built only by [`super::validate`].
 
+use std::fmt;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// `[tls]`: the listener serves HTTPS.
@@ -183,18 +186,22 @@ pub struct RouteConfig {
     pub queue: String,
     pub urls: Vec<String>,
     pub timeout: Duration,
-    pub max_attempts: u32,
+    pub max_attempts: NonZeroU32,
     pub retry_initial: Duration,
+    /// At least `retry_initial`.
     pub retry_max: Duration,
-    pub service_down: Vec<String>,
-    pub poison: Vec<String>,
+    /// Errors that mean the service is down (default [`ErrorClass::DEFAULT_SERVICE_DOWN`]).
+    pub service_down: Vec<ErrorClass>,
+    /// Errors that mean the message is at fault (default [`ErrorClass::DEFAULT_POISON`]).
+    pub poison: Vec<ErrorClass>,
     pub auto_forward: bool,
     pub probe_interval: Duration,
-    /// Deliveries in flight at once (1: one per round trip); the cursor still moves only over a
-    /// contiguous delivered prefix.
-    pub max_in_flight: u32,
-    /// Messages per POST: 1 posts each message as itself, more posts an NDJSON body.
-    pub batch: u32,
+    /// Deliveries in flight at once (1: one per round trip), at most [`MAX_ROUTE_IN_FLIGHT`]; the
+    /// cursor still moves only over a contiguous delivered prefix.
+    pub max_in_flight: NonZeroU32,
+    /// Messages per POST, at most [`MAX_ROUTE_BATCH`]: 1 posts each message as itself, more posts
+    /// an NDJSON body.
+    pub batch: NonZeroU32,
     /// For https:// urls (an extension of CONTRACT section 2: `ca_file`, `cert_file`, `key_file`).
     pub tls: ClientTlsFiles,
 }
@@ -202,3 +209,60 @@ pub struct RouteConfig {
 /// The most deliveries a route keeps in flight, and the most messages of one route POST.
 pub const MAX_ROUTE_IN_FLIGHT: u32 = 256;
 pub const MAX_ROUTE_BATCH: u32 = 10_000;
+
+/// A class of delivery errors as written in a route's `service_down` and `poison`: `connect`,
+/// `timeout`, `reset`, `http:<status>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    Connect,
+    Timeout,
+    Reset,
+    /// A status from 100 to 599.
+    Http(u16),
+}
+
+impl ErrorClass {
+    /// `service_down` when a route does not say.
+    pub const DEFAULT_SERVICE_DOWN: [ErrorClass; 5] = [
+        ErrorClass::Connect,
+        ErrorClass::Timeout,
+        ErrorClass::Http(502),
+        ErrorClass::Http(503),
+        ErrorClass::Http(504),
+    ];
+    /// `poison` when a route does not say.
+    pub const DEFAULT_POISON: [ErrorClass; 3] =
+        [ErrorClass::Http(400), ErrorClass::Http(413), ErrorClass::Http(422)];
+}
+
+impl FromStr for ErrorClass {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ErrorClass, String> {
+        match text {
+            "connect" => Ok(ErrorClass::Connect),
+            "timeout" => Ok(ErrorClass::Timeout),
+            "reset" => Ok(ErrorClass::Reset),
+            _ => text
+                .strip_prefix("http:")
+                .and_then(|code| code.parse::<u16>().ok())
+                .filter(|code| (100..=599).contains(code))
+                .map(ErrorClass::Http)
+                .ok_or_else(|| {
+                    format!("unknown error class {text:?}: use connect, timeout, reset or http:<status>")
+                }),
+        }
+    }
+}
+
+/// As written in the configuration, so `class.to_string().parse()` gives `class` back.
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ErrorClass::Connect => f.write_str("connect"),
+            ErrorClass::Timeout => f.write_str("timeout"),
+            ErrorClass::Reset => f.write_str("reset"),
+            ErrorClass::Http(status) => write!(f, "http:{status}"),
+        }
+    }
+}

@@ -82,7 +82,7 @@ fn wan_keys_forwarding_queues_and_route_windows() {
     assert_eq!(c.queue_message_ttl("alarms"), Some(Duration::from_secs(300)));
     assert_eq!(c.queue_message_ttl("audit"), None, "0s: never, whatever limits says");
     assert_eq!(c.queue_message_ttl("other"), Some(Duration::from_secs(3600)));
-    assert_eq!((c.routes[0].max_in_flight, c.routes[0].batch), (32, 100));
+    assert_eq!((c.routes[0].max_in_flight.get(), c.routes[0].batch.get()), (32, 100));
     for (text, key) in [
         ("[forwarding]\ncompression = \"gzip\"\n", "forwarding.compression"),
         ("[forwarding]\nmax_bandwidth = 100\n", "forwarding.max_bandwidth"),
@@ -95,6 +95,14 @@ fn wan_keys_forwarding_queues_and_route_windows() {
         (
             "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\nbatch = 100000\n",
             "route[0].batch",
+        ),
+        (
+            "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\nservice_down = [\"dns\"]\n",
+            "route[0].service_down",
+        ),
+        (
+            "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\npoison = \"http:400,http:600\"\n",
+            "route[0].poison",
         ),
     ] {
         let (_f, flags) = write(text);
@@ -214,4 +222,41 @@ fn secrets_are_redacted() {
     let summary = c.redacted_summary();
     assert!(!summary.contains("sekrit") && !summary.contains(":pw@"), "{summary}");
     assert!(summary.contains("postgres://u:***@h/db"));
+}
+
+#[test]
+fn route_error_classes_parse_and_refuse() {
+    let cases: [(&str, Option<ErrorClass>); 9] = [
+        ("connect", Some(ErrorClass::Connect)),
+        ("timeout", Some(ErrorClass::Timeout)),
+        ("reset", Some(ErrorClass::Reset)),
+        ("http:503", Some(ErrorClass::Http(503))),
+        ("http:100", Some(ErrorClass::Http(100))),
+        ("http:600", None),
+        ("http:", None),
+        ("HTTP:500", None),
+        ("dns", None),
+    ];
+    for (text, want) in cases {
+        assert_eq!(text.parse::<ErrorClass>().ok(), want, "{text}");
+        if let Some(class) = want {
+            assert_eq!(class.to_string(), text, "written back as read");
+        }
+    }
+}
+
+#[test]
+fn routes_default_to_typed_classes_and_bounds() {
+    let (_f, flags) = write("[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\n");
+    let c = Config::load_from(Role::Edge, &flags, &[]).unwrap();
+    let route = &c.routes[0];
+    assert_eq!(route.service_down, ErrorClass::DEFAULT_SERVICE_DOWN);
+    assert_eq!(route.poison, ErrorClass::DEFAULT_POISON);
+    assert_eq!((route.max_attempts.get(), route.max_in_flight.get(), route.batch.get()), (10, 1, 1));
+    let (_f, flags) = write(
+        "[[route]]\nname = \"r\"\nqueue = \"q\"\nurls = [\"http://x/\"]\nservice_down = \"reset, http:500\"\npoison = []\n",
+    );
+    let c = Config::load_from(Role::Edge, &flags, &[]).unwrap();
+    assert_eq!(c.routes[0].service_down, [ErrorClass::Reset, ErrorClass::Http(500)]);
+    assert!(c.routes[0].poison.is_empty());
 }

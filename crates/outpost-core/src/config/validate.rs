@@ -3,6 +3,7 @@
 //! error names the key and, through [`Origins`], the file, variable or flag its value came from.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -52,6 +53,8 @@ pub(super) fn validate(role: Role, raw: RawConfig, origins: &Origins) -> Result<
         sources: Vec::new(),
     })
 }
+
+const DEFAULT_ROUTE_MAX_ATTEMPTS: NonZeroU32 = NonZeroU32::new(10).unwrap();
 
 /// Makes a problem with a key into a [`ConfigError`] naming where the key's value came from.
 struct Blame<'a>(&'a Origins);
@@ -307,13 +310,14 @@ fn route(i: usize, r: RawRoute, earlier: &[RouteConfig], blame: &Blame) -> Resul
     for url in &r.urls {
         validate_http_url(url).map_err(blame.on(&key("urls")))?;
     }
-    let service_down = r.service_down.unwrap_or_else(|| {
-        ["connect", "timeout", "http:502", "http:503", "http:504"].map(String::from).to_vec()
-    });
-    let poison = r.poison.unwrap_or_else(|| ["http:400", "http:413", "http:422"].map(String::from).to_vec());
-    for class in service_down.iter().chain(&poison) {
-        validate_error_class(class).map_err(blame.on(&key("service_down")))?;
-    }
+    let service_down = match r.service_down {
+        None => ErrorClass::DEFAULT_SERVICE_DOWN.to_vec(),
+        Some(written) => error_classes(&written).map_err(blame.on(&key("service_down")))?,
+    };
+    let poison = match r.poison {
+        None => ErrorClass::DEFAULT_POISON.to_vec(),
+        Some(written) => error_classes(&written).map_err(blame.on(&key("poison")))?,
+    };
     let retry_initial =
         nonzero(r.retry_initial, Duration::from_secs(1)).map_err(blame.on(&key("retry_initial")))?;
     let retry_max = nonzero(r.retry_max, Duration::from_secs(300)).map_err(blame.on(&key("retry_max")))?;
@@ -325,7 +329,8 @@ fn route(i: usize, r: RawRoute, earlier: &[RouteConfig], blame: &Blame) -> Resul
         queue: r.queue,
         urls: r.urls,
         timeout: nonzero(r.timeout, Duration::from_secs(10)).map_err(blame.on(&key("timeout")))?,
-        max_attempts: positive_u32(r.max_attempts, 10).map_err(blame.on(&key("max_attempts")))?,
+        max_attempts: positive(r.max_attempts, DEFAULT_ROUTE_MAX_ATTEMPTS)
+            .map_err(blame.on(&key("max_attempts")))?,
         retry_initial,
         retry_max,
         service_down,
@@ -333,9 +338,9 @@ fn route(i: usize, r: RawRoute, earlier: &[RouteConfig], blame: &Blame) -> Resul
         auto_forward: r.auto_forward.unwrap_or(false),
         probe_interval: nonzero(r.probe_interval, Duration::from_secs(30))
             .map_err(blame.on(&key("probe_interval")))?,
-        max_in_flight: bounded_u32(r.max_in_flight, 1, MAX_ROUTE_IN_FLIGHT)
+        max_in_flight: bounded_u32(r.max_in_flight, NonZeroU32::MIN, MAX_ROUTE_IN_FLIGHT)
             .map_err(blame.on(&key("max_in_flight")))?,
-        batch: bounded_u32(r.batch, 1, MAX_ROUTE_BATCH).map_err(blame.on(&key("batch")))?,
+        batch: bounded_u32(r.batch, NonZeroU32::MIN, MAX_ROUTE_BATCH).map_err(blame.on(&key("batch")))?,
         tls: ClientTlsFiles::from_raw(r.ca_file, r.cert_file, r.key_file)
             .map_err(blame.on(&key("cert_file")))?,
     })
@@ -362,19 +367,31 @@ fn queues(raw: Vec<RawQueue>, blame: &Blame) -> Result<Vec<QueueConfig>, ConfigE
     Ok(queues)
 }
 
-fn bounded_u32(value: Option<u64>, default: u32, max: u32) -> Result<u32, String> {
+/// `value` from 1 to `max`, or `default` if not given.
+fn bounded_u32(value: Option<u64>, default: NonZeroU32, max: u32) -> Result<NonZeroU32, String> {
     match value {
         None => Ok(default),
-        Some(n) if n >= 1 && n <= u64::from(max) => Ok(n as u32),
+        Some(n) if n <= u64::from(max) => {
+            u32::try_from(n).ok().and_then(NonZeroU32::new).ok_or_else(|| format!("{n}: expected 1 to {max}"))
+        }
         Some(n) => Err(format!("{n}: expected 1 to {max}")),
     }
 }
 
+/// `value` if at least 1 and it fits, or `default` if not given.
 fn positive_u32(value: Option<u64>, default: u32) -> Result<u32, String> {
     match value {
         None => Ok(default),
+        given => positive(given, NonZeroU32::MIN).map(NonZeroU32::get),
+    }
+}
+
+/// `value` if at least 1 and it fits, or `default` if not given.
+fn positive(value: Option<u64>, default: NonZeroU32) -> Result<NonZeroU32, String> {
+    match value {
+        None => Ok(default),
         Some(0) => Err("must be at least 1".into()),
-        Some(n) => u32::try_from(n).map_err(|_| format!("{n} is too large")),
+        Some(n) => u32::try_from(n).ok().and_then(NonZeroU32::new).ok_or_else(|| format!("{n} is too large")),
     }
 }
 
@@ -398,12 +415,6 @@ fn validate_http_url(url: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_error_class(class: &str) -> Result<(), String> {
-    match class {
-        "connect" | "timeout" | "reset" => Ok(()),
-        _ => match class.strip_prefix("http:") {
-            Some(code) if code.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c)) => Ok(()),
-            _ => Err(format!("unknown error class {class:?}: use connect, timeout, reset or http:<status>")),
-        },
-    }
+fn error_classes(written: &[String]) -> Result<Vec<ErrorClass>, String> {
+    written.iter().map(|class| class.parse()).collect()
 }

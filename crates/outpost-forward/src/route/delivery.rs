@@ -315,7 +315,10 @@ fn describe(error: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
+    use outpost_core::config::ErrorClass;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -400,17 +403,15 @@ mod tests {
             queue: "q".into(),
             urls,
             timeout: Duration::from_millis(500),
-            max_attempts: 3,
+            max_attempts: NonZeroU32::new(3).unwrap(),
             retry_initial: Duration::from_millis(10),
             retry_max: Duration::from_millis(100),
-            service_down: ["connect", "timeout", "http:502", "http:503", "http:504"]
-                .map(String::from)
-                .to_vec(),
-            poison: ["http:400", "http:413", "http:422"].map(String::from).to_vec(),
+            service_down: ErrorClass::DEFAULT_SERVICE_DOWN.to_vec(),
+            poison: ErrorClass::DEFAULT_POISON.to_vec(),
             auto_forward: false,
             probe_interval: Duration::from_secs(30),
-            max_in_flight: 1,
-            batch: 1,
+            max_in_flight: NonZeroU32::MIN,
+            batch: NonZeroU32::MIN,
             tls: Default::default(),
         }
     }

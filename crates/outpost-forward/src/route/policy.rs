@@ -7,9 +7,9 @@
 //! since storing keeps every message while failing one is an operator's chore.
 
 use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
+pub use outpost_core::config::ErrorClass;
 use outpost_core::config::RouteConfig;
 use outpost_link::Jitter;
 
@@ -40,43 +40,15 @@ impl fmt::Display for FailureKind {
     }
 }
 
-/// A class of errors as written in the configuration: `connect`, `timeout`, `reset`, `http:<status>`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ErrorClass {
-    Connect,
-    Timeout,
-    Reset,
-    Http(u16),
-}
-
-impl ErrorClass {
-    pub fn matches(self, kind: FailureKind) -> bool {
-        match (self, kind) {
+impl FailureKind {
+    /// Whether this failure is one of the errors `class` names.
+    pub fn is_in(self, class: ErrorClass) -> bool {
+        match (class, self) {
             (ErrorClass::Connect, FailureKind::Connect)
             | (ErrorClass::Timeout, FailureKind::Timeout)
             | (ErrorClass::Reset, FailureKind::Reset) => true,
             (ErrorClass::Http(class), FailureKind::Status(status)) => class == status,
             _ => false,
-        }
-    }
-}
-
-impl FromStr for ErrorClass {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<ErrorClass, String> {
-        match text {
-            "connect" => Ok(ErrorClass::Connect),
-            "timeout" => Ok(ErrorClass::Timeout),
-            "reset" => Ok(ErrorClass::Reset),
-            _ => text
-                .strip_prefix("http:")
-                .and_then(|code| code.parse::<u16>().ok())
-                .filter(|code| (100..=599).contains(code))
-                .map(ErrorClass::Http)
-                .ok_or_else(|| {
-                    format!("unknown error class {text:?}: use connect, timeout, reset or http:<status>")
-                }),
         }
     }
 }
@@ -127,28 +99,22 @@ pub struct RoutePolicy {
 }
 
 impl RoutePolicy {
-    /// The policy of a validated route. The configuration checked every class already; an
-    /// unreadable one here is a bug in that validation.
+    /// The policy of a validated route (classes parsed, `max_attempts` at least 1, `retry_max` at
+    /// least `retry_initial`).
     pub fn from_config(route: &RouteConfig) -> RoutePolicy {
-        let parse = |classes: &[String]| {
-            classes
-                .iter()
-                .map(|c| c.parse().unwrap_or_else(|e| panic!("route {:?}: validated class {e}", route.name)))
-                .collect()
-        };
         RoutePolicy {
-            service_down: parse(&route.service_down),
-            poison: parse(&route.poison),
-            max_attempts: route.max_attempts.max(1),
+            service_down: route.service_down.clone(),
+            poison: route.poison.clone(),
+            max_attempts: route.max_attempts.get(),
             retry_initial: route.retry_initial,
-            retry_max: route.retry_max.max(route.retry_initial),
+            retry_max: route.retry_max,
         }
     }
 
     pub fn classify(&self, kind: FailureKind) -> Class {
-        if self.service_down.iter().any(|c| c.matches(kind)) {
+        if self.service_down.iter().any(|&c| kind.is_in(c)) {
             Class::ServiceDown
-        } else if self.poison.iter().any(|c| c.matches(kind)) {
+        } else if self.poison.iter().any(|&c| kind.is_in(c)) {
             Class::Poison
         } else {
             Class::Transient
@@ -177,6 +143,8 @@ impl RoutePolicy {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
 
     fn policy() -> RoutePolicy {
@@ -189,24 +157,6 @@ mod tests {
             max_attempts: 3,
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(5),
-        }
-    }
-
-    #[test]
-    fn classes_parse_and_refuse() {
-        let cases: [(&str, Option<ErrorClass>); 9] = [
-            ("connect", Some(ErrorClass::Connect)),
-            ("timeout", Some(ErrorClass::Timeout)),
-            ("reset", Some(ErrorClass::Reset)),
-            ("http:503", Some(ErrorClass::Http(503))),
-            ("http:100", Some(ErrorClass::Http(100))),
-            ("http:600", None),
-            ("http:", None),
-            ("HTTP:500", None),
-            ("dns", None),
-        ];
-        for (text, want) in cases {
-            assert_eq!(text.parse::<ErrorClass>().ok(), want, "{text}");
         }
     }
 
@@ -278,17 +228,15 @@ mod tests {
             queue: "q".into(),
             urls: vec!["http://127.0.0.1:1/".into()],
             timeout: Duration::from_secs(10),
-            max_attempts: 3,
+            max_attempts: NonZeroU32::new(3).unwrap(),
             retry_initial: Duration::from_secs(1),
             retry_max: Duration::from_secs(5),
-            service_down: ["connect", "timeout", "http:502", "http:503", "http:504"]
-                .map(String::from)
-                .to_vec(),
-            poison: ["http:400", "http:413", "http:422"].map(String::from).to_vec(),
+            service_down: ErrorClass::DEFAULT_SERVICE_DOWN.to_vec(),
+            poison: ErrorClass::DEFAULT_POISON.to_vec(),
             auto_forward: false,
             probe_interval: Duration::from_secs(30),
-            max_in_flight: 1,
-            batch: 1,
+            max_in_flight: NonZeroU32::MIN,
+            batch: NonZeroU32::MIN,
             tls: Default::default(),
         };
         assert_eq!(RoutePolicy::from_config(&route), policy());
