@@ -1,4 +1,9 @@
 //! RFC 3339 UTC timestamps for `outpost_ha.log`, formatted by hand so the watcher needs no date crate.
+//!
+//! The workspace's date/time code is `outpost_core::time`; this is the one copy outside it, and only
+//! of the formatter, because the watcher may depend on no other outpost crate (ARCHITECTURE.md) and
+//! pulling a date crate into the watcher process to replace these lines would be the worse trade.
+//! Its output is the same format as `outpost_core::time::rfc3339_from_unix_ms`.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

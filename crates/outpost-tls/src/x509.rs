@@ -1,6 +1,9 @@
 //! Just enough of X.509 (DER) to tell an operator about a certificate and to bind a client
 //! certificate to an edge id: the validity period, the subject's common name and the DNS names of
 //! the subject alternative name extension. Never panics on any input; anything unreadable is `None`.
+//! Dates go through `outpost_core::time`'s calendar.
+
+use outpost_core::time::{civil_from_days, days_from_civil};
 
 /// What outpost reads from a certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -166,31 +169,10 @@ fn time(tag: u8, text: &[u8]) -> Option<i64> {
     Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
 /// `2026-11-26T01:15:52Z` for a Unix time in seconds.
 pub fn format_time(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
+    let (year, month, day) = civil_from_days(unix.div_euclid(86_400));
     let secs = unix.rem_euclid(86_400);
-    // civil_from_days
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", secs / 3600, secs % 3600 / 60, secs % 60)
 }
 

@@ -1,6 +1,7 @@
 //! How `outpost ctl` shows a reply: the API's JSON with `--json`, else one renderer per reply
 //! shape (status, edges, routes, failed entries, consumers) printing a table, with times as ages.
 
+use outpost_core::time::unix_ms_from_rfc3339;
 use serde_json::Value;
 
 use super::api::CtlError;
@@ -258,7 +259,7 @@ fn text(object: &Value, key: &str) -> String {
 /// An RFC 3339 field as "3m ago"; `-` when missing, the raw text when it is not RFC 3339.
 fn age(field: Option<&Value>, now_ms: i64) -> String {
     match field {
-        Some(Value::String(at)) => match parse_rfc3339_ms(at) {
+        Some(Value::String(at)) => match unix_ms_from_rfc3339(at) {
             Some(at_ms) => relative_age(at_ms, now_ms),
             None => at.clone(),
         },
@@ -313,94 +314,11 @@ pub(super) fn truncate(text: &str, max_chars: usize) -> String {
     cut
 }
 
-/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` to unix milliseconds. Only what the API writes (and
-/// offsets, for a node behind a proxy that rewrites them); no leap seconds.
-fn parse_rfc3339_ms(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    let number = |from: usize, to: usize| -> Option<i64> {
-        let digits = text.get(from..to)?;
-        digits.bytes().all(|c| c.is_ascii_digit()).then(|| digits.parse().ok())?
-    };
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
-    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let mut rest = &text[19..];
-    let mut millis = 0;
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let first_three = format!("{:0<3}", &fraction[..digits.min(3)]);
-        millis = first_three.parse::<i64>().ok()?;
-        rest = &fraction[digits..];
-    }
-    let offset_minutes = match rest.as_bytes() {
-        [b'Z' | b'z'] => 0,
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let hours: i64 = rest[1..3].parse().ok()?;
-            let minutes: i64 = rest[4..6].parse().ok()?;
-            let total = hours * 60 + minutes;
-            if *sign == b'+' {
-                total
-            } else {
-                -total
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(year, month, day);
-    let seconds = days * 86_400 + hour * 3600 + minute * 60 + second - offset_minutes * 60;
-    Some(seconds * 1000 + millis)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_from_march = (month + 9) % 12;
-    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
-}
-
 #[cfg(test)]
 mod tests {
     use serde_json::json;
 
     use super::*;
-
-    #[test]
-    fn parses_the_timestamps_the_api_writes() {
-        let cases: &[(&str, Option<i64>)] = &[
-            ("1970-01-01T00:00:00.000Z", Some(0)),
-            ("2000-02-29T00:00:00.000Z", Some(951_782_400_000)),
-            ("2026-11-22T05:01:02.123Z", Some(1_795_323_662_123)),
-            ("2026-11-22T05:01:02Z", Some(1_795_323_662_000)),
-            ("2026-11-22T05:01:02.1Z", Some(1_795_323_662_100)),
-            ("2026-11-22T05:01:02.123456789Z", Some(1_795_323_662_123)),
-            ("2026-11-22T06:01:02.123+01:00", Some(1_795_323_662_123)),
-            ("2026-11-22T04:31:02.123-00:30", Some(1_795_323_662_123)),
-            ("2026-11-22 05:01:02Z", Some(1_795_323_662_000)),
-            ("2026-11-22T05:01:02", None),
-            ("2026-13-22T05:01:02Z", None),
-            ("2026-11-22T05:01:02.Z", None),
-            ("yesterday", None),
-            ("", None),
-        ];
-        for (text, expected) in cases {
-            assert_eq!(parse_rfc3339_ms(text), *expected, "{text:?}");
-        }
-    }
 
     #[test]
     fn ages_read_as_the_largest_whole_unit() {
@@ -430,7 +348,7 @@ mod tests {
 
     #[test]
     fn status_shows_state_upstream_backlog_and_the_newest_offline_entries() {
-        let now = parse_rfc3339_ms("2026-11-22T05:10:00.000Z").unwrap();
+        let now = unix_ms_from_rfc3339("2026-11-22T05:10:00.000Z").unwrap();
         let log: Vec<Value> = (0..7)
             .map(|i| json!({"at": format!("2026-11-22T05:0{i}:00.000Z"), "cause": format!("cause{i}"), "detail": "d"}))
             .collect();
