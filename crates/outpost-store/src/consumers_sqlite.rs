@@ -188,7 +188,7 @@ pub(crate) fn lease(
                     state.failed_bytes += failure.message.payload.len() as u64;
                 }
                 Exhausted::FailAgain(change) => {
-                    failed::apply_change(tx, change, now_ms, &mut 0)?;
+                    failed::apply_change(tx, &change, now_ms, &mut 0)?;
                 }
             }
             delete_row(tx, consumer.id, failed_id, seq)?;
@@ -284,7 +284,12 @@ pub(crate) fn settle(
                 delete_row(tx, consumer.id, key.failed_id, key.seq)?;
                 if key.failed_id != 0 {
                     let mut freed = 0;
-                    failed::apply_change(tx, FailedChange::Remove { id: key.failed_id }, now_ms, &mut freed)?;
+                    failed::apply_change(
+                        tx,
+                        &FailedChange::Remove { id: key.failed_id },
+                        now_ms,
+                        &mut freed,
+                    )?;
                     state.failed_bytes = state.failed_bytes.saturating_sub(freed);
                 }
             }

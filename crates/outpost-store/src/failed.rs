@@ -15,7 +15,7 @@
 //! Statuses: `failed` (waiting for an operator) and `resubmitted` (put back on its route, which
 //! delivers it before continuing with the queue and then removes the entry).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use rusqlite::{params, OptionalExtension, Transaction};
@@ -165,7 +165,7 @@ pub(crate) fn insert(tx: &Transaction<'_>, failure: &NewFailure, now_ms: i64) ->
 /// `freed_bytes` gets the payload bytes of entries removed (they count against the quota).
 pub(crate) fn apply_change(
     tx: &Transaction<'_>,
-    change: FailedChange,
+    change: &FailedChange,
     now_ms: i64,
     freed_bytes: &mut u64,
 ) -> Result<FailedOutcome, StoreError> {
@@ -173,43 +173,33 @@ pub(crate) fn apply_change(
         FailedChange::Resubmit(FailedSelector::Route(route)) => {
             let ids: Vec<i64> = tx
                 .prepare_cached("SELECT id FROM failed WHERE route = ?1 AND status = 'failed' ORDER BY id")?
-                .query_map([&route], |r| r.get(0))?
+                .query_map([route], |r| r.get(0))?
                 .collect::<Result<_, _>>()?;
             tx.prepare_cached(
                 "UPDATE failed SET status = 'resubmitted' WHERE route = ?1 AND status = 'failed'",
             )?
-            .execute([&route])?;
+            .execute([route])?;
             let resubmitted = ids.into_iter().map(|id| (id, route.clone())).collect();
             Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted, unknown: Vec::new() }))
         }
         FailedChange::Resubmit(FailedSelector::Ids(ids)) => {
-            if ids.len() > MAX_RESUBMIT_IDS {
-                return Err(StoreError::Invalid(format!(
-                    "a resubmit may name at most {MAX_RESUBMIT_IDS} ids; this one names {}",
-                    ids.len()
-                )));
-            }
-            let mut found = Vec::with_capacity(ids.len());
-            let mut unknown = Vec::new();
+            crate::ops::check_resubmit_ids(ids)?;
+            let mut routes = HashMap::with_capacity(ids.len());
             {
                 let mut lookup = tx.prepare_cached("SELECT route FROM failed WHERE id = ?1")?;
                 for id in ids {
-                    match lookup.query_row([id], |r| r.get::<_, String>(0)).optional()? {
-                        Some(route) => found.push((id, route)),
-                        None => unknown.push(id),
+                    if let Some(route) = lookup.query_row([id], |r| r.get::<_, String>(0)).optional()? {
+                        routes.insert(*id, route);
                     }
                 }
             }
-            if !unknown.is_empty() {
-                return Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted: Vec::new(), unknown }));
-            }
+            let outcome = crate::ops::plan_resubmit_ids(ids, &routes);
+            // No change unless every id exists (then `resubmitted` is empty).
             let mut update = tx.prepare_cached("UPDATE failed SET status = 'resubmitted' WHERE id = ?1")?;
-            for (id, _) in &found {
+            for (id, _) in &outcome.resubmitted {
                 update.execute([id])?;
             }
-            found.sort_unstable();
-            found.dedup();
-            Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted: found, unknown }))
+            Ok(FailedOutcome::Resubmitted(outcome))
         }
         FailedChange::FailedAgain { id, attempts, reason, last_error } => {
             let changed = tx
@@ -232,7 +222,9 @@ pub(crate) fn apply_change(
     }
 }
 
-const ENTRY_COLUMNS: &str =
+/// The columns an entry is read from, in this order, on both backends (the payload, when asked
+/// for, comes after them).
+pub(crate) const ENTRY_COLUMNS: &str =
     "id, route, queue, seq, message_id, origin, origin_seq, content_type, accepted_at_ms,
      attempts, reason, last_error, first_failed_at_ms, last_failed_at_ms, status";
 

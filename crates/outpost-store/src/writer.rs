@@ -10,11 +10,11 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::consumers::{LeasedMessage, SettleOutcome};
-use crate::ops::{Op, Reply, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
+use crate::consumers::consumer_reader;
+use crate::ops::{self, NewRow, Op, Outcome, QueueTail, Views};
 use crate::{
-    failed, schema, Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError,
-    StoreOptions,
+    consumers_sqlite, failed, schema, Appended, CommitObserver, NewMessage, OriginAppended, QueueStats,
+    StoreError, StoreOptions,
 };
 
 /// The writer's own copy of everything the views show, changed inside a transaction and published
@@ -41,6 +41,11 @@ pub(crate) struct State {
 }
 
 impl State {
+    /// What counts against the quota: message payloads, remembered keys and failed copies.
+    fn used_bytes(&self) -> u64 {
+        self.total_bytes + self.key_bytes + self.failed_bytes
+    }
+
     fn load(conn: &Connection, options: &StoreOptions) -> Result<State, StoreError> {
         let stats = schema::load_stats(conn)?;
         let total_bytes = stats.values().map(|q| q.bytes).sum();
@@ -98,18 +103,12 @@ impl Changes {
     fn is_empty(&self) -> bool {
         self.queues.is_empty() && self.origin_positions.is_empty() && self.cursors.is_empty()
     }
-}
 
-/// A reply waiting for its commit.
-enum Pending {
-    Append(Reply<Appended>, Result<Appended, StoreError>),
-    Origin(Reply<OriginAppended>, Result<OriginAppended, StoreError>),
-    Done(Reply<()>, Result<(), StoreError>),
-    Failed(Reply<failed::FailedOutcome>, Result<failed::FailedOutcome, StoreError>),
-    Leased(Reply<Vec<LeasedMessage>>, Result<Vec<LeasedMessage>, StoreError>),
-    Settled(Reply<SettleOutcome>, Result<SettleOutcome, StoreError>),
-    Deleted(Reply<bool>, Result<bool, StoreError>),
-    Ping(oneshot::Sender<()>),
+    /// `reader`'s cursor in `queue` moved, and with it perhaps the queue's release.
+    fn cursor_moved(&mut self, queue: &str, reader: &str) {
+        self.cursors.insert((queue.to_string(), reader.to_string()));
+        self.queues.insert(queue.to_string());
+    }
 }
 
 /// How the writer keeps a small disk usable (see `sqlite::wal_limit_bytes`).
@@ -201,17 +200,7 @@ impl Writer {
                     }
                 }
             };
-            let mut group_bytes = first.payload_bytes();
-            let mut group = vec![first];
-            while group.len() < MAX_OPS_PER_COMMIT && group_bytes < MAX_BYTES_PER_COMMIT {
-                match ops.try_recv() {
-                    Ok(op) => {
-                        group_bytes += op.payload_bytes();
-                        group.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let group = ops::gather_group(first, &mut ops);
             shutdown_reply = self.commit_group(group);
             if Instant::now() >= self.key_prune_at {
                 self.prune_keys();
@@ -354,289 +343,178 @@ impl Writer {
     /// shutdown reply if the group asked to stop.
     fn commit_group(&mut self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
         let started = Instant::now();
-        let op_count = group.len();
-        let mut pending = Vec::with_capacity(group.len());
-        let mut shutdown = None;
-        let mut changes = Changes::default();
-
-        // Operations still to apply; on a failed commit the ones never reached are refused with
-        // the same error as the others, so every caller hears the real cause (e.g. 507 disk full).
-        let mut ops = group.into_iter();
         self.state.disk_room_bytes = self.disk.room_bytes(&self.conn);
-        let outcome = (|| -> Result<(), StoreError> {
-            let tx = self.conn.unchecked_transaction().map_err(StoreError::from_sqlite)?;
-            let now_ms = outpost_core::time::now_unix_ms();
-            // A database error leaves the transaction in an unknown state and fails the whole
-            // group; the operation it happened in is answered with the others.
-            macro_rules! settle {
-                ($result:expr, $variant:path, $reply:expr) => {
-                    match fatal_or($result) {
-                        Ok(result) => result,
-                        Err(error) => {
-                            pending.push($variant($reply, Err(StoreError::Closed)));
-                            return Err(error);
-                        }
-                    }
-                };
-            }
-            for op in ops.by_ref() {
-                match op {
-                    Op::Append { queue, messages, idempotency_key, reply } => {
-                        if outpost_core::failpoint::hit("writer_panic") {
-                            panic!("failpoint writer_panic: a panic inside the store writer");
-                        }
-                        let result = apply_append(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            messages,
-                            idempotency_key,
-                            now_ms,
-                        );
-                        let result = settle!(result, Pending::Append, reply);
-                        if matches!(&result, Ok(a) if !a.duplicate) {
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Append(reply, result));
-                    }
-                    Op::AppendFromOrigin { queue, origin, messages, reply } => {
-                        let message_count = messages.len() as u64;
-                        let result = apply_origin_append(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            &origin,
-                            messages,
-                            now_ms,
-                        );
-                        let result = settle!(result, Pending::Origin, reply);
-                        if matches!(&result, Ok(a) if a.gap_expected_seq.is_none() && (a.stored > 0 || a.stored + a.duplicates < message_count))
-                        {
-                            changes.origin_positions.insert((origin, queue.clone()));
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Origin(reply, result));
-                    }
-                    Op::ReleaseFromOrigin { queue, origin, through_seq, reply } => {
-                        let result = apply_origin_release(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            &origin,
-                            through_seq,
-                        );
-                        let result = settle!(result, Pending::Origin, reply);
-                        let key = (origin, queue.clone());
-                        if result.is_ok() && self.state.origin_positions.contains_key(&key) {
-                            changes.origin_positions.insert(key);
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Origin(reply, result));
-                    }
-                    Op::AdvanceCursor { queue, reader, acked_seq, reply } => {
-                        let result = apply_advance_cursor(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            &reader,
-                            acked_seq,
-                            self.disk.release_chunk_bytes,
-                        );
-                        let result = settle!(result, Pending::Done, reply);
-                        if result.is_ok() {
-                            changes.cursors.insert((queue.clone(), reader));
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Done(reply, result));
-                    }
-                    Op::PutDocument { key, value, reply } => {
-                        let result = tx
-                            .prepare_cached(
-                                "INSERT INTO documents (key, value, updated_at_ms) VALUES (?1, ?2, ?3)
-                                 ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
-                            )
-                            .and_then(|mut stmt| stmt.execute(params![key, value, now_ms]))
-                            .map(|_| ())
-                            .map_err(StoreError::from);
-                        let result = settle!(result, Pending::Done, reply);
-                        pending.push(Pending::Done(reply, result));
-                    }
-                    Op::FailMessage { failure, reply } => {
-                        // The cursor first: if it refuses (non-fatal), nothing has been written.
-                        let result = apply_advance_cursor(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &failure.message.queue,
-                            &failure.reader,
-                            failure.message.seq,
-                            self.disk.release_chunk_bytes,
-                        )
-                        .and_then(|()| failed::insert(&tx, &failure, now_ms));
-                        let result = settle!(result, Pending::Failed, reply);
-                        if result.is_ok() {
-                            self.state.failed_bytes += failure.message.payload.len() as u64;
-                            changes.cursors.insert((failure.message.queue.clone(), failure.reader.clone()));
-                            changes.queues.insert(failure.message.queue.clone());
-                        }
-                        pending.push(Pending::Failed(reply, result.map(failed::FailedOutcome::Inserted)));
-                    }
-                    Op::ChangeFailed { change, reply } => {
-                        let mut freed = 0;
-                        let result = settle!(
-                            failed::apply_change(&tx, change, now_ms, &mut freed),
-                            Pending::Failed,
-                            reply
-                        );
-                        self.state.failed_bytes = self.state.failed_bytes.saturating_sub(freed);
-                        pending.push(Pending::Failed(reply, result));
-                    }
-                    Op::ConsumerLease { queue, name, request, reply } => {
-                        let result = crate::consumers_sqlite::lease(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            &name,
-                            request,
-                            now_ms,
-                            self.disk.release_chunk_bytes,
-                        );
-                        let result = settle!(result, Pending::Leased, reply);
-                        if result.is_ok() {
-                            changes.cursors.insert((queue.clone(), crate::consumers::consumer_reader(&name)));
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Leased(reply, result));
-                    }
-                    Op::ConsumerSettle { queue, name, lease_ids, settle, reply } => {
-                        let result = crate::consumers_sqlite::settle(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            &name,
-                            &lease_ids,
-                            settle,
-                            now_ms,
-                            self.disk.release_chunk_bytes,
-                        );
-                        let result = settle!(result, Pending::Settled, reply);
-                        if matches!(&result, Ok(outcome) if outcome.consumer_exists) {
-                            changes.cursors.insert((queue.clone(), crate::consumers::consumer_reader(&name)));
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Settled(reply, result));
-                    }
-                    Op::ConsumerDelete { queue, name, reply } => {
-                        let result = crate::consumers_sqlite::delete(
-                            &tx,
-                            &self.options,
-                            &mut self.state,
-                            &queue,
-                            &name,
-                            self.disk.release_chunk_bytes,
-                        );
-                        let result = settle!(result, Pending::Deleted, reply);
-                        if matches!(&result, Ok(true)) {
-                            changes.cursors.insert((queue.clone(), crate::consumers::consumer_reader(&name)));
-                            changes.queues.insert(queue);
-                        }
-                        pending.push(Pending::Deleted(reply, result));
-                    }
-                    Op::Ping { reply } => pending.push(Pending::Ping(reply)),
-                    Op::Shutdown { reply } => shutdown = Some(reply),
-                }
-            }
-            for queue in &changes.queues {
-                let last_seq = self.state.stats[queue].last_seq;
-                tx.prepare_cached("UPDATE queues SET last_seq = ?1 WHERE queue_id = ?2")?
-                    .execute(params![last_seq as i64, self.state.queue_ids[queue]])?;
-            }
-            tx.commit().map_err(StoreError::from_sqlite)
-        })();
-        if outcome.is_err() {
-            for op in ops {
-                match op {
-                    Op::Append { reply, .. } => pending.push(Pending::Append(reply, Err(StoreError::Closed))),
-                    Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. } => {
-                        pending.push(Pending::Origin(reply, Err(StoreError::Closed)))
-                    }
-                    Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
-                        pending.push(Pending::Done(reply, Err(StoreError::Closed)))
-                    }
-                    Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {
-                        pending.push(Pending::Failed(reply, Err(StoreError::Closed)))
-                    }
-                    Op::ConsumerLease { reply, .. } => {
-                        pending.push(Pending::Leased(reply, Err(StoreError::Closed)))
-                    }
-                    Op::ConsumerSettle { reply, .. } => {
-                        pending.push(Pending::Settled(reply, Err(StoreError::Closed)))
-                    }
-                    Op::ConsumerDelete { reply, .. } => {
-                        pending.push(Pending::Deleted(reply, Err(StoreError::Closed)))
-                    }
-                    Op::Ping { reply } => pending.push(Pending::Ping(reply)),
-                    Op::Shutdown { reply } => shutdown = Some(reply),
-                }
-            }
-        }
-
-        match outcome {
-            Ok(()) => {
+        match self.apply_group(&group) {
+            Ok((outcomes, changes)) => {
                 if !changes.is_empty() {
                     self.publish(Some(&changes));
                     self.commits.send_modify(|generation| *generation += 1);
                 }
                 if let Some(observer) = &self.observer {
-                    observer(started.elapsed(), op_count);
+                    observer(started.elapsed(), group.len());
                 }
-                for p in pending {
-                    match p {
-                        Pending::Append(reply, result) => drop(reply.send(result)),
-                        Pending::Origin(reply, result) => drop(reply.send(result)),
-                        Pending::Done(reply, result) => drop(reply.send(result)),
-                        Pending::Failed(reply, result) => drop(reply.send(result)),
-                        Pending::Leased(reply, result) => drop(reply.send(result)),
-                        Pending::Settled(reply, result) => drop(reply.send(result)),
-                        Pending::Deleted(reply, result) => drop(reply.send(result)),
-                        Pending::Ping(reply) => drop(reply.send(())),
-                    }
-                }
+                let answers = group.into_iter().zip(outcomes);
+                answers.filter_map(|(op, outcome)| op.answer(outcome)).last()
             }
-            Err(error) => {
-                let message = error.to_string();
-                let disk_full = matches!(error, StoreError::DiskFull(_));
-                tracing::error!(%message, operations = op_count, "store commit failed; every write in it was refused");
-                let failure = || {
-                    if disk_full {
-                        StoreError::DiskFull(message.clone())
-                    } else {
-                        StoreError::CommitFailed(message.clone())
-                    }
-                };
-                for p in pending {
-                    match p {
-                        Pending::Append(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Origin(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Done(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Failed(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Leased(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Settled(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Deleted(reply, _) => drop(reply.send(Err(failure()))),
-                        Pending::Ping(reply) => drop(reply.send(())),
-                    }
-                }
-                self.recover_after_failed_commit(disk_full);
-            }
+            Err(error) => self.refuse_group(group, error),
         }
+    }
+
+    /// The group's operations in order, in one transaction, committed: their outcomes (refusals of
+    /// single operations included) and what changed. A database error fails the whole group.
+    fn apply_group(&mut self, group: &[Op]) -> Result<(Vec<Outcome>, Changes), StoreError> {
+        let tx = self.conn.unchecked_transaction().map_err(StoreError::from_sqlite)?;
+        let now_ms = outpost_core::time::now_unix_ms();
+        let mut changes = Changes::default();
+        let mut outcomes = Vec::with_capacity(group.len());
+        for op in group {
+            let (options, chunk_bytes) = (&self.options, self.disk.release_chunk_bytes);
+            outcomes.push(apply_op(&tx, options, &mut self.state, chunk_bytes, op, now_ms, &mut changes)?);
+        }
+        for queue in &changes.queues {
+            let last_seq = self.state.stats[queue].last_seq;
+            tx.prepare_cached("UPDATE queues SET last_seq = ?1 WHERE queue_id = ?2")?
+                .execute(params![last_seq as i64, self.state.queue_ids[queue]])?;
+        }
+        tx.commit().map_err(StoreError::from_sqlite)?;
+        Ok((outcomes, changes))
+    }
+
+    /// The group's commit failed: every operation in it is refused with the cause (so every caller
+    /// hears it, e.g. 507 disk full), and the state is rebuilt from disk.
+    fn refuse_group(&mut self, group: Vec<Op>, error: StoreError) -> Option<oneshot::Sender<()>> {
+        let message = error.to_string();
+        let disk_full = matches!(error, StoreError::DiskFull(_));
+        tracing::error!(%message, operations = group.len(), "store commit failed; every write in it was refused");
+        let failure = || {
+            if disk_full {
+                StoreError::DiskFull(message.clone())
+            } else {
+                StoreError::CommitFailed(message.clone())
+            }
+        };
+        let shutdown = group.into_iter().filter_map(|op| op.refuse(&failure)).last();
+        self.recover_after_failed_commit(disk_full);
         shutdown
     }
+}
+
+/// One operation inside the group's transaction; notes in `changes` what it changed.
+fn apply_op(
+    tx: &Transaction<'_>,
+    options: &StoreOptions,
+    state: &mut State,
+    chunk_bytes: u64,
+    op: &Op,
+    now_ms: i64,
+    changes: &mut Changes,
+) -> Result<Outcome, StoreError> {
+    let outcome = match op {
+        Op::Append { queue, messages, idempotency_key, .. } => {
+            if outpost_core::failpoint::hit("writer_panic") {
+                panic!("failpoint writer_panic: a panic inside the store writer");
+            }
+            let key = idempotency_key.as_deref();
+            let result = fatal_or(apply_append(tx, options, state, queue, messages, key, now_ms))?;
+            if matches!(&result, Ok(a) if !a.duplicate) {
+                changes.queues.insert(queue.clone());
+            }
+            Outcome::Append(result)
+        }
+        Op::AppendFromOrigin { queue, origin, messages, .. } => {
+            let result = fatal_or(apply_origin_append(tx, options, state, queue, origin, messages, now_ms))?;
+            let count = messages.len() as u64;
+            if matches!(&result, Ok(a) if a.gap_expected_seq.is_none() && (a.stored > 0 || a.stored + a.duplicates < count))
+            {
+                changes.origin_positions.insert((origin.clone(), queue.clone()));
+                changes.queues.insert(queue.clone());
+            }
+            Outcome::Origin(result)
+        }
+        Op::ReleaseFromOrigin { queue, origin, through_seq, .. } => {
+            let result = fatal_or(apply_origin_release(tx, options, state, queue, origin, *through_seq))?;
+            let key = (origin.clone(), queue.clone());
+            if result.is_ok() && state.origin_positions.contains_key(&key) {
+                changes.origin_positions.insert(key);
+                changes.queues.insert(queue.clone());
+            }
+            Outcome::Origin(result)
+        }
+        Op::AdvanceCursor { queue, reader, acked_seq, .. } => {
+            let result =
+                fatal_or(apply_advance_cursor(tx, options, state, queue, reader, *acked_seq, chunk_bytes))?;
+            if result.is_ok() {
+                changes.cursor_moved(queue, reader);
+            }
+            Outcome::Done(result)
+        }
+        Op::PutDocument { key, value, .. } => {
+            let result = tx
+                .prepare_cached(
+                    "INSERT INTO documents (key, value, updated_at_ms) VALUES (?1, ?2, ?3)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+                )
+                .and_then(|mut stmt| stmt.execute(params![key, value, now_ms]))
+                .map(|_| ())
+                .map_err(StoreError::from);
+            Outcome::Done(fatal_or(result)?)
+        }
+        Op::FailMessage { failure, .. } => {
+            let (queue, reader) = (&failure.message.queue, &failure.reader);
+            // The cursor first: if it refuses (non-fatal), nothing has been written.
+            let result =
+                apply_advance_cursor(tx, options, state, queue, reader, failure.message.seq, chunk_bytes)
+                    .and_then(|()| failed::insert(tx, failure, now_ms));
+            let result = fatal_or(result)?;
+            if result.is_ok() {
+                state.failed_bytes += failure.message.payload.len() as u64;
+                changes.cursor_moved(queue, reader);
+            }
+            Outcome::Failed(result.map(failed::FailedOutcome::Inserted))
+        }
+        Op::ChangeFailed { change, .. } => {
+            let mut freed = 0;
+            let result = fatal_or(failed::apply_change(tx, change, now_ms, &mut freed))?;
+            state.failed_bytes = state.failed_bytes.saturating_sub(freed);
+            Outcome::Failed(result)
+        }
+        Op::ConsumerLease { queue, name, request, .. } => {
+            let result =
+                consumers_sqlite::lease(tx, options, state, queue, name, *request, now_ms, chunk_bytes);
+            let result = fatal_or(result)?;
+            if result.is_ok() {
+                changes.cursor_moved(queue, &consumer_reader(name));
+            }
+            Outcome::Leased(result)
+        }
+        Op::ConsumerSettle { queue, name, lease_ids, settle, .. } => {
+            let result = consumers_sqlite::settle(
+                tx,
+                options,
+                state,
+                queue,
+                name,
+                lease_ids,
+                *settle,
+                now_ms,
+                chunk_bytes,
+            );
+            let result = fatal_or(result)?;
+            if matches!(&result, Ok(outcome) if outcome.consumer_exists) {
+                changes.cursor_moved(queue, &consumer_reader(name));
+            }
+            Outcome::Settled(result)
+        }
+        Op::ConsumerDelete { queue, name, .. } => {
+            let result = fatal_or(consumers_sqlite::delete(tx, options, state, queue, name, chunk_bytes))?;
+            if matches!(&result, Ok(true)) {
+                changes.cursor_moved(queue, &consumer_reader(name));
+            }
+            Outcome::Deleted(result)
+        }
+        Op::Ping { .. } | Op::Shutdown { .. } => Outcome::Nothing,
+    };
+    Ok(outcome)
 }
 
 /// A database error leaves the transaction in an unknown state, so it fails the whole group (the
@@ -647,23 +525,6 @@ fn fatal_or<T>(result: Result<T, StoreError>) -> Result<Result<T, StoreError>, S
         Err(e @ StoreError::DiskFull(_)) => Err(e),
         other => Ok(other),
     }
-}
-
-/// A write fits when the quota (`limits.max_store_bytes`) has room for it and the disk has room for
-/// it beyond the reserve that checkpoints and releases need.
-fn check_quota(options: &StoreOptions, state: &State, needed_bytes: u64) -> Result<(), StoreError> {
-    if needed_bytes > state.disk_room_bytes {
-        return Err(StoreError::DiskReserve { room_bytes: state.disk_room_bytes, needed_bytes });
-    }
-    let used_bytes = state.total_bytes + state.key_bytes + state.failed_bytes;
-    if used_bytes.saturating_add(needed_bytes) > options.max_store_bytes {
-        return Err(StoreError::QuotaReached {
-            used_bytes,
-            needed_bytes,
-            limit_bytes: options.max_store_bytes,
-        });
-    }
-    Ok(())
 }
 
 /// The id of `queue`, creating it (after a quota check, so a rejected write leaves no empty queue).
@@ -677,10 +538,8 @@ pub(crate) fn ensure_queue(
     if let Some(id) = state.queue_ids.get(queue) {
         return Ok(*id);
     }
-    if state.queue_ids.len() as u64 >= options.max_queues {
-        return Err(StoreError::TooManyQueues { queue: queue.to_string(), limit: options.max_queues });
-    }
-    check_quota(options, state, needed_bytes)?;
+    ops::check_queue_count(options, state.queue_ids.len() as u64, queue)?;
+    ops::check_quota(options, state.used_bytes(), needed_bytes, state.disk_room_bytes)?;
     tx.execute("INSERT INTO queues (name, last_seq) VALUES (?1, 0)", [queue])?;
     let id = tx.last_insert_rowid();
     state.queue_ids.insert(queue.to_string(), id);
@@ -691,59 +550,40 @@ pub(crate) fn ensure_queue(
     Ok(id)
 }
 
-/// One message row to insert.
-struct Row<'a> {
-    id: String,
-    origin: &'a str,
-    origin_seq: Option<u64>,
-    content_type: &'a str,
-    payload: &'a [u8],
-}
-
 /// Inserts rows at the end of a queue with consecutive seqs; returns (first_seq, last_seq).
 fn insert_rows<'a>(
     tx: &Transaction<'_>,
     state: &mut State,
     queue: &str,
     queue_id: i64,
-    rows: impl Iterator<Item = Row<'a>>,
+    rows: impl Iterator<Item = NewRow<'a>>,
     now_ms: i64,
     ids: &mut Vec<String>,
 ) -> Result<(u64, u64), StoreError> {
-    let queue_stats = state.stats.get_mut(queue).expect("stats exist for every known queue");
-    let first_seq = queue_stats.last_seq + 1;
-    let mut seq = queue_stats.last_seq;
-    let mut bytes = 0u64;
+    let mut tail =
+        QueueTail::new(state.stats.get_mut(queue).expect("stats exist for every known queue"), now_ms);
     let mut insert = tx.prepare_cached(
         "INSERT INTO messages (queue_id, seq, id, origin, origin_seq, content_type, accepted_at_ms, payload)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     for row in rows {
-        seq += 1;
+        let (seq, origin_seq) = tail.place(&row);
         insert.execute(params![
             queue_id,
             seq as i64,
             row.id,
             row.origin,
-            row.origin_seq.unwrap_or(seq) as i64,
+            origin_seq as i64,
             row.content_type,
             now_ms,
-            row.payload
+            &row.payload[..]
         ])?;
-        bytes += row.payload.len() as u64;
         ids.push(row.id);
     }
-    let count = seq - queue_stats.last_seq;
-    if queue_stats.messages == 0 && count > 0 {
-        queue_stats.first_seq = first_seq;
-        queue_stats.oldest_accepted_at_ms = Some(now_ms);
-    }
-    queue_stats.last_seq = seq;
-    queue_stats.messages += count;
-    queue_stats.bytes += bytes;
+    let (first_seq, last_seq, bytes) = tail.finish();
     state.total_bytes += bytes;
     state.disk_room_bytes = state.disk_room_bytes.saturating_sub(bytes);
-    Ok((first_seq, seq))
+    Ok((first_seq, last_seq))
 }
 
 fn apply_append(
@@ -751,24 +591,19 @@ fn apply_append(
     options: &StoreOptions,
     state: &mut State,
     queue: &str,
-    messages: Vec<NewMessage>,
-    idempotency_key: Option<String>,
+    messages: &[NewMessage],
+    idempotency_key: Option<&str>,
     now_ms: i64,
 ) -> Result<Appended, StoreError> {
-    if messages.is_empty() {
-        return Err(StoreError::Invalid("an append needs at least one message".into()));
-    }
-    let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
     // A new queue holds no key yet: its key's bytes are part of what the quota must have room for.
-    let new_key_bytes =
-        idempotency_key.as_ref().map_or(0, |key| key.len() as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES);
+    let (needed, new_key_bytes) = ops::append_bytes(messages, idempotency_key)?;
     let queue_id = ensure_queue(tx, options, state, queue, needed + new_key_bytes)?;
 
     // A key older than the TTL is forgotten (its row may wait for the next prune): reused, it
     // stores a new message and takes the row over.
     let key_cutoff_ms = now_ms - options.idempotency_ttl.as_millis() as i64;
     let mut key_row_exists = false;
-    if let Some(key) = &idempotency_key {
+    if let Some(key) = idempotency_key {
         let existing: Option<(i64, String, i64)> = tx
             .prepare_cached(
                 "SELECT seq, id, created_at_ms FROM idempotency_keys WHERE queue_id = ?1 AND key = ?2",
@@ -789,18 +624,12 @@ fn apply_append(
         }
     }
     let key_bytes = if key_row_exists { 0 } else { new_key_bytes };
-    check_quota(options, state, needed + key_bytes)?;
+    ops::check_quota(options, state.used_bytes(), needed + key_bytes, state.disk_room_bytes)?;
 
     let mut ids = Vec::with_capacity(messages.len());
-    let rows = messages.iter().map(|m| Row {
-        id: m.id.clone().unwrap_or_else(outpost_core::new_message_id),
-        origin: &options.node_id,
-        origin_seq: None,
-        content_type: &m.content_type,
-        payload: &m.payload,
-    });
+    let rows = ops::local_rows(messages, &options.node_id);
     let (first_seq, last_seq) = insert_rows(tx, state, queue, queue_id, rows, now_ms, &mut ids)?;
-    if let Some(key) = &idempotency_key {
+    if let Some(key) = idempotency_key {
         tx.prepare_cached(
             "INSERT INTO idempotency_keys (queue_id, key, seq, id, created_at_ms) VALUES (?1, ?2, ?3, ?4, ?5)
              ON CONFLICT (queue_id, key) DO UPDATE
@@ -820,28 +649,21 @@ fn apply_origin_append(
     state: &mut State,
     queue: &str,
     origin: &str,
-    messages: Vec<BatchMessage>,
+    messages: &[BatchMessage],
     now_ms: i64,
 ) -> Result<OriginAppended, StoreError> {
     let key = (origin.to_string(), queue.to_string());
     let position = state.origin_positions.get(&key).copied().unwrap_or(0);
-    let (fresh, duplicates) = match crate::ops::plan_origin_append(position, &messages) {
+    let (fresh, duplicates) = match ops::plan_origin_append(position, messages) {
         Ok(plan) => plan,
         Err(answer) => return Ok(answer),
     };
     let needed: u64 = fresh.iter().map(|m| m.payload.len() as u64).sum();
     let queue_id = ensure_queue(tx, options, state, queue, needed)?;
-    check_quota(options, state, needed)?;
+    ops::check_quota(options, state.used_bytes(), needed, state.disk_room_bytes)?;
 
     let mut ids = Vec::with_capacity(fresh.len());
-    // Skip entries only move the position (see `outpost_core::wire`).
-    let rows = fresh.iter().filter(|m| !m.is_skip()).map(|m| Row {
-        id: m.id.clone(),
-        origin,
-        origin_seq: Some(m.seq),
-        content_type: &m.content_type,
-        payload: &m.payload,
-    });
+    let rows = ops::origin_rows(&fresh, origin);
     insert_rows(tx, state, queue, queue_id, rows, now_ms, &mut ids)?;
     let stored_through = fresh.last().expect("not empty").seq;
     tx.prepare_cached(
@@ -865,11 +687,8 @@ fn apply_origin_release(
 ) -> Result<OriginAppended, StoreError> {
     let key = (origin.to_string(), queue.to_string());
     let position = state.origin_positions.get(&key).copied().unwrap_or(0);
-    let answer =
-        |stored_through| OriginAppended { stored_through, stored: 0, duplicates: 0, gap_expected_seq: None };
-    if through_seq <= position {
-        return Ok(answer(position));
-    }
+    let (answer, moved) = ops::plan_origin_release(position, through_seq);
+    let Some(through_seq) = moved else { return Ok(answer) };
     let queue_id = ensure_queue(tx, options, state, queue, 0)?;
     tx.prepare_cached(
         "INSERT INTO origin_positions (origin, queue_id, last_origin_seq) VALUES (?1, ?2, ?3)
@@ -877,7 +696,7 @@ fn apply_origin_release(
     )?
     .execute(params![origin, queue_id, through_seq as i64])?;
     state.origin_positions.insert(key, through_seq);
-    Ok(answer(through_seq))
+    Ok(answer)
 }
 
 /// Records that `reader` is done with `queue` through `acked_seq`, then releases the prefix every
@@ -891,19 +710,13 @@ pub(crate) fn apply_advance_cursor(
     acked_seq: u64,
     chunk_bytes: u64,
 ) -> Result<(), StoreError> {
-    let Some(&queue_id) = state.queue_ids.get(queue) else {
-        return Err(StoreError::Invalid(format!("no queue named {queue:?}")));
-    };
-    let last_seq = state.stats[queue].last_seq;
-    if acked_seq > last_seq {
-        return Err(StoreError::Invalid(format!(
-            "reader {reader:?} cannot be done with seq {acked_seq} of queue {queue:?}: the last seq is {last_seq}"
-        )));
-    }
     let key = (queue.to_string(), reader.to_string());
-    if state.cursors.get(&key).is_some_and(|current| *current >= acked_seq) {
+    let last_seq = state.stats.get(queue).map(|stats| stats.last_seq);
+    let current = state.cursors.get(&key).copied().unwrap_or(0);
+    if !ops::check_cursor_advance(queue, reader, acked_seq, last_seq, current)? {
         return Ok(());
     }
+    let queue_id = state.queue_ids[queue];
     tx.prepare_cached(
         "INSERT INTO cursors (queue_id, reader, acked_seq) VALUES (?1, ?2, ?3)
          ON CONFLICT(queue_id, reader) DO UPDATE SET acked_seq = excluded.acked_seq",
@@ -927,13 +740,11 @@ fn release_through(options: &StoreOptions, state: &State, queue: &str) -> Option
         .range((queue.to_string(), String::new())..)
         .take_while(|(q, _)| q == queue)
         .map(|key| state.cursors.get(key).copied().unwrap_or(0));
-    let through = required
+    let required = required
         .iter()
         .map(|r| state.cursors.get(&(queue.to_string(), r.clone())).copied().unwrap_or(0))
-        .chain(consumers)
-        .min()?;
-    let stats = state.stats.get(queue)?;
-    (through >= stats.first_seq && stats.messages > 0).then_some(through)
+        .chain(consumers);
+    ops::release_through(required, state.stats.get(queue)?)
 }
 
 /// Deletes the oldest messages of `queue` that every required reader has passed, at most
@@ -983,10 +794,7 @@ pub(crate) fn release_chunk(
         .query_row([queue_id], |r| r.get(0))
         .optional()?;
     let queue_stats = state.stats.get_mut(queue).expect("stats exist for every known queue");
-    queue_stats.messages -= count;
-    queue_stats.bytes -= bytes;
-    queue_stats.first_seq = through + 1;
-    queue_stats.oldest_accepted_at_ms = oldest;
+    ops::apply_release(queue_stats, through, count, bytes, oldest);
     state.total_bytes -= bytes;
     if through >= release_through || queue_stats.messages == 0 {
         state.releases_due.remove(queue);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use super::{pg_error, Postgres};
-use crate::failed::{FailedEntry, FailedQuery, FailedStatus, MAX_FAILED_LIST_LIMIT};
+use crate::failed::{FailedEntry, FailedQuery, FailedStatus, ENTRY_COLUMNS, MAX_FAILED_LIST_LIMIT};
 use crate::ops::Views;
 use crate::{StoreError, StoredMessage};
 
@@ -160,10 +160,7 @@ impl Postgres {
     }
 }
 
-const ENTRY_COLUMNS: &str =
-    "id, route, queue, seq, message_id, origin, origin_seq, content_type, accepted_at_ms,
-     attempts, reason, last_error, first_failed_at_ms, last_failed_at_ms, status";
-
+/// An entry from its [`ENTRY_COLUMNS`] (and the payload after them when asked for).
 fn entry_from_row(row: &tokio_postgres::Row, with_payload: bool) -> Result<FailedEntry, StoreError> {
     Ok(FailedEntry {
         id: row.get(0),

@@ -34,11 +34,8 @@ use deadpool_postgres::{Pool, Transaction};
 use outpost_core::wire::BatchMessage;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::consumers::{LeasedMessage, SettleOutcome};
-use crate::failed::{
-    FailedChange, FailedOutcome, FailedSelector, NewFailure, ResubmitOutcome, MAX_RESUBMIT_IDS,
-};
-use crate::ops::{Op, Views, MAX_BYTES_PER_COMMIT, MAX_OPS_PER_COMMIT};
+use crate::failed::{FailedChange, FailedOutcome, FailedSelector, NewFailure, ResubmitOutcome};
+use crate::ops::{self, NewRow, Op, Outcome, QueueTail, Views};
 use crate::pg::listen::{self, CommitNotice};
 use crate::pg::{self, COMMITS_CHANNEL};
 use crate::{Appended, CommitObserver, NewMessage, OriginAppended, QueueStats, StoreError, StoreOptions};
@@ -68,18 +65,6 @@ impl From<tokio_postgres::Error> for TryError {
     fn from(e: tokio_postgres::Error) -> TryError {
         TryError::Pg(e)
     }
-}
-
-/// The answer to one operation, produced inside the transaction, sent after the commit.
-enum Outcome {
-    Append(Result<Appended, StoreError>),
-    Origin(Result<OriginAppended, StoreError>),
-    Done(Result<(), StoreError>),
-    Failed(Result<FailedOutcome, StoreError>),
-    Leased(Result<Vec<LeasedMessage>, StoreError>),
-    Settled(Result<SettleOutcome, StoreError>),
-    Deleted(Result<bool, StoreError>),
-    Nothing,
 }
 
 struct LockedQueue {
@@ -142,17 +127,7 @@ impl PgWriter {
             tokio::spawn(keep_keys_pruned(self.pool.clone(), self.url.clone(), self.options.idempotency_ttl));
         while shutdown_reply.is_none() {
             let Some(first) = ops.recv().await else { break };
-            let mut group_bytes = first.payload_bytes();
-            let mut group = vec![first];
-            while group.len() < MAX_OPS_PER_COMMIT && group_bytes < MAX_BYTES_PER_COMMIT {
-                match ops.try_recv() {
-                    Ok(op) => {
-                        group_bytes += op.payload_bytes();
-                        group.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let group = ops::gather_group(first, &mut ops);
             shutdown_reply = self.commit_group(group).await;
         }
         pruner.abort();
@@ -163,9 +138,10 @@ impl PgWriter {
         tracing::debug!("PostgreSQL store writer stopped");
     }
 
+    /// Commits a group (tried again after a deadlock or serialization failure with another
+    /// central) and answers each operation. Returns the shutdown reply if the group asked to stop.
     async fn commit_group(&self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
         let started = Instant::now();
-        let op_count = group.len();
         let mut tries = 0;
         let outcome = loop {
             match self.try_group(&group).await {
@@ -181,54 +157,19 @@ impl PgWriter {
                 Err(TryError::Store(e)) => break Err(e),
             }
         };
-        let mut shutdown = None;
         match outcome {
-            Ok(committed) => {
-                let changed = !(committed.stats.is_empty()
-                    && committed.positions.is_empty()
-                    && committed.cursors.is_empty());
-                listen::merge_stats(&self.views, committed.stats);
-                listen::merge_max(&self.views.origin_positions, committed.positions);
-                listen::merge_max(&self.views.cursors, committed.cursors);
-                if !committed.removed_cursors.is_empty() {
-                    let mut cursors = self.views.cursors.write().expect("views lock poisoned");
-                    for key in &committed.removed_cursors {
-                        cursors.remove(key);
-                    }
-                }
-                if changed {
-                    self.commits.send_modify(|generation| *generation += 1);
-                }
+            Ok(mut committed) => {
+                let outcomes = std::mem::take(&mut committed.outcomes);
+                self.publish(committed);
                 if let Some(observer) = &self.observer {
-                    observer(started.elapsed(), op_count);
+                    observer(started.elapsed(), group.len());
                 }
-                for (op, outcome) in group.into_iter().zip(committed.outcomes) {
-                    match (op, outcome) {
-                        (Op::Append { reply, .. }, Outcome::Append(r)) => drop(reply.send(r)),
-                        (
-                            Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. },
-                            Outcome::Origin(r),
-                        ) => drop(reply.send(r)),
-                        (
-                            Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. },
-                            Outcome::Done(r),
-                        ) => drop(reply.send(r)),
-                        (
-                            Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. },
-                            Outcome::Failed(r),
-                        ) => drop(reply.send(r)),
-                        (Op::ConsumerLease { reply, .. }, Outcome::Leased(r)) => drop(reply.send(r)),
-                        (Op::ConsumerSettle { reply, .. }, Outcome::Settled(r)) => drop(reply.send(r)),
-                        (Op::ConsumerDelete { reply, .. }, Outcome::Deleted(r)) => drop(reply.send(r)),
-                        (Op::Ping { reply }, _) => drop(reply.send(())),
-                        (Op::Shutdown { reply }, _) => shutdown = Some(reply),
-                        _ => unreachable!("every operation has the outcome of its kind"),
-                    }
-                }
+                let answers = group.into_iter().zip(outcomes);
+                answers.filter_map(|(op, outcome)| op.answer(outcome)).last()
             }
             Err(error) => {
                 let message = error.to_string();
-                tracing::error!(%message, operations = op_count, "PostgreSQL commit failed; every write in it was refused");
+                tracing::error!(%message, operations = group.len(), "PostgreSQL commit failed; every write in it was refused");
                 let failure = || match &error {
                     StoreError::DiskFull(m) => StoreError::DiskFull(m.clone()),
                     StoreError::Unavailable { url, detail } => {
@@ -236,28 +177,27 @@ impl PgWriter {
                     }
                     _ => StoreError::CommitFailed(message.clone()),
                 };
-                for op in group {
-                    match op {
-                        Op::Append { reply, .. } => drop(reply.send(Err(failure()))),
-                        Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. } => {
-                            drop(reply.send(Err(failure())))
-                        }
-                        Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
-                            drop(reply.send(Err(failure())))
-                        }
-                        Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {
-                            drop(reply.send(Err(failure())))
-                        }
-                        Op::ConsumerLease { reply, .. } => drop(reply.send(Err(failure()))),
-                        Op::ConsumerSettle { reply, .. } => drop(reply.send(Err(failure()))),
-                        Op::ConsumerDelete { reply, .. } => drop(reply.send(Err(failure()))),
-                        Op::Ping { reply } => drop(reply.send(())),
-                        Op::Shutdown { reply } => shutdown = Some(reply),
-                    }
-                }
+                group.into_iter().filter_map(|op| op.refuse(&failure)).last()
             }
         }
-        shutdown
+    }
+
+    /// Takes what a committed group changed into the views, and tells `commits` waiters.
+    fn publish(&self, committed: Committed) {
+        let changed =
+            !(committed.stats.is_empty() && committed.positions.is_empty() && committed.cursors.is_empty());
+        listen::merge_stats(&self.views, committed.stats);
+        listen::merge_max(&self.views.origin_positions, committed.positions);
+        listen::merge_max(&self.views.cursors, committed.cursors);
+        if !committed.removed_cursors.is_empty() {
+            let mut cursors = self.views.cursors.write().expect("views lock poisoned");
+            for key in &committed.removed_cursors {
+                cursors.remove(key);
+            }
+        }
+        if changed {
+            self.commits.send_modify(|generation| *generation += 1);
+        }
     }
 
     /// One try of a group: everything in one transaction, committed, or nothing.
@@ -265,210 +205,110 @@ impl PgWriter {
         let mut client = self.pool.get().await.map_err(|e| TryError::Store(pg::pool_error(&self.url, e)))?;
         let tx = client.transaction().await?;
         let now_ms = outpost_core::time::now_unix_ms();
-        let mut state = Group::default();
 
         // 1. Locks, in a fixed order: positions, then queues, each sorted.
-        let mut origin_keys = BTreeSet::new();
-        let mut queue_names = BTreeSet::new();
-        let mut appends = false;
-        for op in group {
-            match op {
-                Op::Append { queue, .. } => {
-                    queue_names.insert(queue.as_str());
-                    appends = true;
-                }
-                Op::AppendFromOrigin { queue, origin, .. } => {
-                    origin_keys.insert((origin.as_str(), queue.as_str()));
-                    queue_names.insert(queue.as_str());
-                    appends = true;
-                }
-                Op::ReleaseFromOrigin { queue, origin, .. } => {
-                    origin_keys.insert((origin.as_str(), queue.as_str()));
-                }
-                Op::AdvanceCursor { queue, .. } => {
-                    queue_names.insert(queue.as_str());
-                }
-                Op::FailMessage { failure, .. } => {
-                    queue_names.insert(failure.message.queue.as_str());
-                }
-                // A consumer's operations are serialized cluster-wide by its queue's row lock.
-                Op::ConsumerLease { queue, .. }
-                | Op::ConsumerSettle { queue, .. }
-                | Op::ConsumerDelete { queue, .. } => {
-                    queue_names.insert(queue.as_str());
-                }
-                _ => {}
-            }
-        }
-        if !origin_keys.is_empty() {
-            let (origins, queues): (Vec<&str>, Vec<&str>) = origin_keys.iter().copied().unzip();
-            let insert = tx
-                .prepare_cached(
-                    "INSERT INTO outpost_origin_positions (origin, queue, last_origin_seq)
-                     SELECT k.origin, k.queue, 0 FROM unnest($1::text[], $2::text[]) AS k(origin, queue)
-                     ORDER BY k.origin, k.queue
-                     ON CONFLICT DO NOTHING",
-                )
-                .await?;
-            tx.execute(&insert, &[&origins, &queues]).await?;
-            let lock = tx
-                .prepare_cached(
-                    "SELECT p.origin, p.queue, p.last_origin_seq FROM outpost_origin_positions p
-                     JOIN unnest($1::text[], $2::text[]) AS k(origin, queue) ON k.origin = p.origin AND k.queue = p.queue
-                     ORDER BY p.origin, p.queue FOR UPDATE OF p",
-                )
-                .await?;
-            for row in tx.query(&lock, &[&origins, &queues]).await? {
-                state.positions.insert((row.get(0), row.get(1)), (row.get::<_, i64>(2) as u64, false));
-            }
-        }
-        if !queue_names.is_empty() {
-            let names: Vec<&str> = queue_names.iter().copied().collect();
-            let lock = tx
-                .prepare_cached(
-                    "SELECT queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms
-                     FROM outpost_queues WHERE name = ANY($1) ORDER BY name FOR UPDATE",
-                )
-                .await?;
-            for row in tx.query(&lock, &[&names]).await? {
-                let (id, stats) = locked_queue_from_row(&row);
-                state.queues.insert(stats.name.clone(), LockedQueue { id, stats, dirty: false });
-            }
-        }
-        if appends {
-            // Messages, failed copies and idempotency keys (the last two kept by triggers).
-            let total = tx
-                .prepare_cached(
-                    "SELECT ((SELECT coalesce(sum(bytes), 0) FROM outpost_queues)
-                           + (SELECT coalesce(sum(key_bytes + failed_bytes), 0) FROM outpost_usage))::bigint",
-                )
-                .await?;
-            state.total_bytes = tx.query_one(&total, &[]).await?.get::<_, i64>(0) as u64;
-        }
+        let mut state = lock_group(&tx, group).await?;
 
         // 2. The operations, in order.
         let mut outcomes = Vec::with_capacity(group.len());
         for op in group {
-            let outcome = match op {
-                Op::Append { queue, messages, idempotency_key, .. } => Outcome::Append(per_op(
-                    self.append(&tx, &mut state, queue, messages, idempotency_key.as_deref(), now_ms).await,
-                )?),
-                Op::AppendFromOrigin { queue, origin, messages, .. } => Outcome::Origin(per_op(
-                    self.origin_append(&tx, &mut state, queue, origin, messages, now_ms).await,
-                )?),
-                Op::ReleaseFromOrigin { queue, origin, through_seq, .. } => {
-                    // The edge released these without forwarding them: the position moves there
-                    // (never back), nothing is stored. The row was created and locked above.
-                    let key = (origin.clone(), queue.clone());
-                    let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
-                    if *through_seq > position {
-                        state.positions.insert(key, (*through_seq, true));
-                    }
-                    Outcome::Origin(Ok(OriginAppended {
-                        stored_through: position.max(*through_seq),
-                        stored: 0,
-                        duplicates: 0,
-                        gap_expected_seq: None,
-                    }))
-                }
-                Op::AdvanceCursor { queue, reader, acked_seq, .. } => Outcome::Done(per_op(
-                    self.advance_cursor(&tx, &mut state, queue, reader, *acked_seq).await,
-                )?),
-                Op::PutDocument { key, value, .. } => {
-                    let upsert = tx
-                        .prepare_cached(
-                            "INSERT INTO outpost_documents (key, value, updated_at_ms) VALUES ($1, $2, $3)
-                             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
-                        )
-                        .await?;
-                    tx.execute(&upsert, &[key, value, &now_ms]).await?;
-                    Outcome::Done(Ok(()))
-                }
-                Op::FailMessage { failure, .. } => {
-                    Outcome::Failed(per_op(self.fail_message(&tx, &mut state, failure, now_ms).await)?)
-                }
-                Op::ChangeFailed { change, .. } => {
-                    Outcome::Failed(per_op(change_failed(&tx, change, now_ms).await)?)
-                }
-                Op::ConsumerLease { queue, name, request, .. } => Outcome::Leased(per_op(
-                    self.consumer_lease(&tx, &mut state, queue, name, *request, now_ms).await,
-                )?),
-                Op::ConsumerSettle { queue, name, lease_ids, settle, .. } => Outcome::Settled(per_op(
-                    self.consumer_settle(&tx, &mut state, queue, name, lease_ids, *settle, now_ms).await,
-                )?),
-                Op::ConsumerDelete { queue, name, .. } => {
-                    Outcome::Deleted(per_op(self.consumer_delete(&tx, &mut state, queue, name).await)?)
-                }
-                Op::Ping { .. } | Op::Shutdown { .. } => Outcome::Nothing,
-            };
-            outcomes.push(outcome);
+            outcomes.push(self.apply_op(&tx, &mut state, op, now_ms).await?);
         }
 
         // 3. Batched writes, the notice, the commit.
         flush_rows(&tx, &mut state.rows).await?;
-        let mut stats = Vec::new();
-        let dirty: Vec<&LockedQueue> = state.queues.values().filter(|q| q.dirty).collect();
-        if !dirty.is_empty() {
-            let update = tx
-                .prepare_cached(
-                    "UPDATE outpost_queues AS q
-                     SET last_seq = u.last_seq, messages = u.messages, bytes = u.bytes, first_seq = u.first_seq,
-                         oldest_accepted_at_ms = u.oldest, version = q.version + 1
-                     FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
-                          AS u(queue_id, last_seq, messages, bytes, first_seq, oldest)
-                     WHERE q.queue_id = u.queue_id
-                     RETURNING q.name, q.version",
-                )
-                .await?;
-            let ids: Vec<i64> = dirty.iter().map(|q| q.id).collect();
-            let last: Vec<i64> = dirty.iter().map(|q| q.stats.last_seq as i64).collect();
-            let messages: Vec<i64> = dirty.iter().map(|q| q.stats.messages as i64).collect();
-            let bytes: Vec<i64> = dirty.iter().map(|q| q.stats.bytes as i64).collect();
-            let first: Vec<i64> = dirty.iter().map(|q| q.stats.first_seq as i64).collect();
-            let oldest: Vec<Option<i64>> = dirty.iter().map(|q| q.stats.oldest_accepted_at_ms).collect();
-            for row in tx.query(&update, &[&ids, &last, &messages, &bytes, &first, &oldest]).await? {
-                let name: String = row.get(0);
-                stats.push((state.queues[&name].stats.clone(), row.get::<_, i64>(1)));
-            }
-        }
-        let positions: Vec<((String, String), u64)> = state
-            .positions
-            .iter()
-            .filter(|(_, (_, changed))| *changed)
-            .map(|(key, (seq, _))| (key.clone(), *seq))
-            .collect();
-        if !positions.is_empty() {
-            let update = tx
-                .prepare_cached(
-                    "UPDATE outpost_origin_positions AS p SET last_origin_seq = u.seq
-                     FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(origin, queue, seq)
-                     WHERE p.origin = u.origin AND p.queue = u.queue",
-                )
-                .await?;
-            let origins: Vec<&str> = positions.iter().map(|((o, _), _)| o.as_str()).collect();
-            let queues: Vec<&str> = positions.iter().map(|((_, q), _)| q.as_str()).collect();
-            let seqs: Vec<i64> = positions.iter().map(|(_, s)| *s as i64).collect();
-            tx.execute(&update, &[&origins, &queues, &seqs]).await?;
-        }
+        let stats = write_queue_rows(&tx, &state).await?;
+        let positions = write_positions(&tx, &state).await?;
         let cursors: Vec<((String, String), u64)> = std::mem::take(&mut state.cursors).into_iter().collect();
         if !(stats.is_empty() && positions.is_empty() && cursors.is_empty()) {
-            let mut notice = CommitNotice {
-                from: self.instance.clone(),
-                queues: stats.iter().map(|(s, _)| s.name.clone()).collect(),
-                positions: positions.iter().map(|(k, _)| k.clone()).collect(),
-                cursors: cursors.iter().map(|(k, _)| k.clone()).collect(),
-                all: false,
-            };
-            let mut payload = serde_json::to_string(&notice).expect("a commit notice serializes");
-            if payload.len() > MAX_NOTICE_BYTES {
-                notice = CommitNotice { from: self.instance.clone(), all: true, ..CommitNotice::default() };
-                payload = serde_json::to_string(&notice).expect("a commit notice serializes");
-            }
-            let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
-            tx.execute(&notify, &[&COMMITS_CHANNEL, &payload]).await?;
+            self.notify_commit(&tx, &stats, &positions, &cursors).await?;
         }
         tx.commit().await?;
         Ok(Committed { outcomes, stats, positions, cursors, removed_cursors: state.removed_cursors })
+    }
+
+    /// One operation against the locked rows. A refusal of this operation is its outcome; a
+    /// database error fails the group.
+    async fn apply_op(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        op: &Op,
+        now_ms: i64,
+    ) -> Result<Outcome, TryError> {
+        Ok(match op {
+            Op::Append { queue, messages, idempotency_key, .. } => Outcome::Append(per_op(
+                self.append(tx, state, queue, messages, idempotency_key.as_deref(), now_ms).await,
+            )?),
+            Op::AppendFromOrigin { queue, origin, messages, .. } => {
+                Outcome::Origin(per_op(self.origin_append(tx, state, queue, origin, messages, now_ms).await)?)
+            }
+            Op::ReleaseFromOrigin { queue, origin, through_seq, .. } => {
+                // The row was created and locked with the group's positions.
+                let key = (origin.clone(), queue.clone());
+                let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
+                let (answer, moved) = ops::plan_origin_release(position, *through_seq);
+                if let Some(through_seq) = moved {
+                    state.positions.insert(key, (through_seq, true));
+                }
+                Outcome::Origin(Ok(answer))
+            }
+            Op::AdvanceCursor { queue, reader, acked_seq, .. } => {
+                Outcome::Done(per_op(self.advance_cursor(tx, state, queue, reader, *acked_seq).await)?)
+            }
+            Op::PutDocument { key, value, .. } => {
+                let upsert = tx
+                    .prepare_cached(
+                        "INSERT INTO outpost_documents (key, value, updated_at_ms) VALUES ($1, $2, $3)
+                         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
+                    )
+                    .await?;
+                tx.execute(&upsert, &[key, value, &now_ms]).await?;
+                Outcome::Done(Ok(()))
+            }
+            Op::FailMessage { failure, .. } => {
+                Outcome::Failed(per_op(self.fail_message(tx, state, failure, now_ms).await)?)
+            }
+            Op::ChangeFailed { change, .. } => {
+                Outcome::Failed(per_op(change_failed(tx, change, now_ms).await)?)
+            }
+            Op::ConsumerLease { queue, name, request, .. } => {
+                Outcome::Leased(per_op(self.consumer_lease(tx, state, queue, name, *request, now_ms).await)?)
+            }
+            Op::ConsumerSettle { queue, name, lease_ids, settle, .. } => Outcome::Settled(per_op(
+                self.consumer_settle(tx, state, queue, name, lease_ids, *settle, now_ms).await,
+            )?),
+            Op::ConsumerDelete { queue, name, .. } => {
+                Outcome::Deleted(per_op(self.consumer_delete(tx, state, queue, name).await)?)
+            }
+            Op::Ping { .. } | Op::Shutdown { .. } => Outcome::Nothing,
+        })
+    }
+
+    /// Sends `NOTIFY outpost_commits` naming what the group changed (inside the transaction, so it
+    /// is delivered only if the commit is); a list too long for a notice says "reload everything".
+    async fn notify_commit(
+        &self,
+        tx: &Transaction<'_>,
+        stats: &[(QueueStats, i64)],
+        positions: &[((String, String), u64)],
+        cursors: &[((String, String), u64)],
+    ) -> Result<(), TryError> {
+        let mut notice = CommitNotice {
+            from: self.instance.clone(),
+            queues: stats.iter().map(|(s, _)| s.name.clone()).collect(),
+            positions: positions.iter().map(|(k, _)| k.clone()).collect(),
+            cursors: cursors.iter().map(|(k, _)| k.clone()).collect(),
+            all: false,
+        };
+        let mut payload = serde_json::to_string(&notice).expect("a commit notice serializes");
+        if payload.len() > MAX_NOTICE_BYTES {
+            notice = CommitNotice { from: self.instance.clone(), all: true, ..CommitNotice::default() };
+            payload = serde_json::to_string(&notice).expect("a commit notice serializes");
+        }
+        let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+        tx.execute(&notify, &[&COMMITS_CHANNEL, &payload]).await?;
+        Ok(())
     }
 
     /// Creates `queue` if the group has not locked it (after a quota check, so a refused write
@@ -494,13 +334,8 @@ impl PgWriter {
             None => {
                 let count = tx.prepare_cached("SELECT count(*) FROM outpost_queues").await?;
                 let queues = tx.query_one(&count, &[]).await?.get::<_, i64>(0) as u64;
-                if queues >= self.options.max_queues {
-                    return Err(TryError::Store(StoreError::TooManyQueues {
-                        queue: queue.to_string(),
-                        limit: self.options.max_queues,
-                    }));
-                }
-                check_quota(&self.options, state.total_bytes, needed_bytes).map_err(TryError::Store)?;
+                ops::check_queue_count(&self.options, queues, queue).map_err(TryError::Store)?;
+                check_quota(&self.options, state.total_bytes, needed_bytes)?;
                 let create = tx
                     .prepare_cached(
                         "INSERT INTO outpost_queues (name) VALUES ($1)
@@ -525,14 +360,9 @@ impl PgWriter {
         idempotency_key: Option<&str>,
         now_ms: i64,
     ) -> Result<Appended, TryError> {
-        if messages.is_empty() {
-            return Err(TryError::Store(StoreError::Invalid("an append needs at least one message".into())));
-        }
-        let needed: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
         // A remembered key counts against the quota too (outpost_usage, kept by a trigger): a new
         // queue is created only if the whole write fits.
-        let key_bytes =
-            idempotency_key.map_or(0, |key| key.len() as u64 + crate::IDEMPOTENCY_KEY_OVERHEAD_BYTES);
+        let (needed, key_bytes) = ops::append_bytes(messages, idempotency_key).map_err(TryError::Store)?;
         self.ensure_queue(tx, state, queue, needed + key_bytes).await?;
         let queue_id = state.queues[queue].id;
         if let Some(key) = idempotency_key {
@@ -554,16 +384,10 @@ impl PgWriter {
                 });
             }
         }
-        check_quota(&self.options, state.total_bytes, needed + key_bytes).map_err(TryError::Store)?;
+        check_quota(&self.options, state.total_bytes, needed + key_bytes)?;
         state.total_bytes += key_bytes;
         let mut ids = Vec::with_capacity(messages.len());
-        let rows = messages.iter().map(|m| RowIn {
-            id: m.id.clone().unwrap_or_else(outpost_core::new_message_id),
-            origin: &self.options.node_id,
-            origin_seq: None,
-            content_type: &m.content_type,
-            payload: m.payload.clone(),
-        });
+        let rows = ops::local_rows(messages, &self.options.node_id);
         let (first_seq, last_seq) = add_rows(state, queue, rows, now_ms, &mut ids);
         if let Some(key) = idempotency_key {
             let insert = tx
@@ -590,22 +414,15 @@ impl PgWriter {
     ) -> Result<OriginAppended, TryError> {
         let key = (origin.to_string(), queue.to_string());
         let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
-        let (fresh, duplicates) = match crate::ops::plan_origin_append(position, messages) {
+        let (fresh, duplicates) = match ops::plan_origin_append(position, messages) {
             Ok(plan) => plan,
             Err(answer) => return Ok(answer),
         };
         let needed: u64 = fresh.iter().map(|m| m.payload.len() as u64).sum();
         self.ensure_queue(tx, state, queue, needed).await?;
-        check_quota(&self.options, state.total_bytes, needed).map_err(TryError::Store)?;
+        check_quota(&self.options, state.total_bytes, needed)?;
         let mut ids = Vec::with_capacity(fresh.len());
-        // Skip entries only move the position (see `outpost_core::wire`).
-        let rows = fresh.iter().filter(|m| !m.is_skip()).map(|m| RowIn {
-            id: m.id.clone(),
-            origin,
-            origin_seq: Some(m.seq),
-            content_type: &m.content_type,
-            payload: m.payload.clone(),
-        });
+        let rows = ops::origin_rows(&fresh, origin);
         add_rows(state, queue, rows, now_ms, &mut ids);
         let stored_through = fresh.last().expect("not empty").seq;
         state.positions.insert(key, (stored_through, true));
@@ -620,19 +437,12 @@ impl PgWriter {
         reader: &str,
         acked_seq: u64,
     ) -> Result<(), TryError> {
-        let Some(locked) = state.queues.get(queue) else {
-            return Err(TryError::Store(StoreError::Invalid(format!("no queue named {queue:?}"))));
-        };
-        let last_seq = locked.stats.last_seq;
-        if acked_seq > last_seq {
-            return Err(TryError::Store(StoreError::Invalid(format!(
-                "reader {reader:?} cannot be done with seq {acked_seq} of queue {queue:?}: the last seq is {last_seq}"
-            ))));
-        }
         let key = (queue.to_string(), reader.to_string());
+        let last_seq = state.queues.get(queue).map(|locked| locked.stats.last_seq);
         // The view never runs ahead of the database: at or past `acked_seq` there is nothing to do.
         let known = self.views.cursors.read().expect("views lock poisoned").get(&key).copied().unwrap_or(0);
-        if known.max(state.cursors.get(&key).copied().unwrap_or(0)) >= acked_seq {
+        let current = known.max(state.cursors.get(&key).copied().unwrap_or(0));
+        if !ops::check_cursor_advance(queue, reader, acked_seq, last_seq, current).map_err(TryError::Store)? {
             return Ok(());
         }
         let upsert = tx
@@ -670,13 +480,10 @@ impl PgWriter {
             .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
             .collect();
         required.extend(found.keys().filter(|r| crate::consumers::is_consumer_reader(r)).cloned());
-        if required.is_empty() {
-            return Ok(()); // nobody is required to read this queue: keep everything
-        }
-        let release_through = required.iter().map(|r| found.get(r).copied().unwrap_or(0)).min().unwrap_or(0);
-        if release_through < state.queues[queue].stats.first_seq {
-            return Ok(());
-        }
+        let required = required.iter().map(|r| found.get(r).copied().unwrap_or(0));
+        let Some(release_through) = ops::release_through(required, &state.queues[queue].stats) else {
+            return Ok(()); // nothing to release, or nobody is required to read the queue
+        };
         // Rows of this group not yet written must be in the table before the delete sees them.
         flush_rows(tx, &mut state.rows).await?;
         let delete = tx
@@ -695,10 +502,7 @@ impl PgWriter {
             .await?;
         let oldest: Option<i64> = tx.query_opt(&oldest, &[&queue_id]).await?.map(|r| r.get(0));
         let locked = state.queues.get_mut(queue).expect("checked above");
-        locked.stats.messages -= count;
-        locked.stats.bytes -= bytes;
-        locked.stats.first_seq = release_through + 1;
-        locked.stats.oldest_accepted_at_ms = oldest;
+        ops::apply_release(&mut locked.stats, release_through, count, bytes, oldest);
         locked.dirty = true;
         // Read only for groups that append (it is the quota's input): saturate for the others.
         state.total_bytes = state.total_bytes.saturating_sub(bytes);
@@ -716,6 +520,155 @@ impl PgWriter {
         self.advance_cursor(tx, state, &failure.message.queue, &failure.reader, failure.message.seq).await?;
         Ok(FailedOutcome::Inserted(insert_failed(tx, failure, now_ms).await?))
     }
+}
+
+/// Which rows a group locks: the (origin, queue) positions and the queues, each sorted, and whether
+/// it appends (then the quota's input is read too).
+fn lock_keys(group: &[Op]) -> (BTreeSet<(&str, &str)>, BTreeSet<&str>, bool) {
+    let mut origin_keys = BTreeSet::new();
+    let mut queue_names = BTreeSet::new();
+    let mut appends = false;
+    for op in group {
+        match op {
+            Op::Append { queue, .. } => {
+                queue_names.insert(queue.as_str());
+                appends = true;
+            }
+            Op::AppendFromOrigin { queue, origin, .. } => {
+                origin_keys.insert((origin.as_str(), queue.as_str()));
+                queue_names.insert(queue.as_str());
+                appends = true;
+            }
+            Op::ReleaseFromOrigin { queue, origin, .. } => {
+                origin_keys.insert((origin.as_str(), queue.as_str()));
+            }
+            Op::AdvanceCursor { queue, .. } => {
+                queue_names.insert(queue.as_str());
+            }
+            Op::FailMessage { failure, .. } => {
+                queue_names.insert(failure.message.queue.as_str());
+            }
+            // A consumer's operations are serialized cluster-wide by its queue's row lock.
+            Op::ConsumerLease { queue, .. }
+            | Op::ConsumerSettle { queue, .. }
+            | Op::ConsumerDelete { queue, .. } => {
+                queue_names.insert(queue.as_str());
+            }
+            _ => {}
+        }
+    }
+    (origin_keys, queue_names, appends)
+}
+
+/// Step 1 of a group: locks the rows it touches, always in the same order (positions, created at 0
+/// if new, then queues), and reads what the quota is checked against when it appends.
+async fn lock_group(tx: &Transaction<'_>, group: &[Op]) -> Result<Group, TryError> {
+    let mut state = Group::default();
+    let (origin_keys, queue_names, appends) = lock_keys(group);
+    if !origin_keys.is_empty() {
+        let (origins, queues): (Vec<&str>, Vec<&str>) = origin_keys.iter().copied().unzip();
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO outpost_origin_positions (origin, queue, last_origin_seq)
+                 SELECT k.origin, k.queue, 0 FROM unnest($1::text[], $2::text[]) AS k(origin, queue)
+                 ORDER BY k.origin, k.queue
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        tx.execute(&insert, &[&origins, &queues]).await?;
+        let lock = tx
+            .prepare_cached(
+                "SELECT p.origin, p.queue, p.last_origin_seq FROM outpost_origin_positions p
+                 JOIN unnest($1::text[], $2::text[]) AS k(origin, queue) ON k.origin = p.origin AND k.queue = p.queue
+                 ORDER BY p.origin, p.queue FOR UPDATE OF p",
+            )
+            .await?;
+        for row in tx.query(&lock, &[&origins, &queues]).await? {
+            state.positions.insert((row.get(0), row.get(1)), (row.get::<_, i64>(2) as u64, false));
+        }
+    }
+    if !queue_names.is_empty() {
+        let names: Vec<&str> = queue_names.iter().copied().collect();
+        let lock = tx
+            .prepare_cached(
+                "SELECT queue_id, name, last_seq, messages, bytes, first_seq, oldest_accepted_at_ms
+                 FROM outpost_queues WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+            )
+            .await?;
+        for row in tx.query(&lock, &[&names]).await? {
+            let (id, stats) = locked_queue_from_row(&row);
+            state.queues.insert(stats.name.clone(), LockedQueue { id, stats, dirty: false });
+        }
+    }
+    if appends {
+        // Messages, failed copies and idempotency keys (the last two kept by triggers).
+        let total = tx
+            .prepare_cached(
+                "SELECT ((SELECT coalesce(sum(bytes), 0) FROM outpost_queues)
+                       + (SELECT coalesce(sum(key_bytes + failed_bytes), 0) FROM outpost_usage))::bigint",
+            )
+            .await?;
+        state.total_bytes = tx.query_one(&total, &[]).await?.get::<_, i64>(0) as u64;
+    }
+    Ok(state)
+}
+
+/// Step 3: every queue row the group changed, in one `UPDATE … FROM unnest(…)`; returns their
+/// stats at the version written.
+async fn write_queue_rows(tx: &Transaction<'_>, state: &Group) -> Result<Vec<(QueueStats, i64)>, TryError> {
+    let mut stats = Vec::new();
+    let dirty: Vec<&LockedQueue> = state.queues.values().filter(|q| q.dirty).collect();
+    if !dirty.is_empty() {
+        let update = tx
+            .prepare_cached(
+                "UPDATE outpost_queues AS q
+                 SET last_seq = u.last_seq, messages = u.messages, bytes = u.bytes, first_seq = u.first_seq,
+                     oldest_accepted_at_ms = u.oldest, version = q.version + 1
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+                      AS u(queue_id, last_seq, messages, bytes, first_seq, oldest)
+                 WHERE q.queue_id = u.queue_id
+                 RETURNING q.name, q.version",
+            )
+            .await?;
+        let ids: Vec<i64> = dirty.iter().map(|q| q.id).collect();
+        let last: Vec<i64> = dirty.iter().map(|q| q.stats.last_seq as i64).collect();
+        let messages: Vec<i64> = dirty.iter().map(|q| q.stats.messages as i64).collect();
+        let bytes: Vec<i64> = dirty.iter().map(|q| q.stats.bytes as i64).collect();
+        let first: Vec<i64> = dirty.iter().map(|q| q.stats.first_seq as i64).collect();
+        let oldest: Vec<Option<i64>> = dirty.iter().map(|q| q.stats.oldest_accepted_at_ms).collect();
+        for row in tx.query(&update, &[&ids, &last, &messages, &bytes, &first, &oldest]).await? {
+            let name: String = row.get(0);
+            stats.push((state.queues[&name].stats.clone(), row.get::<_, i64>(1)));
+        }
+    }
+    Ok(stats)
+}
+
+/// Step 3: every position the group moved, in one `UPDATE … FROM unnest(…)`; returns them.
+async fn write_positions(
+    tx: &Transaction<'_>,
+    state: &Group,
+) -> Result<Vec<((String, String), u64)>, TryError> {
+    let positions: Vec<((String, String), u64)> = state
+        .positions
+        .iter()
+        .filter(|(_, (_, changed))| *changed)
+        .map(|(key, (seq, _))| (key.clone(), *seq))
+        .collect();
+    if !positions.is_empty() {
+        let update = tx
+            .prepare_cached(
+                "UPDATE outpost_origin_positions AS p SET last_origin_seq = u.seq
+                 FROM unnest($1::text[], $2::text[], $3::bigint[]) AS u(origin, queue, seq)
+                 WHERE p.origin = u.origin AND p.queue = u.queue",
+            )
+            .await?;
+        let origins: Vec<&str> = positions.iter().map(|((o, _), _)| o.as_str()).collect();
+        let queues: Vec<&str> = positions.iter().map(|((_, q), _)| q.as_str()).collect();
+        let seqs: Vec<i64> = positions.iter().map(|(_, s)| *s as i64).collect();
+        tx.execute(&update, &[&origins, &queues, &seqs]).await?;
+    }
+    Ok(positions)
 }
 
 /// Inserts the copy of a failed message; returns its entry id.
@@ -805,15 +758,10 @@ fn per_op<T>(result: Result<T, TryError>) -> Result<Result<T, StoreError>, TryEr
     }
 }
 
-fn check_quota(options: &StoreOptions, used_bytes: u64, needed_bytes: u64) -> Result<(), StoreError> {
-    if used_bytes.saturating_add(needed_bytes) > options.max_store_bytes {
-        return Err(StoreError::QuotaReached {
-            used_bytes,
-            needed_bytes,
-            limit_bytes: options.max_store_bytes,
-        });
-    }
-    Ok(())
+/// The quota, against the bytes of the whole cluster read when the group started (the disk is the
+/// database server's: not measured here).
+fn check_quota(options: &StoreOptions, used_bytes: u64, needed_bytes: u64) -> Result<(), TryError> {
+    ops::check_quota(options, used_bytes, needed_bytes, u64::MAX).map_err(TryError::Store)
 }
 
 fn locked_queue_from_row(row: &tokio_postgres::Row) -> (i64, QueueStats) {
@@ -830,51 +778,33 @@ fn locked_queue_from_row(row: &tokio_postgres::Row) -> (i64, QueueStats) {
     )
 }
 
-struct RowIn<'a> {
-    id: String,
-    origin: &'a str,
-    origin_seq: Option<u64>,
-    content_type: &'a str,
-    payload: Bytes,
-}
-
 /// Adds rows at the end of a locked queue with consecutive seqs; returns (first_seq, last_seq).
 fn add_rows<'a>(
     state: &mut Group,
     queue: &str,
-    rows: impl Iterator<Item = RowIn<'a>>,
+    rows: impl Iterator<Item = NewRow<'a>>,
     now_ms: i64,
     ids: &mut Vec<String>,
 ) -> (u64, u64) {
     let locked = state.queues.get_mut(queue).expect("the queue was locked or created");
-    let first_seq = locked.stats.last_seq + 1;
-    let mut seq = locked.stats.last_seq;
-    let mut bytes = 0u64;
+    let mut tail = QueueTail::new(&mut locked.stats, now_ms);
+    let out = &mut state.rows;
     for row in rows {
-        seq += 1;
-        bytes += row.payload.len() as u64;
-        let out = &mut state.rows;
+        let (seq, origin_seq) = tail.place(&row);
         out.queue_ids.push(locked.id);
         out.seqs.push(seq as i64);
         out.ids.push(row.id.clone());
         out.origins.push(row.origin.to_string());
-        out.origin_seqs.push(row.origin_seq.unwrap_or(seq) as i64);
+        out.origin_seqs.push(origin_seq as i64);
         out.content_types.push(row.content_type.to_string());
         out.accepted_at_ms.push(now_ms);
-        out.payloads.push(row.payload);
+        out.payloads.push(row.payload.clone());
         ids.push(row.id);
     }
-    let count = seq - locked.stats.last_seq;
-    if locked.stats.messages == 0 && count > 0 {
-        locked.stats.first_seq = first_seq;
-        locked.stats.oldest_accepted_at_ms = Some(now_ms);
-    }
-    locked.stats.last_seq = seq;
-    locked.stats.messages += count;
-    locked.stats.bytes += bytes;
+    let (first_seq, last_seq, bytes) = tail.finish();
     locked.dirty = true;
     state.total_bytes += bytes;
-    (first_seq, seq)
+    (first_seq, last_seq)
 }
 
 /// Writes the buffered rows in one multi-row insert.
@@ -927,26 +857,19 @@ async fn change_failed(
             Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted, unknown: Vec::new() }))
         }
         FailedChange::Resubmit(FailedSelector::Ids(ids)) => {
-            if ids.len() > MAX_RESUBMIT_IDS {
-                return Err(TryError::Store(StoreError::Invalid(format!(
-                    "a resubmit may name at most {MAX_RESUBMIT_IDS} ids; this one names {}",
-                    ids.len()
-                ))));
-            }
+            ops::check_resubmit_ids(ids).map_err(TryError::Store)?;
             let lookup = tx.prepare_cached("SELECT id, route FROM outpost_failed WHERE id = ANY($1)").await?;
-            let found: HashMap<i64, String> =
+            let routes: HashMap<i64, String> =
                 tx.query(&lookup, &[ids]).await?.iter().map(|r| (r.get(0), r.get(1))).collect();
-            let unknown: Vec<i64> = ids.iter().copied().filter(|id| !found.contains_key(id)).collect();
-            if !unknown.is_empty() {
-                return Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted: Vec::new(), unknown }));
+            let outcome = ops::plan_resubmit_ids(ids, &routes);
+            // No change unless every id exists (then `resubmitted` is empty).
+            if !outcome.resubmitted.is_empty() {
+                let update = tx
+                    .prepare_cached("UPDATE outpost_failed SET status = 'resubmitted' WHERE id = ANY($1)")
+                    .await?;
+                tx.execute(&update, &[ids]).await?;
             }
-            let update = tx
-                .prepare_cached("UPDATE outpost_failed SET status = 'resubmitted' WHERE id = ANY($1)")
-                .await?;
-            tx.execute(&update, &[ids]).await?;
-            let mut resubmitted: Vec<(i64, String)> = found.into_iter().collect();
-            resubmitted.sort_unstable();
-            Ok(FailedOutcome::Resubmitted(ResubmitOutcome { resubmitted, unknown: Vec::new() }))
+            Ok(FailedOutcome::Resubmitted(outcome))
         }
         FailedChange::FailedAgain { id, attempts, reason, last_error } => {
             let update = tx
