@@ -1,5 +1,5 @@
 //! `outpost ctl`: the operator's client of CONTRACT section 8. Each command is one (or, for several
-//! ids, a few) calls of a node's HTTP API; the answer is shown as a table for people, or as the
+//! ids or queues, a few) calls of a node's HTTP API; the answer is shown as a table for people, or as the
 //! API's own JSON with `--json` for scripts. Exit codes: 0 done, 1 the node refused or could not be
 //! reached, 2 usage.
 //!
@@ -139,11 +139,17 @@ async fn execute(api: &Api, out: &Output, command: CtlCommand) -> Result<(), Ctl
             })
         }
         CtlCommand::Resubmit { ids, .. } => {
-            each_id(api, out, &ids, Method::POST, |id| format!("/v1/failed/{id}/resubmit"), "resubmitted")
-                .await
+            let mut results = IdResults::default();
+            for chunk in ids.chunks(MAX_IDS_PER_BULK_RESUBMIT) {
+                resubmit_in_bulk(api, out, chunk, &mut results).await?;
+            }
+            results.finish(out, ids.len())
         }
         CtlCommand::Discard { ids } => {
-            each_id(api, out, &ids, Method::DELETE, |id| format!("/v1/failed/{id}"), "discarded").await
+            let mut results = IdResults::default();
+            let path = |id: &str| format!("/v1/failed/{id}");
+            one_call_per_id(api, out, &ids, Method::DELETE, path, "discarded", &mut results).await?;
+            results.finish(out, ids.len())
         }
         CtlCommand::Consumers { queue } => {
             let consumers = consumers_with_their_queue(api, queue).await?;
@@ -191,40 +197,92 @@ async fn switch_route(
     })
 }
 
-/// One call per failed-entry id, all of them even when some fail: an operator discarding twenty
-/// entries wants the nineteen good ones done and the one bad one named.
-async fn each_id(
+/// What a command on several failed-entry ids did: an operator discarding twenty entries wants the
+/// nineteen good ones done and the one bad one named, so every id is tried and the outcome is
+/// collected here, then reported by [`IdResults::finish`].
+#[derive(Default)]
+struct IdResults {
+    /// One JSON object per id done, for `--json`.
+    replies: Vec<Value>,
+    /// The ids that failed; each was reported on stderr already.
+    failed: Vec<String>,
+}
+
+impl IdResults {
+    /// The id is done: a line for people now, its reply for `--json` at the end.
+    fn done(&mut self, out: &Output, done: &str, id: &str, reply: Value) {
+        if !out.json {
+            println!("{done} {id}");
+        }
+        self.replies.push(reply);
+    }
+
+    /// `--json`'s array of replies; exit 1 when any id failed.
+    fn finish(self, out: &Output, asked: usize) -> Result<(), CtlError> {
+        if out.json {
+            println!("{}", pretty(&Value::Array(self.replies)));
+        }
+        match self.failed.len() {
+            0 => Ok(()),
+            n => Err(CtlError::Partial(format!("{n} of {asked} failed: {}", self.failed.join(", ")))),
+        }
+    }
+}
+
+/// Ids per `POST /v1/failed/resubmit` call: well under the node's own bound (10,000) and its body
+/// limit, so a long list is a few calls.
+const MAX_IDS_PER_BULK_RESUBMIT: usize = 1000;
+
+/// `resubmit ID...`: the ids in one bulk call, `{"ids": [..]}`. The bulk endpoint is all or
+/// nothing: when it refuses (an unknown id, one that is not a number, a node without the endpoint),
+/// the same ids go one call each (`POST /v1/failed/{id}/resubmit`), so the good ones are done and
+/// each bad one is named with the node's own answer, exactly as if they had gone one by one.
+async fn resubmit_in_bulk(
+    api: &Api,
+    out: &Output,
+    ids: &[String],
+    results: &mut IdResults,
+) -> Result<(), CtlError> {
+    let numbers: Option<Vec<i64>> = ids.iter().map(|id| id.parse().ok()).collect();
+    if let Some(numbers) = numbers {
+        match api.call(Method::POST, "/v1/failed/resubmit", Some(json!({"ids": numbers}))).await {
+            Ok(_) => {
+                for (id, number) in ids.iter().zip(numbers) {
+                    // What `POST /v1/failed/{id}/resubmit` answers, so `--json` reads the same.
+                    results.done(out, "resubmitted", id, json!({"id": number, "status": "resubmitted"}));
+                }
+                return Ok(());
+            }
+            Err(e @ CtlError::Unreachable { .. }) => return Err(e),
+            Err(_) => {}
+        }
+    }
+    let path = |id: &str| format!("/v1/failed/{id}/resubmit");
+    one_call_per_id(api, out, ids, Method::POST, path, "resubmitted", results).await
+}
+
+/// One call per failed-entry id, all of them even when some fail; only a node that cannot be
+/// reached stops the list.
+async fn one_call_per_id(
     api: &Api,
     out: &Output,
     ids: &[String],
     method: Method,
     path: impl Fn(&str) -> String,
     done: &str,
+    results: &mut IdResults,
 ) -> Result<(), CtlError> {
-    let mut replies = Vec::with_capacity(ids.len());
-    let mut errors = Vec::new();
     for id in ids {
         match api.call(method.clone(), &path(id), None).await {
-            Ok(reply) => {
-                if !out.json {
-                    println!("{done} {id}");
-                }
-                replies.push(reply);
-            }
+            Ok(reply) => results.done(out, done, id, reply),
             Err(e @ CtlError::Unreachable { .. }) => return Err(e),
             Err(e) => {
                 eprintln!("outpost ctl: {e}");
-                errors.push(id.clone());
+                results.failed.push(id.clone());
             }
         }
     }
-    if out.json {
-        println!("{}", pretty(&Value::Array(replies)));
-    }
-    match errors.len() {
-        0 => Ok(()),
-        n => Err(CtlError::Partial(format!("{n} of {} failed: {}", ids.len(), errors.join(", ")))),
-    }
+    Ok(())
 }
 
 /// The number a bulk reply reports, whatever the server calls it.

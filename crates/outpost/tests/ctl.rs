@@ -314,6 +314,23 @@ async fn routes_and_failed_messages() {
         failed_entries(&url).await.iter().any(|e| e["message_id"] == message_id)
     })
     .await;
+    // Several ids with an unknown one: the bulk call refuses them all, so each goes alone; the known
+    // one is resubmitted, the unknown one named, and the exit code says not all worked.
+    let attempts_of_first = || async {
+        failed_entries(&url)
+            .await
+            .into_iter()
+            .find(|e| e["message_id"] == message_id)
+            .map(|e| e["attempts"].clone())
+    };
+    let attempts_before = attempts_of_first().await.expect("the first message failed again");
+    let run = ctl(&["--url", &url, "resubmit", &first, "999999"]).await;
+    assert!(run.expect_code(1).contains("999999") && run.stderr.contains("1 of 2 failed"), "{run:#?}");
+    assert!(run.stdout.contains(&format!("resubmitted {first}")), "{run:#?}");
+    wait_until_async(STATE_TIMEOUT, "the message resubmitted with an unknown id failed again", || async {
+        attempts_of_first().await.is_some_and(|attempts| attempts != attempts_before)
+    })
+    .await;
     let stdout = ctl(&["--url", &url, "resubmit", "--route", "erp"]).await.expect_success().to_string();
     assert!(stdout.contains("of route erp"), "{stdout}");
 
@@ -328,4 +345,48 @@ async fn routes_and_failed_messages() {
     assert!(stdout.contains("forward"), "{stdout}");
     let stderr = ctl(&["--url", &url, "store", "no-such-route"]).await.expect_code(1).to_string();
     assert!(stderr.contains("HTTP 404") && stderr.contains("no-such-route"), "{stderr}");
+}
+
+/// A stand-in node that answers only the bulk resubmit and counts every request it gets.
+async fn bulk_only_node() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::routing::post;
+    let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/failed/resubmit",
+            post(|axum::Json(body): axum::Json<serde_json::Value>| async move {
+                let ids = body["ids"].clone();
+                axum::Json(serde_json::json!({"resubmitted": ids.as_array().unwrap().len(), "ids": ids}))
+            }),
+        )
+        .fallback(|| async {
+            (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "only the bulk call is expected")
+        })
+        .layer(axum::middleware::from_fn(
+            move |request: axum::extract::Request, next: axum::middleware::Next| {
+                seen.lock().unwrap().push(format!("{} {}", request.method(), request.uri()));
+                next.run(request)
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, requests)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resubmitting_several_ids_is_one_bulk_call() {
+    let (url, requests) = bulk_only_node().await;
+    let stdout = ctl(&["--url", &url, "resubmit", "3", "5", "8"]).await.expect_success().to_string();
+    assert_eq!(stdout, "resubmitted 3\nresubmitted 5\nresubmitted 8\n");
+    let json: serde_json::Value =
+        serde_json::from_str(ctl(&["--url", &url, "--json", "resubmit", "3", "5"]).await.expect_success())
+            .unwrap();
+    assert_eq!(
+        json,
+        serde_json::json!([{"id": 3, "status": "resubmitted"}, {"id": 5, "status": "resubmitted"}]),
+        "the same array as one call per id would give"
+    );
+    assert_eq!(*requests.lock().unwrap(), ["POST /v1/failed/resubmit", "POST /v1/failed/resubmit"]);
 }
