@@ -14,7 +14,7 @@
 //!
 //! Every change (mode or reason) is followed by the cluster event [`ROUTE_MODE_EVENT`]
 //! (`{"route": name}`): it only says "look again", the document is the truth. Each central's
-//! follower (in [`crate::route`]) answers it with [`RouteModes::reload`], which re-reads the
+//! follower (`crate::route::cluster`) answers it with [`RouteModes::reload`], which re-reads the
 //! document and publishes it with [`RouteModes::adopt`] without persisting it again. Reading the
 //! document under the same lock as local changes makes every central converge on the document's
 //! last write, whatever order two racing changes (say, operators on two centrals) arrive in. A
