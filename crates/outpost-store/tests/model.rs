@@ -1,9 +1,10 @@
-//! Property test: the store behaves like a simple in-memory model of queues, across reopen.
+//! Property test: the store behaves like a simple in-memory model of queues, cursors, edge
+//! positions and failed messages, across reopens and crash reopens (see `common::model`).
 
 mod common;
 
 use bytes::Bytes;
-use common::model::{action, run_case, QUOTA_BYTES};
+use common::model::{action, cases, options, run_case, QUOTA_BYTES};
 use outpost_store::{NewMessage, Store, StoreError, StoreOptions};
 use proptest::prelude::*;
 
@@ -12,12 +13,13 @@ fn open(dir: &std::path::Path) -> Store {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(48), .. ProptestConfig::default() })]
     #[test]
     fn store_matches_model(actions in prop::collection::vec(action(), 1..40)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let dir = tempfile::tempdir().unwrap();
-        runtime.block_on(run_case(actions, || std::future::ready(open(dir.path()))));
+        let open = || std::future::ready(Store::open(dir.path(), options(), None).unwrap());
+        runtime.block_on(run_case(actions, open));
     }
 }
 
