@@ -392,9 +392,8 @@ async fn append_from_origin(
             );
             assert_eq!(answer.gap_expected_seq, None);
             // The queue exists from now on, even when every fresh entry was a skip.
-            let mut seq = model.queues.entry(queue.to_string()).or_default().last_seq;
-            for m in stored {
-                seq += 1;
+            let last_seq = model.queues.entry(queue.to_string()).or_default().last_seq;
+            for (seq, m) in (last_seq + 1..).zip(stored) {
                 let message = Message {
                     seq,
                     id: m.id.clone(),
