@@ -5,6 +5,7 @@ pub mod config;
 pub mod failpoint;
 pub mod metrics;
 pub mod names;
+pub mod redact;
 pub mod status;
 pub mod time;
 pub mod units;

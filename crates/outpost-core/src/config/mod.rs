@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::redact::redact_url;
 use crate::units::format_duration;
 
 mod layer;
@@ -201,18 +202,6 @@ impl Config {
             self.edges.len(),
             self.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", "),
         )
-    }
-}
-
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else { return url.to_string() };
-    let after = &url[scheme_end + 3..];
-    let Some(at) = after.find('@') else { return url.to_string() };
-    let userinfo = &after[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!("{}://{}:***{}", &url[..scheme_end], &userinfo[..colon], &after[at..]),
-        None => url.to_string(),
     }
 }
 

@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use outpost_core::redact::redact_url;
 use outpost_tls::postgres::PgTls;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -129,30 +130,14 @@ pub(crate) fn pool_error(url: &str, error: deadpool_postgres::PoolError) -> Stor
     }
 }
 
-/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`, for messages.
-pub(crate) fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let credentials = &url[scheme_end + 3..at];
-            match credentials.find(':') {
-                Some(colon) => {
-                    format!("{}{}:***{}", &url[..scheme_end + 3], &credentials[..colon], &url[at..])
-                }
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// The connection settings of `url` and its TLS connector (`sslmode`, `sslrootcert`: see
 /// `outpost_tls::postgres`).
 fn parse_config(url: &str) -> Result<(tokio_postgres::Config, PgTls), StoreError> {
     let (url, tls) = outpost_tls::postgres::prepare(url)
-        .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact(url))))?;
+        .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact_url(url))))?;
     let url = url.as_str();
     let mut config = tokio_postgres::Config::from_str(url)
-        .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact(url))))?;
+        .map_err(|e| StoreError::Invalid(format!("postgres URL {}: {e}", redact_url(url))))?;
     // An acknowledgement means durable, whatever the server's default or the URL's `options` say:
     // the setting goes last, and PostgreSQL applies a repeated `-c` in order.
     let options = match config.get_options() {
@@ -177,7 +162,7 @@ impl Postgres {
         observer: Option<CommitObserver>,
         ops: mpsc::Receiver<Op>,
     ) -> Result<(Postgres, JoinHandle<()>), StoreError> {
-        let shown_url = redact(url);
+        let shown_url = redact_url(url);
         let (mut config, tls) = parse_config(url)?;
         // Names this central's row in outpost_usage (see the migrations' triggers).
         config.application_name(format!("outpost {}", options.node_id));
