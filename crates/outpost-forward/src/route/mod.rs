@@ -3,10 +3,11 @@
 //! loop; [`Routes`] is the handle the API uses (list, switch modes, resubmit and discard failed
 //! messages); [`RouteTasks`] stops the tasks.
 //!
-//! This module is the facade; under it: `task` (the route task's loop), `cursor` (its cursor
-//! commits), `cluster` (the follower of other centrals' changes), [`policy`] (the pure failure
-//! policy), [`modes`] (durable route modes) and [`delivery`] (one HTTP delivery with endpoint
-//! failover).
+//! This module is the facade; under it: `task` (the route task's loop), `wait` (every wait of a
+//! task: one `wait(until) -> Wake` over the stop, the lease, the mode, new work and a deadline),
+//! `cursor` (its cursor commits), `cluster` (the follower of other centrals' changes), [`policy`]
+//! (the pure failure policy), [`modes`] (durable route modes) and [`delivery`] (one HTTP delivery
+//! with endpoint failover).
 //!
 //! # How a route moves through its queue
 //!
@@ -70,6 +71,7 @@ pub mod delivery;
 pub mod modes;
 pub mod policy;
 mod task;
+mod wait;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

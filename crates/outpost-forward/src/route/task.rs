@@ -10,9 +10,7 @@ use outpost_core::config::RouteConfig;
 use outpost_core::metrics::{Metrics, RouteLabel};
 use outpost_core::time::now_unix_ms;
 use outpost_link::Jitter;
-use outpost_store::{
-    FailedEntry, FailedQuery, FailedStatus, Lease, NewFailure, Store, StoreError, StoredMessage,
-};
+use outpost_store::{FailedEntry, FailedQuery, FailedStatus, NewFailure, Store, StoreError, StoredMessage};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -20,6 +18,7 @@ use super::cursor::CursorCommit;
 use super::delivery::{Deliverer, DeliveryFailure, Outgoing, Unit};
 use super::modes::{Mode, ModeState, RouteModes, CHANGED_BY_OPERATOR};
 use super::policy::{Class, RoutePolicy, Verdict};
+use super::wait::{Signals, Until, Wake};
 use super::{reader_name, MAX_UNCOMMITTED_DELIVERIES, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES};
 
 /// The count of a route's first read, before it knows the payload sizes.
@@ -47,22 +46,6 @@ async fn refresh_failed_metric<'a>(
             }
         }
         Err(e) => tracing::warn!("cannot count failed messages for the metrics: {e}"),
-    }
-}
-
-/// Resolves when the lease changes hands; never when its sender is gone (SQLite's lease is a
-/// constant: always held).
-async fn lease_changed(lease: &mut watch::Receiver<Lease>) {
-    if lease.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Resolves when a held lease's validity ends by this node's clock; never for one without an end.
-async fn lease_end(lease: Lease) {
-    match lease.valid_until {
-        Some(until) if lease.held => tokio::time::sleep_until(until.into()).await,
-        _ => std::future::pending().await,
     }
 }
 
@@ -138,14 +121,10 @@ pub(super) struct RouteTask {
     store: Store,
     metrics: Arc<Metrics>,
     modes: Arc<RouteModes>,
-    mode: watch::Receiver<ModeState>,
-    /// Whether this node may deliver the route (store lease `route:<name>`).
-    lease: watch::Receiver<Lease>,
+    /// The stop, the mode, the lease, commits and resubmit notices: what the task waits on.
+    signals: Signals,
     /// Whether the task has taken over the route under the lease (see [`RouteTask::gain_lease`]).
     holding: bool,
-    commits: watch::Receiver<u64>,
-    resubmit_notices: mpsc::Receiver<()>,
-    stop: watch::Receiver<bool>,
     jitter: Jitter,
     /// Highest queue seq delivered or failed; ahead of the durable cursor by the commits in flight.
     delivered_through: u64,
@@ -193,12 +172,14 @@ impl RouteTask {
             store: store.clone(),
             metrics: metrics.clone(),
             modes: modes.clone(),
-            mode: modes.subscribe(&route.name).expect("modes were loaded for every route"),
-            lease: store.lease(&reader_name(&route.name)),
+            signals: Signals {
+                stop,
+                mode: modes.subscribe(&route.name).expect("modes were loaded for every route"),
+                lease: store.lease(&reader_name(&route.name)),
+                commits: store.commits(),
+                resubmit_notices,
+            },
             holding: false,
-            commits: store.commits(),
-            resubmit_notices,
-            stop,
             jitter,
             delivered_through: store.cursor(&route.queue, &reader_name(&route.name)),
             read_ahead: VecDeque::new(),
@@ -218,17 +199,14 @@ impl RouteTask {
     }
 
     pub(super) async fn run(mut self) {
-        let mut last_mode = self.mode.borrow().mode;
-        while !*self.stop.borrow() {
-            let held = self.lease.borrow_and_update().is_valid();
+        let mut last_mode = self.signals.mode.borrow().mode;
+        while !*self.signals.stop.borrow() {
+            let held = self.signals.lease.borrow_and_update().is_valid();
             if !held {
                 if self.holding {
                     self.lose_lease().await;
                 }
-                tokio::select! {
-                    _ = lease_changed(&mut self.lease) => {}
-                    _ = self.stop.changed() => {}
-                }
+                self.signals.wait(Until::stop_or_lease()).await;
                 continue;
             }
             if !self.holding {
@@ -241,7 +219,7 @@ impl RouteTask {
                     continue;
                 }
             }
-            let mode = self.mode.borrow_and_update().mode;
+            let mode = self.signals.mode.borrow_and_update().mode;
             if mode == Mode::Forward && last_mode == Mode::Store {
                 // Back in service: primary endpoint first, no leftover backoff.
                 self.deliverer.prefer_primary();
@@ -300,16 +278,13 @@ impl RouteTask {
 
     /// Sleeps, waking early for a stop, a mode change or the lease changing hands.
     async fn pause(&mut self, duration: Duration) {
-        tokio::select! {
-            _ = tokio::time::sleep(duration) => {}
-            _ = self.stop.changed() => {}
-            _ = self.mode.changed() => {}
-            _ = lease_changed(&mut self.lease) => {}
-        }
+        self.signals
+            .wait(Until::stop_or_lease().or_mode_change().or_deadline(Instant::now() + duration))
+            .await;
     }
 
     fn take_notices(&mut self) {
-        while self.resubmit_notices.try_recv().is_ok() {
+        while self.signals.resubmit_notices.try_recv().is_ok() {
             self.resubmits_pending = true;
         }
     }
@@ -319,34 +294,29 @@ impl RouteTask {
         self.take_notices();
         self.cursor.poll();
         // Seen before looking, so a commit after the look wakes the wait below.
-        self.commits.borrow_and_update();
+        self.signals.commits.borrow_and_update();
         if self.head.is_none() {
             self.head = self.next_head().await?;
         }
         let Some(current) = &self.head else {
             self.cursor.flush().await;
-            tokio::select! {
-                _ = self.commits.changed() => {}
-                _ = self.resubmit_notices.recv() => self.resubmits_pending = true,
-                _ = self.mode.changed() => {}
-                _ = self.stop.changed() => {}
-                _ = lease_changed(&mut self.lease) => {}
-                _ = tokio::time::sleep(IDLE_RECHECK) => {}
+            let until =
+                Until::stop_or_lease().or_mode_change().or_work().or_deadline(Instant::now() + IDLE_RECHECK);
+            if self.signals.wait(until).await == Wake::Resubmitted {
+                self.resubmits_pending = true;
             }
             return Ok(());
         };
         let expired = matches!(&current.head, Head::Queued(message) if self.expired(message));
         if expired {
-            self.seen = self.mode.borrow().clone();
+            self.seen = self.signals.mode.borrow().clone();
             return self.fail_head(Verdict::FailExhausted, None).await;
         }
         if let Some(at) = self.retry_at {
             if at > Instant::now() {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    _ = self.stop.changed() => return Ok(()),
-                    _ = self.mode.changed() => return Ok(()),
-                    _ = lease_changed(&mut self.lease) => return Ok(()),
+                let until = Until::stop_or_lease().or_mode_change().or_deadline(at);
+                if self.signals.wait(until).await != Wake::Elapsed {
+                    return Ok(());
                 }
             }
             self.retry_at = None;
@@ -376,10 +346,10 @@ impl RouteTask {
     /// the policy as a single delivery would be; a failed batch sends its first message alone next,
     /// so the policy judges messages, not batches.
     async fn forward_window(&mut self) -> Result<(), StoreError> {
-        if !self.lease.borrow().is_valid() {
+        if !self.signals.lease.borrow().is_valid() {
             return Ok(());
         }
-        self.seen = self.mode.borrow().clone();
+        self.seen = self.signals.mode.borrow().clone();
         let Some(Current { head: Head::Queued(first), .. }) = self.head.take() else {
             unreachable!("a window starts at a fresh queued head")
         };
@@ -415,22 +385,21 @@ impl RouteTask {
             let posts = futures_util::future::join_all(outgoing.iter().map(|unit| deliverer.post_unit(unit)));
             tokio::pin!(posts);
             loop {
-                let lease = *self.lease.borrow();
+                let lease = *self.signals.lease.borrow();
                 if !lease.is_valid() {
                     tracing::warn!(route = %self.name, "the route's lease ran out during a window of deliveries: abandoning it to the next holder");
                     return Ok(());
                 }
-                tokio::select! {
-                    biased;
-                    _ = lease_end(lease) => {}
-                    _ = lease_changed(&mut self.lease) => {}
-                    _ = self.stop.changed() => return Ok(()),
-                    results = &mut posts => {
-                        if !self.lease.borrow().is_valid() {
+                match self.signals.wait_or(Until::stop_or_lease().or_lease_end(lease), &mut posts).await {
+                    Ok(results) => {
+                        if !self.signals.lease.borrow().is_valid() {
                             return Ok(());
                         }
                         break results;
                     }
+                    Err(Wake::Stopped) => return Ok(()),
+                    // Renewed, or its end passed: look again.
+                    Err(_) => {}
                 }
             }
         };
@@ -521,20 +490,14 @@ impl RouteTask {
     /// Store mode: send nothing; with `auto_forward`, probe every `probe_interval`.
     async fn store_step(&mut self) -> Result<(), StoreError> {
         self.cursor.flush().await;
-        let held_by_operator = self.mode.borrow().changed_by == CHANGED_BY_OPERATOR;
+        let held_by_operator = self.signals.mode.borrow().changed_by == CHANGED_BY_OPERATOR;
         if !self.auto_forward || held_by_operator {
-            tokio::select! {
-                _ = self.mode.changed() => {}
-                _ = self.stop.changed() => {}
-                _ = lease_changed(&mut self.lease) => {}
-            }
+            self.signals.wait(Until::stop_or_lease().or_mode_change()).await;
             return Ok(());
         }
-        tokio::select! {
-            _ = tokio::time::sleep(self.probe_interval) => {}
-            _ = self.mode.changed() => return Ok(()),
-            _ = self.stop.changed() => return Ok(()),
-            _ = lease_changed(&mut self.lease) => return Ok(()),
+        let until = Until::stop_or_lease().or_mode_change().or_deadline(Instant::now() + self.probe_interval);
+        if self.signals.wait(until).await != Wake::Elapsed {
+            return Ok(());
         }
         self.take_notices();
         if self.head.is_none() {
@@ -605,10 +568,10 @@ impl RouteTask {
     /// end by this node's clock (say, after the process was frozen) is not acted on: the next
     /// holder delivers that message again, in order.
     async fn attempt(&mut self) -> Attempt {
-        if !self.lease.borrow().is_valid() {
+        if !self.signals.lease.borrow().is_valid() {
             return Attempt::Stopped;
         }
-        self.seen = self.mode.borrow().clone();
+        self.seen = self.signals.mode.borrow().clone();
         let current = self.head.as_ref().expect("attempt needs a head");
         let outgoing = current.head.outgoing();
         let delivery = self.deliverer.deliver(&outgoing, &self.policy);
@@ -616,19 +579,15 @@ impl RouteTask {
         loop {
             // Renewals move the end while the delivery waits; only a lease that really ran out
             // stops it.
-            let lease = *self.lease.borrow();
+            let lease = *self.signals.lease.borrow();
             if !lease.is_valid() {
                 tracing::warn!(route = %self.name, what = %current.head.describe(),
                     "the route's lease ran out during a delivery: abandoning it to the next holder");
                 return Attempt::Stopped;
             }
-            tokio::select! {
-                biased;
-                _ = lease_end(lease) => {}
-                _ = lease_changed(&mut self.lease) => {}
-                _ = self.stop.changed() => return Attempt::Stopped,
-                result = &mut delivery => {
-                    if !self.lease.borrow().is_valid() {
+            match self.signals.wait_or(Until::stop_or_lease().or_lease_end(lease), &mut delivery).await {
+                Ok(result) => {
+                    if !self.signals.lease.borrow().is_valid() {
                         tracing::warn!(route = %self.name, what = %current.head.describe(),
                             "a delivery finished after the route's lease ran out: leaving it to the next holder");
                         return Attempt::Stopped;
@@ -638,6 +597,9 @@ impl RouteTask {
                         Err(failure) => Attempt::Failed(failure),
                     };
                 }
+                Err(Wake::Stopped) => return Attempt::Stopped,
+                // Renewed, or its end passed: look again.
+                Err(_) => {}
             }
         }
     }
