@@ -30,7 +30,7 @@ impl From<CentralError> for ApiError {
             CentralError::Stopping => ApiError::unavailable(message, 5),
             CentralError::Maintenance => ApiError {
                 retry_after_seconds: Some(MAINTENANCE_RETRY_AFTER_SECONDS),
-                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "maintenance", message)
+                ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, wire::MAINTENANCE_ERROR_CODE, message)
             },
             CentralError::VersionMismatch { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "version_mismatch", message)

@@ -1,7 +1,9 @@
 //! The one error shape of the HTTP API: `{"error": {"code", "message"}}` with the status it implies.
+//! The shape itself is `outpost_core::wire::ErrorAnswer`, which edges parse to decide on `code`.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use outpost_core::wire::{ErrorAnswer, ErrorDetail};
 use outpost_store::StoreError;
 
 /// An error answer. `code` is stable and machine-readable; `message` says what to do.
@@ -78,7 +80,7 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorAnswer { error: ErrorDetail { code: self.code.to_string(), message: self.message } };
         let mut response = (self.status, axum::Json(body)).into_response();
         if let Some(seconds) = self.retry_after_seconds {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));

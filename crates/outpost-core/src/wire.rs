@@ -135,6 +135,32 @@ pub struct GapError {
     pub expected_seq: u64,
 }
 
+/// The body of every error answer of the API, the link's included: `{"error": {"code", "message"}}`.
+/// An edge decides on `code` (e.g. [`MAINTENANCE_ERROR_CODE`]), never on the text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    pub error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorAnswer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable.
+    pub code: String,
+    /// For people: what went wrong and what to do.
+    pub message: String,
+}
+
+impl ErrorAnswer {
+    /// The error of an answer's body; `None` when it is not this shape (a proxy's page, say).
+    pub fn parse(body: &[u8]) -> Option<ErrorAnswer> {
+        serde_json::from_slice(body).ok()
+    }
+}
+
+/// The `code` of the 503 a central in maintenance answers to the link's requests.
+pub const MAINTENANCE_ERROR_CODE: &str = "maintenance";
+
 /// The probe answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProbeAnswer {

@@ -6,9 +6,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use outpost_core::config::Upstream;
 use outpost_core::wire::{
-    decompress_frame, Batch, BatchAck, EdgeReport, Hello, LinkEvent, ProbeAnswer, BATCH_CONTENT_TYPE,
-    BATCH_ENCODING_ZSTD, EDGE_ID_HEADER, LINK_DOWNLINK_PATH, LINK_MESSAGES_PATH, LINK_PATH, LINK_PROBE_PATH,
-    LINK_REPORT_PATH,
+    decompress_frame, Batch, BatchAck, EdgeReport, ErrorAnswer, Hello, LinkEvent, ProbeAnswer,
+    BATCH_CONTENT_TYPE, BATCH_ENCODING_ZSTD, EDGE_ID_HEADER, LINK_DOWNLINK_PATH, LINK_MESSAGES_PATH,
+    LINK_PATH, LINK_PROBE_PATH, LINK_REPORT_PATH, MAINTENANCE_ERROR_CODE,
 };
 use reqwest::StatusCode;
 
@@ -105,22 +105,8 @@ impl CentralClient {
     /// Classifies a non-success answer.
     async fn refusal(&self, response: reqwest::Response) -> LinkError {
         let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<serde_json::Value>(&body)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| body.chars().take(200).collect());
-        let detail = format!("HTTP {}: {message}", status.as_u16());
-        match status {
-            StatusCode::SERVICE_UNAVAILABLE if body.contains("\"maintenance\"") => {
-                LinkError::Maintenance { url: self.url.clone() }
-            }
-            StatusCode::UNAUTHORIZED
-            | StatusCode::FORBIDDEN
-            | StatusCode::CONFLICT
-            | StatusCode::BAD_REQUEST => LinkError::Rejected { url: self.url.clone(), detail },
-            _ => self.unreachable(detail),
-        }
+        let body = response.bytes().await.unwrap_or_default();
+        classify_refusal(&self.url, status, &body)
     }
 
     /// Opens the link: sends the handshake and reads the welcome. Returns the welcome and the open
@@ -345,4 +331,74 @@ fn error_chain(error: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+/// What a non-success answer means for the link: decided on the status and the error body's
+/// `code` ([`ErrorAnswer`]), never on the text; the message only goes into the detail.
+fn classify_refusal(url: &str, status: StatusCode, body: &[u8]) -> LinkError {
+    let error = ErrorAnswer::parse(body).map(|answer| answer.error);
+    let message = match &error {
+        Some(error) => error.message.clone(),
+        None => String::from_utf8_lossy(body).chars().take(200).collect(),
+    };
+    let detail = format!("HTTP {}: {message}", status.as_u16());
+    let url = url.to_string();
+    match status {
+        StatusCode::SERVICE_UNAVAILABLE
+            if error.as_ref().is_some_and(|error| error.code == MAINTENANCE_ERROR_CODE) =>
+        {
+            LinkError::Maintenance { url }
+        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::CONFLICT | StatusCode::BAD_REQUEST => {
+            LinkError::Rejected { url, detail }
+        }
+        _ => LinkError::Unreachable { url, detail },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_classified_on_status_and_error_code() {
+        let url = "http://central:7401";
+        let maintenance = r#"{"error":{"code":"maintenance","message":"the central is in maintenance"}}"#;
+        // A 503 for another reason whose text happens to quote the word.
+        let quoting = r#"{"error":{"code":"unavailable","message":"not \"maintenance\", stopping"}}"#;
+        let cases: &[(u16, &str, LinkError)] = &[
+            (503, maintenance, LinkError::Maintenance { url: url.into() }),
+            (
+                503,
+                quoting,
+                LinkError::Unreachable {
+                    url: url.into(),
+                    detail: r#"HTTP 503: not "maintenance", stopping"#.into(),
+                },
+            ),
+            (
+                503,
+                r#"<html>"maintenance"</html>"#,
+                LinkError::Unreachable {
+                    url: url.into(),
+                    detail: r#"HTTP 503: <html>"maintenance"</html>"#.into(),
+                },
+            ),
+            (
+                401,
+                r#"{"error":{"code":"unauthorized","message":"bad token"}}"#,
+                LinkError::Rejected { url: url.into(), detail: "HTTP 401: bad token".into() },
+            ),
+            (
+                409,
+                r#"{"error":{"code":"version_mismatch","message":"v2"}}"#,
+                LinkError::Rejected { url: url.into(), detail: "HTTP 409: v2".into() },
+            ),
+            (500, "", LinkError::Unreachable { url: url.into(), detail: "HTTP 500: ".into() }),
+        ];
+        for (status, body, expected) in cases {
+            let status = StatusCode::from_u16(*status).unwrap();
+            assert_eq!(classify_refusal(url, status, body.as_bytes()), *expected, "{status} {body}");
+        }
+    }
 }
