@@ -210,28 +210,17 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Which readers must take a queue's messages before they are released: on an edge the upstream
-/// forwarder (when a central is configured), and every route draining the queue.
+/// Which readers must take a queue's messages before they are released: a downlink queue's (the
+/// central's), else those outpost-forward runs in it (the forwarder, the routes).
 fn store_options(config: &Config) -> StoreOptions {
-    let forwards = config.role == Role::Edge && !config.upstreams.is_empty();
-    let routes: Vec<(String, String)> =
-        config.routes.iter().map(|r| (r.queue.clone(), r.name.clone())).collect();
+    let forward_readers = outpost_forward::RequiredReaders::new(config);
     StoreOptions {
         max_store_bytes: config.limits.max_store_bytes,
         max_queues: u64::from(config.limits.max_queues),
         idempotency_ttl: config.limits.idempotency_ttl,
         node_id: config.node_id.clone(),
         readers_of: Arc::new(move |queue: &str| {
-            if let Some(readers) = outpost_central::downlink_readers(queue) {
-                return readers;
-            }
-            let mut readers: Vec<String> = Vec::new();
-            if forwards {
-                readers.push(outpost_forward::UPSTREAM_READER.to_string());
-            }
-            readers
-                .extend(routes.iter().filter(|(q, _)| q == queue).map(|(_, name)| format!("route:{name}")));
-            readers
+            outpost_central::downlink_readers(queue).unwrap_or_else(|| forward_readers.of_queue(queue))
         }),
     }
 }
