@@ -1,6 +1,6 @@
-//! Routes that keep up with a backlog (issue 12): `[[route]] max_in_flight` (a window of POSTs in
-//! flight, acknowledged in queue order only) and `batch = N` (one NDJSON POST of N messages),
-//! against a downstream service in the test process, with the real binary.
+//! Routes that keep up with a backlog (issue 12): `[[route]] max_in_flight` (a window of POSTs
+//! pipelined on one connection, acknowledged in queue order only) and `batch = N` (one NDJSON POST
+//! of N messages), against a downstream service in the test process, with the real binary.
 //!
 //! `measure_route_windows` (ignored) measures delivery rates for docs/benchmarks.md.
 
@@ -37,6 +37,13 @@ struct Shared {
     accepted_messages: std::sync::atomic::AtomicUsize,
     /// How long each answer takes (a remote service's latency).
     delay: Mutex<Duration>,
+    /// Set: one request at a time, downstream-wide (a serial downstream); the log is the order
+    /// the requests were handled in.
+    serial: Option<tokio::sync::Mutex<()>>,
+    /// The node and the seq of a message failing once: from that failure until the message is
+    /// accepted, every request handled first reads the route's backlog into `backlog_checks`.
+    watch: Mutex<Option<(Client, u64)>>,
+    backlog_checks: Mutex<Vec<u64>>,
 }
 
 struct Downstream {
@@ -46,7 +53,16 @@ struct Downstream {
 
 impl Downstream {
     async fn start() -> Downstream {
-        let shared = Arc::new(Shared::default());
+        Downstream::start_with(Shared::default()).await
+    }
+
+    async fn start_serial() -> Downstream {
+        Downstream::start_with(Shared { serial: Some(tokio::sync::Mutex::new(())), ..Shared::default() })
+            .await
+    }
+
+    async fn start_with(shared: Shared) -> Downstream {
+        let shared = Arc::new(shared);
         let app = Router::new().route("/in", axum::routing::post(receive)).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/in", listener.local_addr().unwrap());
@@ -67,11 +83,6 @@ impl Downstream {
     fn accepted_messages(&self) -> usize {
         self.shared.accepted_messages.load(std::sync::atomic::Ordering::Relaxed)
     }
-
-    /// Whether a 2xx was answered to `payload` (alone or as a line of a batch).
-    fn accepted(&self, payload: &str) -> bool {
-        self.log().iter().any(|r| r.status == 200 && r.lines.iter().any(|l| l == payload.as_bytes()))
-    }
 }
 
 async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> StatusCode {
@@ -82,6 +93,19 @@ async fn receive(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: By
     } else {
         vec![body.to_vec()]
     };
+    let _one_at_a_time = match &shared.serial {
+        Some(serial) => Some(serial.lock().await),
+        None => None,
+    };
+    let watch = shared.watch.lock().unwrap().clone();
+    if let Some((client, failing_seq)) = watch {
+        let failing = shared.log.lock().unwrap().iter().any(|r| r.seq == failing_seq && r.status != 200)
+            && !shared.log.lock().unwrap().iter().any(|r| r.seq == failing_seq && r.status == 200);
+        if failing {
+            let backlog = route_backlog(&client).await;
+            shared.backlog_checks.lock().unwrap().push(backlog);
+        }
+    }
     let delay = *shared.delay.lock().unwrap();
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -141,87 +165,60 @@ async fn route_backlog(client: &Client) -> u64 {
         .unwrap()
 }
 
+/// `got == want`, else a panic naming the first difference (the logs are thousands long).
+fn assert_same(got: &[(u64, u16)], want: &[(u64, u16)], what: &str) {
+    if let Some(at) = (0..got.len().max(want.len())).find(|i| got.get(*i) != want.get(*i)) {
+        let around = |log: &[(u64, u16)]| log[at.saturating_sub(3)..(at + 4).min(log.len())].to_vec();
+        panic!(
+            "{what}: first difference at {at} (of {} got, {} wanted): got (seq, status) {:?}, wanted {:?}",
+            got.len(),
+            want.len(),
+            around(got),
+            around(want)
+        );
+    }
+}
+
 fn payload(i: usize) -> String {
     format!(r#"{{"order":{i}}}"#)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_window_of_32_stops_at_a_failure_skips_nothing_and_acknowledges_nothing_past_it() {
-    const TOTAL: usize = 2_000;
-    const FAILING: usize = 1_000; // the payload index that fails; its queue seq is FAILING + 1
-    let downstream = Downstream::start().await;
-    downstream.fail(&payload(FAILING), 3);
+async fn a_window_of_32_reaches_a_serial_downstream_in_queue_order_around_a_failure() {
+    const TOTAL: u64 = 2_000;
+    const FAILING: u64 = 1_001; // the queue seq (and payload index + 1) that fails once
+    let downstream = Downstream::start_serial().await;
+    downstream.fail(&payload(FAILING as usize - 1), 1);
     let node = start_edge(&route_toml(&downstream.url, "max_in_flight = 32")).await;
     let client = node.client();
+    *downstream.shared.watch.lock().unwrap() = Some((client.clone(), FAILING));
     switch(&client, "store").await;
-    let payloads: Vec<String> = (0..TOTAL).map(payload).collect();
+    let payloads: Vec<String> = (0..TOTAL as usize).map(payload).collect();
     for chunk in payloads.chunks(500) {
         client.post_batch("orders", chunk).await.unwrap().batch_accepted();
     }
     switch(&client, "forward").await;
-
-    // While the failing message is not delivered, the route's cursor never passes it: read the
-    // backlog first, then look whether the message was delivered by then.
-    let started = Instant::now();
-    let mut checks_while_failing = 0;
-    while !downstream.accepted(&payloads[FAILING]) {
-        let backlog = route_backlog(&client).await;
-        if !downstream.accepted(&payloads[FAILING]) {
-            checks_while_failing += 1;
-            assert!(
-                backlog >= (TOTAL - FAILING) as u64,
-                "backlog {backlog} while message {} was not delivered: acknowledged past the failure",
-                FAILING + 1
-            );
-        }
-        assert!(started.elapsed() < WAIT, "the failing message was never delivered");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(checks_while_failing > 0, "the failure window was observed");
     wait_until_async(WAIT, "route backlog 0", || async { route_backlog(&client).await == 0 }).await;
 
-    let log = downstream.log();
-    assert!(log
-        .iter()
-        .all(|r| r.content_type == "application/json" || r.content_type.is_empty() || r.lines.len() == 1));
-    let accepted: Vec<&Request> = log.iter().filter(|r| r.status == 200).collect();
-    // Nothing skipped: every message delivered at least once.
-    for (i, p) in payloads.iter().enumerate() {
-        assert!(accepted.iter().any(|r| r.lines[0] == p.as_bytes()), "message {} never delivered", i + 1);
-    }
-    // The failure was tried 3 times, then delivered; nothing became failed.
-    let failing_seq = FAILING as u64 + 1;
-    let attempts: Vec<u16> = log.iter().filter(|r| r.seq == failing_seq).map(|r| r.status).collect();
-    assert_eq!(attempts, vec![500, 500, 500, 200], "the failing message's attempts");
+    // The downstream's log, in the order it handled the requests: 1..k-1, k failed, the rest of
+    // k's window (answered, not acknowledged), then k again and everything after it, in order.
+    let log: Vec<(u64, u16)> = downstream.log().iter().map(|r| (r.seq, r.status)).collect();
+    let k = FAILING as usize;
+    let before: Vec<(u64, u16)> = (1..FAILING).map(|seq| (seq, 200)).collect();
+    assert_same(&log[..(k - 1).min(log.len())], &before, "before the failure: queue order, each once");
+    assert_eq!(log[k - 1], (FAILING, 500), "then the failing message");
+    let rest_of_window = log[k..].iter().take_while(|(seq, _)| *seq != FAILING).count();
+    assert!(rest_of_window < 32, "{rest_of_window} requests between the failure and its retry");
+    let expected: Vec<(u64, u16)> =
+        (FAILING + 1..).take(rest_of_window).chain(FAILING..=TOTAL).map(|seq| (seq, 200)).collect();
+    assert_same(&log[k..], &expected, "after the failure: the rest of its window, then from it on in order");
+    // Nothing was acknowledged past the failure before its retry succeeded: the downstream read
+    // the route's backlog while handling every request from the failure to the retry (included).
+    let checks = downstream.shared.backlog_checks.lock().unwrap().clone();
+    assert_eq!(checks.len(), rest_of_window + 1, "{checks:?}");
+    assert!(checks.iter().all(|backlog| *backlog > TOTAL - FAILING), "backlogs {checks:?}");
     let failed = client.get("/v1/failed?route=erp").await.unwrap().json();
     assert_eq!(failed.as_array().map_or(0, Vec::len), 0, "{failed}");
-    // After the retry, queue order again: the failing message's delivery comes before the last
-    // delivery of every later message (later messages that got through during the failure are
-    // delivered again after it, never only before it).
-    let position = |seq: u64, last: bool| {
-        let mut positions = accepted.iter().enumerate().filter(|(_, r)| r.seq == seq).map(|(i, _)| i);
-        if last {
-            positions.next_back()
-        } else {
-            positions.next()
-        }
-    };
-    let failing_at = position(failing_seq, false).unwrap();
-    for seq in failing_seq + 1..=TOTAL as u64 {
-        let last = position(seq, true).unwrap();
-        assert!(
-            last > failing_at,
-            "message {seq} was last delivered before the failed message {failing_seq}"
-        );
-    }
-    // Before the failure, each message first arrived within one window of its queue position.
-    let first_arrivals: Vec<u64> = {
-        let mut seen = std::collections::HashSet::new();
-        accepted.iter().filter(|r| seen.insert(r.seq)).map(|r| r.seq).collect()
-    };
-    for (i, seq) in first_arrivals.iter().enumerate().take(FAILING - 32) {
-        assert!((*seq as i64 - (i as i64 + 1)).abs() <= 32, "message {seq} arrived {i}th");
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -156,12 +156,16 @@ async fn edge_to_central_over_tls_and_a_route_to_an_https_downstream() {
         .tls_ca(certs.path().join("ca.pem"))
         .start()
         .await;
-    let route = format!(
-        "\n[[route]]\nname = \"to-sink\"\nqueue = \"orders\"\nurls = [\"https://localhost:{}/v1/queues/in/messages\"]\n\
-         ca_file = \"{}\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n",
-        sink.addr().port(),
-        file(&certs, "ca.pem")
-    );
+    // Two routes of the queue: one POST at a time, and a window pipelined on one TLS connection.
+    let route = |name: &str, sink_queue: &str, extra: &str| {
+        format!(
+            "\n[[route]]\nname = \"{name}\"\nqueue = \"orders\"\nurls = [\"https://localhost:{}/v1/queues/{sink_queue}/messages\"]\n\
+             ca_file = \"{}\"\nretry_initial = \"200ms\"\nretry_max = \"1s\"\n{extra}",
+            sink.addr().port(),
+            file(&certs, "ca.pem")
+        )
+    };
+    let route = route("to-sink", "in", "") + &route("to-sink-window", "in-window", "max_in_flight = 8\n");
     let edge =
         start_edge("store-1", &edge_config(&central, &file(&certs, "ca.pem"), TOKEN_1, None, &route)).await;
     wait_online(&edge).await;
@@ -178,10 +182,16 @@ async fn edge_to_central_over_tls_and_a_route_to_an_https_downstream() {
         sink.client().queue("in").await.is_some_and(|q| q.last_seq == 20)
     })
     .await;
-    let delivered = sink.client().read_all("in").await;
-    let payloads: Vec<String> =
-        delivered.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
-    assert_eq!(payloads, (0..20).map(|i| format!("order-{i}")).collect::<Vec<_>>());
+    wait_until_async(WAIT, "the https downstream holds the 20 orders of the window route", || async {
+        sink.client().queue("in-window").await.is_some_and(|q| q.last_seq == 20)
+    })
+    .await;
+    for queue in ["in", "in-window"] {
+        let delivered = sink.client().read_all(queue).await;
+        let payloads: Vec<String> =
+            delivered.iter().map(|m| String::from_utf8_lossy(&m.payload).into_owned()).collect();
+        assert_eq!(payloads, (0..20).map(|i| format!("order-{i}")).collect::<Vec<_>>(), "{queue}");
+    }
 
     // Plain HTTP to the TLS listener gets no answer.
     let plain = Client::new(&central.url().replace("https://", "http://"));

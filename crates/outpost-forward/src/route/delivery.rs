@@ -16,6 +16,7 @@ use bytes::Bytes;
 use outpost_core::config::RouteConfig;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 
+use crate::route::pipeline::{Answer, Pipeline};
 use crate::route::policy::{Class, FailureKind, RoutePolicy};
 
 pub const MESSAGE_ID_HEADER: &str = "outpost-message-id";
@@ -28,7 +29,9 @@ pub const BATCH_COUNT_HEADER: &str = "outpost-batch-count";
 const NDJSON_CONTENT_TYPE: &str = "application/x-ndjson";
 
 /// The most bytes of an error answer's body kept in the error detail.
-const MAX_ERROR_BODY_BYTES: usize = 512;
+pub(crate) const MAX_ERROR_BODY_BYTES: usize = 512;
+/// The `User-Agent` of every delivery.
+pub(crate) const USER_AGENT: &str = concat!("outpost/", env!("CARGO_PKG_VERSION"));
 /// Content type sent when the stored one cannot be a header value (never expected: ingest checks it).
 const FALLBACK_CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -112,6 +115,8 @@ impl fmt::Display for DeliveryFailure {
 /// Sends a route's messages to its endpoints.
 pub struct Deliverer {
     http: reqwest::Client,
+    /// With `max_in_flight` > 1: the connection a window's POSTs are pipelined on.
+    pipeline: Option<Pipeline>,
     urls: Vec<String>,
     timeout: Duration,
     /// Index into `urls` of the endpoint tried first.
@@ -125,7 +130,7 @@ impl Deliverer {
         tls: Option<&outpost_tls::ClientTls>,
     ) -> Result<Deliverer, reqwest::Error> {
         let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("outpost/", env!("CARGO_PKG_VERSION")))
+            .user_agent(USER_AGENT)
             // A redirect would turn the POST into a GET elsewhere: a 3xx is an answer to classify.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(route.timeout);
@@ -133,7 +138,8 @@ impl Deliverer {
             builder = builder.use_preconfigured_tls(tls.config());
         }
         let http = builder.build()?;
-        Ok(Deliverer { http, urls: route.urls.clone(), timeout: route.timeout, preferred: 0 })
+        let pipeline = (route.max_in_flight.get() > 1).then(|| Pipeline::new(route.timeout, tls));
+        Ok(Deliverer { http, pipeline, urls: route.urls.clone(), timeout: route.timeout, preferred: 0 })
     }
 
     /// Starts with the first url again (after the route returns to `forward`).
@@ -171,34 +177,30 @@ impl Deliverer {
         Err(DeliveryFailure { errors })
     }
 
-    /// One POST of `unit` to the endpoint the route prefers now, without failover: a window of
-    /// deliveries in flight stops at its first failure, and the route's single delivery of the
-    /// head ([`Deliverer::deliver`]) fails over.
-    pub async fn post_unit(&self, unit: &Unit) -> Result<(), DeliveryFailure> {
+    /// The POSTs of a window to the endpoint the route prefers now, without failover (a window
+    /// stops at its first failure; the route's single delivery of the head,
+    /// [`Deliverer::deliver`], fails over): with `max_in_flight` > 1 pipelined in order on one
+    /// connection ([`Pipeline`]), else (a window of one batch) one POST at a time. One [`Answer`]
+    /// per unit, in order.
+    pub async fn post_window(&mut self, units: &[Unit]) -> Vec<Answer> {
         let url = &self.urls[self.preferred];
-        let result = match unit {
-            Unit::Single(message) => self.post(url, message).await,
-            Unit::Batch(messages) => self.post_ndjson(url, messages).await,
+        let Some(pipeline) = &mut self.pipeline else {
+            let mut answers = Vec::with_capacity(units.len());
+            for unit in units {
+                let (headers, body) = request_of(unit);
+                match self.send(url, headers, body).await {
+                    Ok(()) => answers.push(Answer::Delivered),
+                    Err(error) => {
+                        answers.push(Answer::Failed(error));
+                        answers.resize(units.len(), Answer::Unanswered);
+                        break;
+                    }
+                }
+            }
+            return answers;
         };
-        result.map_err(|error| DeliveryFailure { errors: vec![error] })
-    }
-
-    /// One POST of several messages as an NDJSON body, one payload per line (none holds a `\n`).
-    async fn post_ndjson(&self, url: &str, messages: &[Outgoing]) -> Result<(), DeliveryError> {
-        let first = messages.first().expect("a batch holds at least one message");
-        let mut body = Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum());
-        for message in messages {
-            body.extend_from_slice(&message.payload);
-            body.push(b'\n');
-        }
-        let mut headers = headers(first);
-        headers.insert(CONTENT_TYPE, HeaderValue::from_static(NDJSON_CONTENT_TYPE));
-        let key = format!("{}+{}", first.message_id, messages.len());
-        if let Ok(key) = HeaderValue::from_str(&key) {
-            headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key);
-        }
-        headers.insert(HeaderName::from_static(BATCH_COUNT_HEADER), HeaderValue::from(messages.len()));
-        self.send(url, headers, Bytes::from(body)).await
+        let requests: Vec<_> = units.iter().map(request_of).collect();
+        pipeline.send(url, &requests).await
     }
 
     async fn post(&self, url: &str, message: &Outgoing) -> Result<(), DeliveryError> {
@@ -222,8 +224,41 @@ impl Deliverer {
             return Ok(());
         }
         let body = read_excerpt(response).await;
-        let reason = status.canonical_reason().unwrap_or("");
-        Err(error(FailureKind::Status(status.as_u16()), format!("{} {reason}: {body}", status.as_u16())))
+        Err(status_error(url, status.as_u16(), &body))
+    }
+}
+
+/// The headers and body of one POST of `unit`: a message as itself, or several as one NDJSON body,
+/// one payload per line (none holds a `\n`), keyed by the first message's id and their count.
+pub(crate) fn request_of(unit: &Unit) -> (HeaderMap, Bytes) {
+    let messages = match unit {
+        Unit::Single(message) => return (headers(message), message.payload.clone()),
+        Unit::Batch(messages) => messages,
+    };
+    let first = messages.first().expect("a batch holds at least one message");
+    let mut body = Vec::with_capacity(messages.iter().map(|m| m.payload.len() + 1).sum());
+    for message in messages {
+        body.extend_from_slice(&message.payload);
+        body.push(b'\n');
+    }
+    let mut headers = headers(first);
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(NDJSON_CONTENT_TYPE));
+    let key = format!("{}+{}", first.message_id, messages.len());
+    if let Ok(key) = HeaderValue::from_str(&key) {
+        headers.insert(HeaderName::from_static(IDEMPOTENCY_KEY_HEADER), key);
+    }
+    headers.insert(HeaderName::from_static(BATCH_COUNT_HEADER), HeaderValue::from(messages.len()));
+    (headers, Bytes::from(body))
+}
+
+/// The error of an answer with a status other than 2xx; `body`: up to [`MAX_ERROR_BODY_BYTES`]
+/// of its body, as text.
+pub(crate) fn status_error(url: &str, status: u16, body: &str) -> DeliveryError {
+    let reason = reqwest::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("");
+    DeliveryError {
+        url: url.to_string(),
+        kind: FailureKind::Status(status),
+        detail: format!("{status} {reason}: {body}"),
     }
 }
 
@@ -273,16 +308,8 @@ fn kind_of(error: &reqwest::Error) -> FailureKind {
     }
     let mut source = error.source();
     while let Some(cause) = source {
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            match io.kind() {
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => {
-                    return FailureKind::Reset
-                }
-                TimedOut => return FailureKind::Timeout,
-                ConnectionRefused | NotConnected | AddrNotAvailable => return FailureKind::Connect,
-                _ => {}
-            }
+        if let Some(kind) = cause.downcast_ref::<std::io::Error>().and_then(|io| io_error_kind(io.kind())) {
+            return kind;
         }
         if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
             if hyper_error.is_incomplete_message() || hyper_error.is_closed() || hyper_error.is_canceled() {
@@ -295,6 +322,17 @@ fn kind_of(error: &reqwest::Error) -> FailureKind {
         source = cause.source();
     }
     FailureKind::Other
+}
+
+/// The kind of a failure from an I/O error's kind, where it tells.
+pub(crate) fn io_error_kind(kind: std::io::ErrorKind) -> Option<FailureKind> {
+    use std::io::ErrorKind::*;
+    match kind {
+        ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof => Some(FailureKind::Reset),
+        TimedOut => Some(FailureKind::Timeout),
+        ConnectionRefused | NotConnected | AddrNotAvailable => Some(FailureKind::Connect),
+        _ => None,
+    }
 }
 
 /// The error and its causes on one line (reqwest's own message hides the cause); the url is left

@@ -6,8 +6,9 @@
 //! This module is the facade; under it: `task` (the route task's loop), `wait` (every wait of a
 //! task: one `wait(until) -> Wake` over the stop, the lease, the mode, new work and a deadline),
 //! `cursor` (its cursor commits), `cluster` (the follower of other centrals' changes), [`policy`]
-//! (the pure failure policy), [`modes`] (durable route modes) and [`delivery`] (one HTTP delivery
-//! with endpoint failover).
+//! (the pure failure policy), [`modes`] (durable route modes), [`delivery`] (one HTTP delivery
+//! with endpoint failover) and [`pipeline`] (a window's POSTs pipelined in order on one
+//! connection).
 //!
 //! # How a route moves through its queue
 //!
@@ -15,14 +16,15 @@
 //!   one was delivered (2xx), failed, or the route was switched to `store`. Failed messages that an
 //!   operator resubmitted go first, ahead of the queue, with their original message id.
 //! - **A window, when configured** (`[[route]] max_in_flight` > 1 or `batch` > 1, see
-//!   [`task::RouteTask::forward_window`]): up to `max_in_flight` POSTs start at once in queue order,
-//!   each of one message or of an NDJSON body of up to `batch`; the answers are taken in queue
+//!   [`task::RouteTask::forward_window`]): up to `max_in_flight` POSTs, each of one message or of
+//!   an NDJSON body of up to `batch`, pipelined in queue order on one keep-alive connection
+//!   ([`pipeline`]), so the downstream receives them in queue order; the answers come in that
 //!   order, the cursor moves over the delivered prefix only, and the first failure stops the
-//!   window: everything from the failed POST on is sent again (later POSTs that succeeded are
-//!   repeats the downstream drops by `Idempotency-Key`). The failed message then goes through the
-//!   policy alone, as with the default window of one; a failed batch's messages go one by one.
-//!   Concurrent POSTs travel on separate connections, so a downstream may see them arrive out of
-//!   order by up to the window; `max_in_flight = 1` (the default) keeps one POST at a time.
+//!   window: the rest of its answers are read but not acknowledged, and everything from the failed
+//!   POST on is sent again (later POSTs that succeeded are repeats the downstream drops by
+//!   `Idempotency-Key`). The failed message then goes through the policy alone, as with the
+//!   default window of one; a failed batch's messages go one by one. `max_in_flight = 1` (the
+//!   default) keeps one POST at a time through the route's HTTP client.
 //! - **Cursor `route:<name>`.** The route's durable position in its queue; storage is released once
 //!   every reader passed a message. Deliveries advance it through the store's group commit without
 //!   waiting for each fsync, but never more than [`MAX_UNCOMMITTED_DELIVERIES`] ahead of what is on
@@ -69,6 +71,7 @@ mod cluster;
 mod cursor;
 pub mod delivery;
 pub mod modes;
+pub mod pipeline;
 pub mod policy;
 mod task;
 mod wait;

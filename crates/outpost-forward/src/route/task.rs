@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::cursor::CursorCommit;
 use super::delivery::{Deliverer, DeliveryFailure, Outgoing, Unit};
 use super::modes::{Mode, ModeState, RouteModes, CHANGED_BY_OPERATOR};
+use super::pipeline::Answer;
 use super::policy::{Class, RoutePolicy, Verdict};
 use super::wait::{Signals, Until, Wake};
 use super::{reader_name, MAX_UNCOMMITTED_DELIVERIES, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES};
@@ -337,14 +338,16 @@ impl RouteTask {
         }
     }
 
-    /// Delivers the head and the messages after it as a window: up to `max_in_flight` POSTs at
-    /// once, each of one message or (`batch` > 1) an NDJSON body of up to `batch`, started in queue
-    /// order. The answers are taken in queue order too: the cursor moves over the delivered prefix
-    /// only, and the first failure stops the window there. Everything from the failed POST on goes
-    /// back in line (POSTs after it that succeeded are sent again later: repeats, which the
+    /// Delivers the head and the messages after it as a window: up to `max_in_flight` POSTs, each
+    /// of one message or (`batch` > 1) an NDJSON body of up to `batch`, pipelined in queue order on
+    /// one connection ([`crate::route::pipeline`]), so the downstream receives them in queue order.
+    /// The answers come in that order too: the cursor moves over the delivered prefix only, and
+    /// the first answer that is not a delivery stops the window there. Everything from that POST on
+    /// goes back in line (POSTs after it that succeeded are sent again later: repeats, which the
     /// downstream drops by `Idempotency-Key`, never a skip). A failed single message is judged by
     /// the policy as a single delivery would be; a failed batch sends its first message alone next,
-    /// so the policy judges messages, not batches.
+    /// so the policy judges messages, not batches; a POST the server did not answer (it closed the
+    /// connection after an earlier answer) is not a failure and goes first in the next window.
     async fn forward_window(&mut self) -> Result<(), StoreError> {
         if !self.signals.lease.borrow().is_valid() {
             return Ok(());
@@ -380,9 +383,8 @@ impl RouteTask {
             .collect();
         // Stopping, or the lease running out (as in `attempt`): nothing of the window counts, the
         // cursor has not moved over it, and the next holder starts from the cursor.
-        let results = {
-            let deliverer = &self.deliverer;
-            let posts = futures_util::future::join_all(outgoing.iter().map(|unit| deliverer.post_unit(unit)));
+        let answers = {
+            let posts = self.deliverer.post_window(&outgoing);
             tokio::pin!(posts);
             loop {
                 let lease = *self.signals.lease.borrow();
@@ -391,11 +393,11 @@ impl RouteTask {
                     return Ok(());
                 }
                 match self.signals.wait_or(Until::stop_or_lease().or_lease_end(lease), &mut posts).await {
-                    Ok(results) => {
+                    Ok(answers) => {
                         if !self.signals.lease.borrow().is_valid() {
                             return Ok(());
                         }
-                        break results;
+                        break answers;
                     }
                     Err(Wake::Stopped) => return Ok(()),
                     // Renewed, or its end passed: look again.
@@ -405,18 +407,19 @@ impl RouteTask {
         };
         let mut delivered = 0usize;
         let mut failure = None;
-        for (range, result) in units.iter().zip(results) {
-            match result {
-                Ok(()) => {
+        for (range, answer) in units.iter().zip(answers) {
+            match answer {
+                Answer::Delivered => {
                     let last = &messages[range.end - 1];
                     self.delivered_through = last.seq;
                     self.cursor.want(last.seq);
                     delivered += range.len();
                 }
-                Err(error) => {
-                    failure = Some((range.len(), error));
+                Answer::Failed(error) => {
+                    failure = Some((range.len(), DeliveryFailure { errors: vec![error] }));
                     break;
                 }
+                Answer::Unanswered => break,
             }
         }
         self.metrics

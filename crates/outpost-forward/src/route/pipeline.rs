@@ -1,0 +1,866 @@
+//! Ordered HTTP/1.1 pipelining of a route's window (`[[route]] max_in_flight` > 1): the window's
+//! POSTs are written back to back, in queue order, on one keep-alive connection to the endpoint,
+//! and their answers are read in the same order. An HTTP/1.1 server handles the requests of a
+//! connection one after the other, so the downstream sees the window in queue order; the gain is
+//! that no request waits for the previous answer before it is sent.
+//!
+//! The requests are those of the route's one-at-a-time path ([`crate::route::delivery`]: the same
+//! headers and bodies) and failures are classified the same way ([`FailureKind`]):
+//!
+//! - no connection (refused, unresolved, TLS handshake failed) → `Connect`; none within the
+//!   route's `timeout` → `Timeout`;
+//! - no complete answer within `timeout` of the previous one (or of the start) → `Timeout`;
+//! - the connection broken, or closed in the middle of an answer → `Reset`;
+//! - a status other than 2xx → `Status`, with up to 512 bytes of its body in the detail. 1xx
+//!   answers are skipped; a 3xx is an answer like any other (no redirect is followed).
+//!
+//! Answers are framed by `Content-Length`, chunked transfer coding, or the end of the connection.
+//! Every answer of the window is read, also after a failed one, so the downstream is done with the
+//! whole window before the route sends anything else; the caller acknowledges nothing past the
+//! first answer that is not [`Answer::Delivered`].
+//!
+//! The connection is kept for the next window only when every answer was read and none said
+//! `Connection: close`; any error or timeout drops it, and the next window connects again. Requests
+//! left without an answer because the server ended the connection cleanly after an earlier answer
+//! are [`Answer::Unanswered`]: not failures, just not delivered yet. A kept connection that the
+//! server closed while it was idle (no answer at all) is replaced and the window sent once more.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::FutureExt;
+use reqwest::header::HeaderMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::route::delivery::{io_error_kind, status_error, DeliveryError, MAX_ERROR_BODY_BYTES, USER_AGENT};
+use crate::route::policy::FailureKind;
+
+/// The most bytes of an answer's status line and headers.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The most headers an answer may have.
+const MAX_HEADERS: usize = 100;
+/// The most bytes of a chunk-size line or a trailer line.
+const MAX_LINE_BYTES: usize = 4 * 1024;
+/// How much the read buffer grows by when it is full.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
+/// What became of one request of a window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// Answered with a 2xx.
+    Delivered,
+    Failed(DeliveryError),
+    /// Not answered: after a failure, or the connection ended cleanly after an earlier answer. Not
+    /// a judgment on the message; it is simply sent again. Never the first answer of a window.
+    Unanswered,
+}
+
+/// One request of a window: the headers and body of [`crate::route::delivery::request_of`].
+pub type Request = (HeaderMap, Bytes);
+
+/// A route's pipelined connection to one endpoint at a time.
+pub struct Pipeline {
+    tls: tokio_rustls::TlsConnector,
+    timeout: Duration,
+    /// The kept connection, taken out for a window and put back only when the window ended
+    /// cleanly (so a window abandoned half-way, its future dropped, never leaves one behind).
+    connection: Option<Connection>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
+
+struct Connection {
+    /// The endpoint's url, as configured.
+    url: String,
+    stream: Box<dyn Io>,
+    /// Bytes read and not yet parsed; empty between windows.
+    buffer: BytesMut,
+}
+
+/// Where a url's requests go.
+struct Target {
+    https: bool,
+    /// Without the brackets of an IPv6 literal.
+    host: String,
+    port: u16,
+    /// The `Host` header: host, and the port when it is not the scheme's default.
+    authority: String,
+    /// Path and query.
+    path: String,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Target, String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a url: {e}"))?;
+        let https = match parsed.scheme() {
+            "http" => false,
+            "https" => true,
+            other => return Err(format!("scheme {other:?} is not http or https")),
+        };
+        let host_str = parsed.host_str().ok_or("the url has no host")?;
+        let port = parsed.port_or_known_default().ok_or("the url has no port")?;
+        let authority = match parsed.port() {
+            Some(port) => format!("{host_str}:{port}"),
+            None => host_str.to_string(),
+        };
+        let host = host_str.trim_start_matches('[').trim_end_matches(']').to_string();
+        let mut path = parsed.path().to_string();
+        if let Some(query) = parsed.query() {
+            path.push('?');
+            path.push_str(query);
+        }
+        Ok(Target { https, host, port, authority, path })
+    }
+}
+
+impl Pipeline {
+    /// `tls`: the route's TLS setting for https:// urls (`None`: no roots, as the route's client).
+    pub fn new(timeout: Duration, tls: Option<&outpost_tls::ClientTls>) -> Pipeline {
+        let config = match tls {
+            Some(tls) => tls.config(),
+            None => {
+                let mut config = rustls::ClientConfig::builder_with_provider(outpost_tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default protocol versions")
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth();
+                config.alpn_protocols = vec![b"http/1.1".to_vec()];
+                config
+            }
+        };
+        Pipeline { tls: tokio_rustls::TlsConnector::from(Arc::new(config)), timeout, connection: None }
+    }
+
+    /// Sends `requests` in order on one connection to `url` and reads their answers in order: one
+    /// [`Answer`] per request, in the same order.
+    pub async fn send(&mut self, url: &str, requests: &[Request]) -> Vec<Answer> {
+        let fail = |kind, detail: String| {
+            let mut answers = vec![Answer::Unanswered; requests.len()];
+            if let Some(first) = answers.first_mut() {
+                *first = Answer::Failed(DeliveryError { url: url.to_string(), kind, detail });
+            }
+            answers
+        };
+        let target = match Target::parse(url) {
+            Ok(target) => target,
+            Err(detail) => return fail(FailureKind::Other, detail),
+        };
+        let bytes = serialize(&target, requests);
+        loop {
+            let (connection, reused) = match self.connection.take() {
+                Some(connection) if connection.url == url => (connection, true),
+                _ => match self.connect(url, &target).await {
+                    Ok(connection) => (connection, false),
+                    Err(error) => return fail(error.kind, error.detail),
+                },
+            };
+            match exchange(connection, &bytes, requests.len(), self.timeout).await {
+                Exchange::Answered { answers, connection } => {
+                    self.connection = connection;
+                    return answers;
+                }
+                // Closed while idle between windows: once more, on a new connection.
+                Exchange::ClosedBeforeAnswer { .. } if reused => {
+                    tracing::debug!(url, "the kept connection was closed by the server; connecting again");
+                    continue;
+                }
+                Exchange::ClosedBeforeAnswer { kind, detail } => return fail(kind, detail),
+            }
+        }
+    }
+
+    async fn connect(&self, url: &str, target: &Target) -> Result<Connection, DeliveryError> {
+        let connecting = async {
+            let tcp = TcpStream::connect((target.host.as_str(), target.port))
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            // As reqwest's: a request is not held back waiting for the previous one's ACK.
+            tcp.set_nodelay(true).map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+            if !target.https {
+                return Ok(Box::new(tcp) as Box<dyn Io>);
+            }
+            let name = rustls::pki_types::ServerName::try_from(target.host.clone())
+                .map_err(|e| format!("{:?} is not a TLS server name: {e}", target.host))?;
+            let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
+            Ok(Box::new(tls) as Box<dyn Io>)
+        };
+        let error = |kind, detail| DeliveryError { url: url.to_string(), kind, detail };
+        match tokio::time::timeout(self.timeout, connecting).await {
+            Err(_) => Err(error(FailureKind::Timeout, format!("no connection within {:?}", self.timeout))),
+            Ok(Err(detail)) => Err(error(FailureKind::Connect, detail)),
+            Ok(Ok(stream)) => Ok(Connection {
+                url: url.to_string(),
+                stream,
+                buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
+            }),
+        }
+    }
+}
+
+/// The requests as bytes on the wire, back to back.
+fn serialize(target: &Target, requests: &[Request]) -> Vec<u8> {
+    let size = requests.iter().map(|(headers, body)| 256 + headers.len() * 64 + body.len()).sum();
+    let mut out = Vec::with_capacity(size);
+    for (headers, body) in requests {
+        out.extend_from_slice(b"POST ");
+        out.extend_from_slice(target.path.as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(target.authority.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"user-agent: ");
+        out.extend_from_slice(USER_AGENT.as_bytes());
+        out.extend_from_slice(b"\r\naccept: */*\r\ncontent-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n\r\n");
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+enum Exchange {
+    /// An answer for every request (some perhaps `Unanswered`); the connection, if it may be kept.
+    Answered { answers: Vec<Answer>, connection: Option<Connection> },
+    /// The connection ended before any byte of the first answer.
+    ClosedBeforeAnswer { kind: FailureKind, detail: String },
+}
+
+/// Writes `bytes` (`count` requests) and reads `count` answers, at the same time: the server may
+/// answer the first requests before it reads the last ones.
+async fn exchange(connection: Connection, bytes: &[u8], count: usize, timeout: Duration) -> Exchange {
+    let Connection { url, stream, mut buffer } = connection;
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    let (reading, written) = {
+        let write = async {
+            writer.write_all(bytes).await?;
+            writer.flush().await
+        };
+        tokio::pin!(write);
+        let read = read_answers(&mut reader, &mut buffer, &url, count, timeout);
+        tokio::pin!(read);
+        let mut written: Option<io::Result<()>> = None;
+        let reading = loop {
+            tokio::select! {
+                biased;
+                result = &mut write, if written.is_none() => written = Some(result),
+                reading = &mut read => break reading,
+            }
+        };
+        if written.is_none() {
+            written = (&mut write).now_or_never();
+        }
+        (reading, written)
+    };
+    match reading {
+        Reading::ClosedBeforeAnswer { kind, detail } => Exchange::ClosedBeforeAnswer { kind, detail },
+        Reading::Answers { answers, keep_alive } => {
+            let keep = keep_alive && matches!(written, Some(Ok(()))) && buffer.is_empty();
+            let connection = keep.then(|| Connection { url, stream: reader.unsplit(writer), buffer });
+            Exchange::Answered { answers, connection }
+        }
+    }
+}
+
+enum Reading {
+    Answers { answers: Vec<Answer>, keep_alive: bool },
+    ClosedBeforeAnswer { kind: FailureKind, detail: String },
+}
+
+async fn read_answers<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buffer: &mut BytesMut,
+    url: &str,
+    count: usize,
+    timeout: Duration,
+) -> Reading {
+    let mut reader = AnswerReader { io, buffer, deadline: Instant::now() + timeout };
+    let mut answers = Vec::with_capacity(count);
+    while answers.len() < count {
+        reader.deadline = Instant::now() + timeout;
+        match reader.read_answer().await {
+            Ok(answer) => {
+                answers.push(if (200..300).contains(&answer.status) {
+                    Answer::Delivered
+                } else {
+                    let body = String::from_utf8_lossy(&answer.excerpt).trim().to_string();
+                    Answer::Failed(status_error(url, answer.status, &body))
+                });
+                if answer.close {
+                    answers.resize(count, Answer::Unanswered);
+                    return Reading::Answers { answers, keep_alive: false };
+                }
+            }
+            Err(error) => {
+                let failure = error.failure(timeout);
+                if error.at_boundary && !matches!(error.cause, Cause::Timeout) {
+                    if answers.is_empty() {
+                        let (kind, detail) = failure;
+                        return Reading::ClosedBeforeAnswer { kind, detail };
+                    }
+                    // Closed after an answer: what was not answered was not handled.
+                    tracing::debug!(url, "the connection ended after an answer: {}", failure.1);
+                } else {
+                    let (kind, detail) = failure;
+                    answers.push(Answer::Failed(DeliveryError { url: url.to_string(), kind, detail }));
+                }
+                answers.resize(count, Answer::Unanswered);
+                return Reading::Answers { answers, keep_alive: false };
+            }
+        }
+    }
+    Reading::Answers { answers, keep_alive: true }
+}
+
+/// One answer as read.
+struct Read {
+    status: u16,
+    /// Up to [`MAX_ERROR_BODY_BYTES`] of the body of an answer other than 2xx.
+    excerpt: Vec<u8>,
+    /// The connection ends after this answer.
+    close: bool,
+}
+
+/// How an answer's body ends.
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+enum Cause {
+    Eof,
+    Io(io::Error),
+    Timeout,
+    Invalid(String),
+}
+
+struct ReadError {
+    cause: Cause,
+    /// No byte of this answer had been read.
+    at_boundary: bool,
+}
+
+impl ReadError {
+    fn failure(&self, timeout: Duration) -> (FailureKind, String) {
+        match &self.cause {
+            Cause::Eof if self.at_boundary => {
+                (FailureKind::Reset, "the connection was closed before an answer".to_string())
+            }
+            Cause::Eof => {
+                (FailureKind::Reset, "the connection was closed in the middle of an answer".to_string())
+            }
+            Cause::Io(e) => {
+                (io_error_kind(e.kind()).unwrap_or(FailureKind::Other), format!("reading the answer: {e}"))
+            }
+            Cause::Timeout => (FailureKind::Timeout, format!("no complete answer within {timeout:?}")),
+            Cause::Invalid(detail) => (FailureKind::Other, format!("invalid answer: {detail}")),
+        }
+    }
+}
+
+struct AnswerReader<'a, R> {
+    io: &'a mut R,
+    buffer: &'a mut BytesMut,
+    deadline: Instant,
+}
+
+impl<R: AsyncRead + Unpin> AnswerReader<'_, R> {
+    /// Reads more bytes into the buffer.
+    async fn fill(&mut self) -> Result<(), Cause> {
+        if self.buffer.capacity() - self.buffer.len() < READ_BUFFER_BYTES / 4 {
+            self.buffer.reserve(READ_BUFFER_BYTES);
+        }
+        match tokio::time::timeout_at(self.deadline, self.io.read_buf(self.buffer)).await {
+            Err(_) => Err(Cause::Timeout),
+            Ok(Ok(0)) => Err(Cause::Eof),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(Cause::Io(e)),
+        }
+    }
+
+    async fn read_answer(&mut self) -> Result<Read, ReadError> {
+        let mut started = false;
+        loop {
+            let head = self.read_head(started).await?;
+            started = true;
+            let error = |cause| ReadError { cause, at_boundary: false };
+            // 1xx: an interim answer, the final one follows (101 would switch protocols: not an
+            // answer to a POST).
+            if (100..200).contains(&head.status) {
+                if head.status == 101 {
+                    return Err(error(Cause::Invalid("101 Switching Protocols".into())));
+                }
+                continue;
+            }
+            let keep = if (200..300).contains(&head.status) { 0 } else { MAX_ERROR_BODY_BYTES };
+            let mut excerpt = Vec::new();
+            let ended_by_close = match head.framing {
+                Framing::Empty => false,
+                Framing::Length(length) => {
+                    self.read_body(length, &mut excerpt, keep).await.map_err(error)?;
+                    false
+                }
+                Framing::Chunked => {
+                    self.read_chunked(&mut excerpt, keep).await.map_err(error)?;
+                    false
+                }
+                Framing::UntilClose => {
+                    self.read_until_close(&mut excerpt, keep).await.map_err(error)?;
+                    true
+                }
+            };
+            return Ok(Read { status: head.status, excerpt, close: head.close || ended_by_close });
+        }
+    }
+
+    async fn read_head(&mut self, started: bool) -> Result<Head, ReadError> {
+        loop {
+            if !self.buffer.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut response = httparse::Response::new(&mut headers);
+                let invalid =
+                    |detail: String| ReadError { cause: Cause::Invalid(detail), at_boundary: false };
+                match response.parse(self.buffer) {
+                    Ok(httparse::Status::Complete(length)) => {
+                        let head = Head::of(&response).map_err(invalid)?;
+                        self.buffer.advance(length);
+                        return Ok(head);
+                    }
+                    Ok(httparse::Status::Partial) if self.buffer.len() > MAX_HEAD_BYTES => {
+                        return Err(invalid(format!("a status line and headers over {MAX_HEAD_BYTES} bytes")))
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(e) => return Err(invalid(e.to_string())),
+                }
+            }
+            let at_boundary = !started && self.buffer.is_empty();
+            self.fill().await.map_err(|cause| ReadError { cause, at_boundary })?;
+        }
+    }
+
+    /// Consumes `length` bytes of body, keeping up to `keep` of them in `excerpt`.
+    async fn read_body(&mut self, mut length: u64, excerpt: &mut Vec<u8>, keep: usize) -> Result<(), Cause> {
+        loop {
+            let take = self.buffer.len().min(usize::try_from(length).unwrap_or(usize::MAX));
+            let room = keep.saturating_sub(excerpt.len()).min(take);
+            excerpt.extend_from_slice(&self.buffer[..room]);
+            self.buffer.advance(take);
+            length -= take as u64;
+            if length == 0 {
+                return Ok(());
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn read_chunked(&mut self, excerpt: &mut Vec<u8>, keep: usize) -> Result<(), Cause> {
+        loop {
+            let size = loop {
+                match httparse::parse_chunk_size(self.buffer) {
+                    Ok(httparse::Status::Complete((consumed, size))) => {
+                        self.buffer.advance(consumed);
+                        break size;
+                    }
+                    Ok(httparse::Status::Partial) if self.buffer.len() > MAX_LINE_BYTES => {
+                        return Err(Cause::Invalid("a chunk-size line too long".into()))
+                    }
+                    Ok(httparse::Status::Partial) => self.fill().await?,
+                    Err(_) => return Err(Cause::Invalid("an invalid chunk size".into())),
+                }
+            };
+            if size == 0 {
+                return self.skip_trailers().await;
+            }
+            self.read_body(size, excerpt, keep).await?;
+            while self.buffer.len() < 2 {
+                self.fill().await?;
+            }
+            if &self.buffer[..2] != b"\r\n" {
+                return Err(Cause::Invalid("a chunk not ended by CRLF".into()));
+            }
+            self.buffer.advance(2);
+        }
+    }
+
+    /// The trailer section after the last chunk: lines up to an empty one.
+    async fn skip_trailers(&mut self) -> Result<(), Cause> {
+        loop {
+            match self.buffer.windows(2).position(|w| w == b"\r\n") {
+                Some(end) => {
+                    self.buffer.advance(end + 2);
+                    if end == 0 {
+                        return Ok(());
+                    }
+                }
+                None if self.buffer.len() > MAX_LINE_BYTES => {
+                    return Err(Cause::Invalid("a trailer line too long".into()))
+                }
+                None => self.fill().await?,
+            }
+        }
+    }
+
+    async fn read_until_close(&mut self, excerpt: &mut Vec<u8>, keep: usize) -> Result<(), Cause> {
+        loop {
+            let room = keep.saturating_sub(excerpt.len()).min(self.buffer.len());
+            excerpt.extend_from_slice(&self.buffer[..room]);
+            self.buffer.clear();
+            match self.fill().await {
+                Ok(()) => {}
+                Err(Cause::Eof) => return Ok(()),
+                Err(cause) => return Err(cause),
+            }
+        }
+    }
+}
+
+/// What an answer's head says about its status, body and connection.
+struct Head {
+    status: u16,
+    framing: Framing,
+    close: bool,
+}
+
+impl Head {
+    fn of(response: &httparse::Response<'_, '_>) -> Result<Head, String> {
+        let status = response.code.ok_or("no status")?;
+        let http_10 = response.version == Some(0);
+        let mut close = http_10;
+        let mut chunked = None;
+        let mut length: Option<u64> = None;
+        for header in response.headers.iter() {
+            let value = std::str::from_utf8(header.value).unwrap_or("");
+            let tokens = || value.split(',').map(|t| t.trim().to_ascii_lowercase());
+            if header.name.eq_ignore_ascii_case("connection") {
+                if tokens().any(|t| t == "close") {
+                    close = true;
+                } else if http_10 && tokens().any(|t| t == "keep-alive") {
+                    close = false;
+                }
+            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = Some(tokens().next_back().is_some_and(|t| t == "chunked"));
+            } else if header.name.eq_ignore_ascii_case("content-length") {
+                let parsed: u64 = value.trim().parse().map_err(|_| format!("Content-Length {value:?}"))?;
+                if length.is_some_and(|l| l != parsed) {
+                    return Err("two different Content-Length values".into());
+                }
+                length = Some(parsed);
+            }
+        }
+        let framing = if (100..200).contains(&status) || status == 204 || status == 304 {
+            Framing::Empty
+        } else {
+            match (chunked, length) {
+                (Some(true), _) => Framing::Chunked,
+                (Some(false), _) | (None, None) => Framing::UntilClose,
+                (None, Some(0)) => Framing::Empty,
+                (None, Some(length)) => Framing::Length(length),
+            }
+        };
+        Ok(Head { status, framing, close })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use std::sync::Mutex;
+
+    use axum::extract::{ConnectInfo, State};
+    use axum::http::{HeaderMap as AxumHeaders, StatusCode};
+    use axum::response::{IntoResponse, Response};
+    use reqwest::header::{HeaderName, HeaderValue};
+    use tokio::net::TcpListener;
+
+    use crate::route::delivery::{request_of, Outgoing, Unit};
+
+    const TIMEOUT: Duration = Duration::from_millis(500);
+
+    /// What a test server records of each request, in the order it handled them.
+    #[derive(Default)]
+    struct Log {
+        requests: Mutex<Vec<(u64, SocketAddr)>>,
+        /// One request at a time, server-wide: the order handled is the order recorded.
+        serial: tokio::sync::Mutex<()>,
+    }
+
+    impl Log {
+        fn seqs(&self) -> Vec<u64> {
+            self.requests.lock().unwrap().iter().map(|(seq, _)| *seq).collect()
+        }
+
+        fn peers(&self) -> std::collections::BTreeSet<SocketAddr> {
+            self.requests.lock().unwrap().iter().map(|(_, peer)| *peer).collect()
+        }
+    }
+
+    /// An axum server on 127.0.0.1:0 answering by `Outpost-Seq`: seq 1000 + s answers status s
+    /// with a chunked body "status s"; 2000 sleeps past the timeout; 3000 answers 200 with
+    /// `Connection: close`; anything else 200 with a chunked body.
+    async fn server() -> (String, Arc<Log>) {
+        async fn handle(
+            State(log): State<Arc<Log>>,
+            ConnectInfo(peer): ConnectInfo<SocketAddr>,
+            headers: AxumHeaders,
+            body: axum::body::Bytes,
+        ) -> Response {
+            let one_at_a_time = log.serial.lock().await;
+            let seq: u64 = headers["outpost-seq"].to_str().unwrap().parse().unwrap();
+            assert_eq!(headers["content-length"].to_str().unwrap(), body.len().to_string());
+            log.requests.lock().unwrap().push((seq, peer));
+            let chunked = |text: String| {
+                let chunks = vec![Ok::<_, io::Error>(text.into_bytes()), Ok(b" and more".to_vec())];
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+            };
+            match seq {
+                1000..=1999 => {
+                    let status = StatusCode::from_u16((seq - 1000) as u16).unwrap();
+                    (status, chunked(format!("status {}", status.as_u16()))).into_response()
+                }
+                2000 => {
+                    // Hangs, letting other connections be served meanwhile.
+                    drop(one_at_a_time);
+                    tokio::time::sleep(TIMEOUT * 4).await;
+                    StatusCode::OK.into_response()
+                }
+                3000 => ([("connection", "close")], "bye").into_response(),
+                _ => chunked(format!("ok {seq}")).into_response(),
+            }
+        }
+        let log = Arc::new(Log::default());
+        let app = axum::Router::new().route("/in", axum::routing::post(handle)).with_state(log.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/in?x=1", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await.unwrap();
+        });
+        (url, log)
+    }
+
+    fn request(seq: u64) -> Request {
+        request_of(&Unit::Single(Outgoing {
+            message_id: format!("m-{seq}"),
+            queue: "orders".into(),
+            origin: "edge-1".into(),
+            origin_seq: seq,
+            content_type: "application/json".into(),
+            payload: Bytes::from(format!("{{\"n\":{seq}}}")),
+        }))
+    }
+
+    fn requests(seqs: impl IntoIterator<Item = u64>) -> Vec<Request> {
+        seqs.into_iter().map(request).collect()
+    }
+
+    fn kinds(answers: &[Answer]) -> Vec<Option<FailureKind>> {
+        answers
+            .iter()
+            .map(|a| match a {
+                Answer::Delivered => None,
+                Answer::Failed(e) => Some(e.kind),
+                Answer::Unanswered => Some(FailureKind::Other),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_window_is_handled_in_order_on_one_kept_connection() {
+        let (url, log) = server().await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        for window in 0..3u64 {
+            let seqs = window * 32 + 1..=window * 32 + 32;
+            let answers = pipeline.send(&url, &requests(seqs)).await;
+            assert_eq!(answers, vec![Answer::Delivered; 32]);
+        }
+        assert_eq!(log.seqs(), (1..=96).collect::<Vec<_>>());
+        assert_eq!(log.peers().len(), 1, "one connection for every window");
+    }
+
+    #[tokio::test]
+    async fn a_failure_in_the_middle_is_reported_and_the_answers_after_it_are_read() {
+        let (url, log) = server().await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let seqs: Vec<u64> = (1..=5).chain([1503]).chain(7..=10).collect();
+        let answers = pipeline.send(&url, &requests(seqs.clone())).await;
+        let Answer::Failed(error) = &answers[5] else { panic!("{answers:?}") };
+        assert_eq!(error.kind, FailureKind::Status(503));
+        assert_eq!(error.url, url);
+        assert_eq!(error.detail, "503 Service Unavailable: status 503 and more", "the chunked body is kept");
+        assert!(answers.iter().enumerate().all(|(i, a)| i == 5 || *a == Answer::Delivered), "{answers:?}");
+        // The connection is kept: the next window goes on it.
+        assert_eq!(pipeline.send(&url, &requests([11, 12])).await, vec![Answer::Delivered; 2]);
+        assert_eq!(log.seqs(), seqs.into_iter().chain([11, 12]).collect::<Vec<_>>());
+        assert_eq!(log.peers().len(), 1);
+        // A redirect is an answer, not followed.
+        let answers = pipeline.send(&url, &requests([1302])).await;
+        assert_eq!(kinds(&answers), [Some(FailureKind::Status(302))]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_after_an_answer_leaves_the_rest_unanswered_and_the_next_window_reconnects() {
+        let (url, log) = server().await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let answers = pipeline.send(&url, &requests([1, 2, 3000, 4, 5])).await;
+        assert_eq!(
+            answers,
+            [Answer::Delivered, Answer::Delivered, Answer::Delivered, Answer::Unanswered, Answer::Unanswered]
+        );
+        assert_eq!(pipeline.send(&url, &requests([4, 5])).await, vec![Answer::Delivered; 2]);
+        assert_eq!(log.seqs(), [1, 2, 3000, 4, 5]);
+        assert_eq!(log.peers().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn no_answer_within_the_timeout_fails_that_request_and_drops_the_connection() {
+        let (url, log) = server().await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let answers = pipeline.send(&url, &requests([1, 2000, 3])).await;
+        assert_eq!(answers[0], Answer::Delivered);
+        let Answer::Failed(error) = &answers[1] else { panic!("{answers:?}") };
+        assert_eq!(error.kind, FailureKind::Timeout, "{error}");
+        assert_eq!(answers[2], Answer::Unanswered);
+        assert_eq!(pipeline.send(&url, &requests([4])).await, [Answer::Delivered]);
+        assert_eq!(log.peers().len(), 2, "a new connection after the timeout");
+    }
+
+    #[tokio::test]
+    async fn connect_failures_fail_the_first_request() {
+        let refused = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}/in", listener.local_addr().unwrap())
+        };
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let answers = pipeline.send(&refused, &requests([1, 2])).await;
+        assert_eq!(kinds(&answers)[0], Some(FailureKind::Connect));
+        assert_eq!(answers[1], Answer::Unanswered);
+        // https without roots: the handshake fails, as with the route's client.
+        let (url, _log) = server().await;
+        let answers = pipeline.send(&url.replace("http://", "https://"), &requests([1])).await;
+        assert_eq!(kinds(&answers), [Some(FailureKind::Connect)]);
+    }
+
+    /// A server on 127.0.0.1:0 that answers each connection with the next of `scripts` (raw
+    /// bytes) once the first bytes of a request came, then closes it.
+    async fn raw_server(scripts: Vec<Vec<u8>>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/in", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            for script in scripts {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let _ = socket.read(&mut buf).await;
+                    let _ = socket.write_all(&script).await;
+                    let _ = socket.shutdown().await;
+                    // Read on until the client is done, so the close is a FIN, not a reset.
+                    while socket.read(&mut buf).await.is_ok_and(|n| n > 0) {}
+                });
+            }
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn answers_framed_every_way_are_told_apart() {
+        let script = b"HTTP/1.1 100 Continue\r\n\r\n\
+            HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nabc\
+            HTTP/1.1 204 No Content\r\n\r\n\
+            HTTP/1.1 500 Internal Server Error\r\ntransfer-encoding: chunked\r\n\r\n\
+            4;ext=1\r\noops\r\n0\r\ntrailer: x\r\n\r\n\
+            HTTP/1.1 202 Accepted\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n\
+            HTTP/1.0 422 Unprocessable\r\n\r\nuntil the end"
+            .to_vec();
+        let url = raw_server(vec![script]).await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let answers = pipeline.send(&url, &requests(1..=6)).await;
+        assert_eq!(
+            kinds(&answers),
+            [
+                None,
+                None,
+                Some(FailureKind::Status(500)),
+                None,
+                Some(FailureKind::Status(422)),
+                Some(FailureKind::Other)
+            ],
+            "{answers:?}"
+        );
+        let Answer::Failed(error) = &answers[2] else { unreachable!() };
+        assert_eq!(error.detail, "500 Internal Server Error: oops");
+        let Answer::Failed(error) = &answers[4] else { unreachable!() };
+        assert_eq!(error.detail, "422 Unprocessable Entity: until the end");
+        assert_eq!(answers[5], Answer::Unanswered, "the connection ended with the body");
+    }
+
+    #[tokio::test]
+    async fn an_answer_cut_short_is_a_reset_and_an_error_body_is_cut_at_512_bytes() {
+        let long = "x".repeat(2000);
+        let cut = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc".to_vec();
+        let garbage = b"HTTP/1.1 OK\r\n\r\n".to_vec();
+        let big = format!("HTTP/1.1 500 X\r\ncontent-length: {}\r\n\r\n{long}", long.len()).into_bytes();
+        let url = raw_server(vec![cut, garbage, big]).await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        assert_eq!(kinds(&pipeline.send(&url, &requests([1, 2])).await)[0], Some(FailureKind::Reset));
+        assert_eq!(kinds(&pipeline.send(&url, &requests([1])).await)[0], Some(FailureKind::Other));
+        let answers = pipeline.send(&url, &requests([1])).await;
+        let Answer::Failed(error) = &answers[0] else { panic!("{answers:?}") };
+        assert_eq!(error.detail, format!("500 Internal Server Error: {}", &long[..512]));
+    }
+
+    #[tokio::test]
+    async fn a_kept_connection_closed_while_idle_is_replaced_without_a_failure() {
+        // The first connection answers one request and then closes (without saying so); the
+        // second answers the next window.
+        let one = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec();
+        let url = raw_server(vec![one.clone(), one.repeat(2)]).await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        assert_eq!(pipeline.send(&url, &requests([1])).await, [Answer::Delivered]);
+        // The raw server closes its side once the client is done writing; wait until it did.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let connection = pipeline.connection.as_mut().expect("kept");
+            let mut probe = [0u8; 1];
+            let closed =
+                tokio::time::timeout(Duration::from_millis(10), connection.stream.read(&mut probe)).await;
+            if let Ok(read) = closed {
+                assert_eq!(read.unwrap(), 0, "nothing but the close");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server did not close the idle connection");
+        }
+        assert_eq!(pipeline.send(&url, &requests([2, 3])).await, vec![Answer::Delivered; 2]);
+    }
+
+    #[test]
+    fn the_request_line_and_host_follow_the_url() {
+        let target = Target::parse("http://[::1]:8080/a/b?c=d").unwrap();
+        assert_eq!(
+            (target.host.as_str(), target.port, target.authority.as_str()),
+            ("::1", 8080, "[::1]:8080")
+        );
+        let mut headers = HeaderMap::new();
+        headers.insert(HeaderName::from_static("outpost-seq"), HeaderValue::from_static("7"));
+        let bytes = serialize(&target, &[(headers, Bytes::from_static(b"{}"))]);
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(
+            text.starts_with("POST /a/b?c=d HTTP/1.1\r\nhost: [::1]:8080\r\noutpost-seq: 7\r\n"),
+            "{text}"
+        );
+        assert!(text.ends_with("content-length: 2\r\n\r\n{}"), "{text}");
+        let target = Target::parse("https://example.com/in").unwrap();
+        assert_eq!((target.port, target.authority.as_str(), target.https), (443, "example.com", true));
+        assert!(Target::parse("ftp://example.com/").is_err());
+    }
+}
