@@ -78,7 +78,7 @@ impl CentralHub {
                 if let Some(entry) = self.registry().edges.get_mut(&edge_id) {
                     entry.transition_requested = false;
                 }
-                self.linked_elsewhere_now(&edge_id, outpost_core::time::now_unix_ms());
+                self.linked_elsewhere_now(&edge_id);
             }
             (EVENT_EDGE_TRANSITION_ONLINE, Some(edge_id), _) => {
                 if self.send_event(&edge_id, LinkEvent::TransitionOnline).is_ok() {
@@ -163,9 +163,7 @@ impl CentralHub {
         };
         let Some(document) = document else { return };
         let mut registry = self.registry();
-        if self.apply_edge_document(&mut registry, edge_id, document) {
-            self.refresh_edge_metrics(&registry, outpost_core::time::now_unix_ms());
-        }
+        self.apply_edge_document(&mut registry, edge_id, document);
     }
 }
 

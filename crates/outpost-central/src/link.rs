@@ -261,7 +261,6 @@ impl CentralHub {
         // Read under the same lock as the registration: a switch after this point reaches the new
         // link as an event, so the edge never misses one.
         let maintenance = registry.maintenance;
-        self.refresh_edge_metrics(&registry, now_ms);
         drop(registry);
         self.links_changed.notify_one();
         tracing::info!(edge = %edge_id, link = link_id, %version, %state, replaced, "edge link opened");
@@ -281,7 +280,6 @@ impl CentralHub {
         if entry.link.as_ref().is_some_and(|link| link.id == link_id) {
             entry.link = None;
             entry.link_lost_ms = Some(now_ms);
-            self.refresh_edge_metrics(&registry, now_ms);
             drop(registry);
             self.links_changed.notify_one();
             tracing::info!(edge = %edge_id, link = link_id, "edge link closed: shown offline (link_lost)");
@@ -300,9 +298,6 @@ impl CentralHub {
             return Ok(());
         }
         self.entry(&mut registry, edge_id)?.last_seen_ms = Some(now_ms);
-        if !known {
-            self.refresh_edge_metrics(&registry, now_ms);
-        }
         Ok(())
     }
 
@@ -336,24 +331,18 @@ impl CentralHub {
             let entry = self.entry(&mut registry, edge_id)?;
             let state_changed = entry.persistence.persisted_state.as_ref()
                 != Some(&(report.state.clone(), report.state_since_ms));
-            let metric_changed =
-                entry.report.as_ref().map(|r| r.state.as_str()) != Some(report.state.as_str());
             entry.report = Some(report);
             entry.last_seen_ms = Some(now_ms);
             let next_write_ms =
                 entry.persistence.persisted_at_ms + REPORT_PERSIST_INTERVAL.as_millis() as i64;
-            let deferred_by = if state_changed || now_ms >= next_write_ms {
+            if state_changed || now_ms >= next_write_ms {
                 None
             } else if entry.persistence.flush_scheduled {
                 Some(None)
             } else {
                 entry.persistence.flush_scheduled = true;
                 Some(Some(Duration::from_millis((next_write_ms - now_ms) as u64)))
-            };
-            if metric_changed {
-                self.refresh_edge_metrics(&registry, now_ms);
             }
-            deferred_by
         };
         match deferred_by {
             None => self.persist_edge(edge_id, now_ms).await,

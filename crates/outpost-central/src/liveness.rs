@@ -6,8 +6,9 @@
 //! without a TCP reset) is shown `offline` (cause `link_lost`) although its socket is still open.
 //!
 //! On PostgreSQL every central writes `central-links:<instance>` = `{"beat","at_ms","edges"}`
-//! every [`LINK_WATCH_INTERVAL`] and at once when a link opens or closes, listing the edges whose
-//! links are live here. The others take an edge as `connected` while such a document is fresh: its
+//! every [`LINK_WATCH_INTERVAL`] and soon after a link opens or closes (at most four times a
+//! second, however many links change), listing the edges whose links are live here. The others
+//! take an edge as `connected` while such a document is fresh: its
 //! `beat` changed within [`LINK_OWNER_EXPIRY`] by the reader's own clock (so clock skew between
 //! centrals does not matter), or, seen for the first time, its `at_ms` is that recent. A central
 //! that died stops beating and its edges stop counting; one that restarts gets a new instance id
@@ -25,6 +26,10 @@ use crate::CentralHub;
 /// How often the central checks its links for silence and, on a cluster, beats its link-owner
 /// document.
 pub const LINK_WATCH_INTERVAL: Duration = Duration::from_secs(1);
+/// The least time between two runs of the watch: links opening or closing by the thousand (a
+/// central's restart, the morning's ramp) are taken a few times a second, not once per link, since
+/// each run goes over every edge and, on a cluster, writes a document listing them all.
+const MIN_WATCH_SPACING: Duration = Duration::from_millis(250);
 /// A link-owner document whose beat did not change for this long is stale: its central is gone.
 pub const LINK_OWNER_EXPIRY: Duration = Duration::from_secs(5);
 
@@ -155,22 +160,20 @@ impl CentralHub {
 
     /// Another central announced a new link of `edge_id`: count it as connected until that
     /// central's link-owner document says otherwise.
-    pub(crate) fn linked_elsewhere_now(&self, edge_id: &str, now_ms: i64) {
+    pub(crate) fn linked_elsewhere_now(&self, edge_id: &str) {
         let mut registry = self.registry();
         if let Ok(entry) = self.entry(&mut registry, edge_id) {
-            if !entry.linked_elsewhere {
-                entry.linked_elsewhere = true;
-                self.refresh_edge_metrics(&registry, now_ms);
-            }
+            entry.linked_elsewhere = true;
         }
     }
 }
 
-/// Watches the links while the hub exists: every [`LINK_WATCH_INTERVAL`], and at once when a link
-/// opens or closes (to tell the cluster without delay).
+/// Watches the links while the hub exists: every [`LINK_WATCH_INTERVAL`], and soon when a link
+/// opens or closes (to tell the cluster without delay), at most once per [`MIN_WATCH_SPACING`].
 pub(crate) async fn watch_links(hub: Weak<CentralHub>) {
     let mut ticker = tokio::time::interval(LINK_WATCH_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_run = tokio::time::Instant::now();
     loop {
         let Some(strong) = hub.upgrade() else { return };
         let shared = strong.store.is_shared();
@@ -181,6 +184,9 @@ pub(crate) async fn watch_links(hub: Weak<CentralHub>) {
             _ = ticker.tick() => {}
             _ = links_changed.notified() => {}
         }
+        // Changes arriving meanwhile are taken by this run.
+        tokio::time::sleep_until(last_run + MIN_WATCH_SPACING).await;
+        last_run = tokio::time::Instant::now();
         let Some(hub) = hub.upgrade() else { return };
         let now_ms = now_unix_ms();
         let live = hub.check_links(now_ms);
