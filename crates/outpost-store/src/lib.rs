@@ -461,7 +461,13 @@ impl Store {
     /// Every queue's position for `origin`.
     pub fn origin_positions(&self, origin: &str) -> BTreeMap<String, u64> {
         let positions = self.inner.views.origin_positions.read().expect("views lock poisoned");
-        positions.iter().filter(|((o, _), _)| o == origin).map(|((_, q), seq)| (q.clone(), *seq)).collect()
+        // Keyed by (origin, queue): one origin's positions are one range, read without going over
+        // every edge's (each handshake asks; a central may know 10,000 edges and their queues).
+        positions
+            .range((origin.to_string(), String::new())..)
+            .take_while(|((o, _), _)| o == origin)
+            .map(|((_, q), seq)| (q.clone(), *seq))
+            .collect()
     }
 
     /// Resolves after the next commit that changed data (for waiters on positions or cursors); on

@@ -133,7 +133,7 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 }
 
 /// Every (origin, queue) → highest origin seq stored.
-pub fn load_origin_positions(conn: &Connection) -> Result<HashMap<(String, String), u64>, StoreError> {
+pub fn load_origin_positions(conn: &Connection) -> Result<BTreeMap<(String, String), u64>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT p.origin, q.name, p.last_origin_seq FROM origin_positions p JOIN queues q ON q.queue_id = p.queue_id",
     )?;

@@ -23,7 +23,7 @@ use crate::{
 pub(crate) struct State {
     pub(crate) stats: BTreeMap<String, QueueStats>,
     pub(crate) queue_ids: HashMap<String, i64>,
-    origin_positions: HashMap<(String, String), u64>,
+    origin_positions: BTreeMap<(String, String), u64>,
     pub(crate) cursors: HashMap<(String, String), u64>,
     /// The (queue, reader) of every consumer's cursor: required readers of their queue, found by
     /// queue without scanning every cursor.
