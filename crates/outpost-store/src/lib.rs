@@ -435,7 +435,9 @@ impl Store {
 
     /// Records that `origin` released `queue` through `through_seq` without forwarding it (its
     /// routes took those messages before it had a central): the position moves there, never back,
-    /// and nothing is stored. Answers the position now held.
+    /// and nothing is stored. A queue not seen before is created (empty) like by a write, so
+    /// `max_queues` (and a store already past its quota) refuse it, changing nothing. The same on
+    /// both backends. Answers the position now held.
     pub async fn record_origin_release(
         &self,
         queue: &str,

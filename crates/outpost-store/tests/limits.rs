@@ -38,16 +38,27 @@ where
 }
 
 async fn max_queues_holds(store: &Store) {
-    for queue in ["q1", "q2", "q3"] {
+    for queue in ["q1", "q2"] {
         append(store, queue, b"x", None).await.unwrap();
     }
+    // An edge's release without forwarding (recorded at its handshake) creates its queue too.
+    store.record_origin_release("q3", "edge-1", 4).await.unwrap();
+    let created = store.queue("q3").expect("the release created its queue");
+    assert_eq!((created.last_seq, created.messages), (0, 0));
+    assert_eq!(store.queue_stats().len(), 3);
     let refused = append(store, "q4", b"x", None).await;
     match refused {
         Err(StoreError::TooManyQueues { queue, limit: 3 }) => assert_eq!(queue, "q4"),
         other => panic!("a fourth queue must be refused with TooManyQueues, got {other:?}"),
     }
     assert!(store.queue("q4").is_none(), "the refused write created nothing");
+    let refused = store.record_origin_release("q4", "edge-1", 4).await;
+    assert!(matches!(refused, Err(StoreError::TooManyQueues { limit: 3, .. })), "{refused:?}");
+    assert!(store.queue("q4").is_none(), "the refused release created nothing");
+    assert_eq!(store.origin_position("edge-1", "q4"), 0, "the refused release moved nothing");
     append(store, "q1", b"y", None).await.expect("existing queues take writes");
+    store.record_origin_release("q3", "edge-1", 6).await.expect("existing queues take releases");
+    assert_eq!(store.origin_position("edge-1", "q3"), 6);
 }
 
 #[tokio::test]

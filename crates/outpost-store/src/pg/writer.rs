@@ -244,14 +244,7 @@ impl PgWriter {
                 Outcome::Origin(per_op(self.origin_append(tx, state, queue, origin, messages, now_ms).await)?)
             }
             Op::ReleaseFromOrigin { queue, origin, through_seq, .. } => {
-                // The row was created and locked with the group's positions.
-                let key = (origin.clone(), queue.clone());
-                let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
-                let (answer, moved) = ops::plan_origin_release(position, *through_seq);
-                if let Some(through_seq) = moved {
-                    state.positions.insert(key, (through_seq, true));
-                }
-                Outcome::Origin(Ok(answer))
+                Outcome::Origin(per_op(self.origin_release(tx, state, queue, origin, *through_seq).await)?)
             }
             Op::AdvanceCursor { queue, reader, acked_seq, .. } => {
                 Outcome::Done(per_op(self.advance_cursor(tx, state, queue, reader, *acked_seq).await)?)
@@ -429,6 +422,31 @@ impl PgWriter {
         Ok(OriginAppended { stored_through, stored: ids.len() as u64, duplicates, gap_expected_seq: None })
     }
 
+    /// Moves (origin, queue)'s position to `through_seq` (never back) with nothing stored: the edge
+    /// released those messages without forwarding them. Like a write, it creates the queue if new
+    /// (`max_queues` applies), as the SQLite writer does.
+    async fn origin_release(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+        origin: &str,
+        through_seq: u64,
+    ) -> Result<OriginAppended, TryError> {
+        // The position row was created and locked with the group's positions.
+        let key = (origin.to_string(), queue.to_string());
+        let position = state.positions.get(&key).map(|(seq, _)| *seq).unwrap_or(0);
+        let (answer, moved) = ops::plan_origin_release(position, through_seq);
+        let Some(through_seq) = moved else { return Ok(answer) };
+        if !state.queues.contains_key(queue) {
+            self.ensure_queue(tx, state, queue, 0).await?;
+            // Written and published, so the new (empty) queue shows in every central's views.
+            state.queues.get_mut(queue).expect("just created").dirty = true;
+        }
+        state.positions.insert(key, (through_seq, true));
+        Ok(answer)
+    }
+
     async fn advance_cursor(
         &self,
         tx: &Transaction<'_>,
@@ -523,24 +541,27 @@ impl PgWriter {
 }
 
 /// Which rows a group locks: the (origin, queue) positions and the queues, each sorted, and whether
-/// it appends (then the quota's input is read too).
+/// it appends or records an edge's release (then the quota's input is read too: either may create
+/// a queue, which is checked against the quota as on SQLite).
 fn lock_keys(group: &[Op]) -> (BTreeSet<(&str, &str)>, BTreeSet<&str>, bool) {
     let mut origin_keys = BTreeSet::new();
     let mut queue_names = BTreeSet::new();
-    let mut appends = false;
+    let mut reads_quota = false;
     for op in group {
         match op {
             Op::Append { queue, .. } => {
                 queue_names.insert(queue.as_str());
-                appends = true;
+                reads_quota = true;
             }
             Op::AppendFromOrigin { queue, origin, .. } => {
                 origin_keys.insert((origin.as_str(), queue.as_str()));
                 queue_names.insert(queue.as_str());
-                appends = true;
+                reads_quota = true;
             }
             Op::ReleaseFromOrigin { queue, origin, .. } => {
                 origin_keys.insert((origin.as_str(), queue.as_str()));
+                queue_names.insert(queue.as_str());
+                reads_quota = true;
             }
             Op::AdvanceCursor { queue, .. } => {
                 queue_names.insert(queue.as_str());
@@ -557,14 +578,14 @@ fn lock_keys(group: &[Op]) -> (BTreeSet<(&str, &str)>, BTreeSet<&str>, bool) {
             _ => {}
         }
     }
-    (origin_keys, queue_names, appends)
+    (origin_keys, queue_names, reads_quota)
 }
 
 /// Step 1 of a group: locks the rows it touches, always in the same order (positions, created at 0
-/// if new, then queues), and reads what the quota is checked against when it appends.
+/// if new, then queues), and reads what the quota is checked against when it appends or records a release.
 async fn lock_group(tx: &Transaction<'_>, group: &[Op]) -> Result<Group, TryError> {
     let mut state = Group::default();
-    let (origin_keys, queue_names, appends) = lock_keys(group);
+    let (origin_keys, queue_names, reads_quota) = lock_keys(group);
     if !origin_keys.is_empty() {
         let (origins, queues): (Vec<&str>, Vec<&str>) = origin_keys.iter().copied().unzip();
         let insert = tx
@@ -600,7 +621,7 @@ async fn lock_group(tx: &Transaction<'_>, group: &[Op]) -> Result<Group, TryErro
             state.queues.insert(stats.name.clone(), LockedQueue { id, stats, dirty: false });
         }
     }
-    if appends {
+    if reads_quota {
         // Messages, failed copies and idempotency keys (the last two kept by triggers).
         let total = tx
             .prepare_cached(

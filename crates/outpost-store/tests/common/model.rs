@@ -1,5 +1,6 @@
 //! The store model property test, shared by both backends: random appends (with idempotency keys
-//! and a small quota), edge batches (the central's dedup by origin position), cursors and the
+//! and a small quota), edge batches (the central's dedup by origin position), an edge's releases
+//! without forwarding (the position moved, the queue created), cursors and the
 //! release they allow, failed messages (fail, resubmit, fail again, remove), reads, clean reopens
 //! and crash reopens (the store dropped without a shutdown), each applied to the store and to a
 //! plain in-memory model, answers compared after every step.
@@ -55,6 +56,13 @@ pub enum Action {
         offset: u64,
         sizes: Vec<usize>,
     },
+    /// The edge released through `delta - 1` past its position without forwarding (back, in
+    /// place, or on), as a central records at the edge's handshake.
+    ReleaseFromOrigin {
+        queue: usize,
+        edge: usize,
+        delta: u64,
+    },
     /// Moves a reader's cursor to `delta - 1` past where it is (back, in place, or on; past the
     /// queue's end is refused).
     AdvanceCursor {
@@ -94,6 +102,8 @@ pub fn action() -> impl Strategy<Value = Action> {
             .prop_map(|(queue, sizes, key)| Action::Append { queue, sizes, key }),
         4 => (queue.clone(), 0..EDGES.len(), 0u64..4, prop::collection::vec(0usize..500, 1..5))
             .prop_map(|(queue, edge, offset, sizes)| Action::AppendFromOrigin { queue, edge, offset, sizes }),
+        2 => (queue.clone(), 0..EDGES.len(), 0u64..4)
+            .prop_map(|(queue, edge, delta)| Action::ReleaseFromOrigin { queue, edge, delta }),
         4 => (queue.clone(), 0..READERS.len(), 0u64..5)
             .prop_map(|(queue, reader, delta)| Action::AdvanceCursor { queue, reader, delta }),
         2 => queue.clone().prop_map(|queue| Action::Fail { queue }),
@@ -214,6 +224,9 @@ where
                     &sizes,
                 )
                 .await
+            }
+            Action::ReleaseFromOrigin { queue, edge, delta } => {
+                release_from_origin(&store, &mut model, QUEUES[queue], EDGES[edge], delta).await
             }
             Action::AdvanceCursor { queue, reader, delta } => {
                 let (queue, reader) = (QUEUES[queue], READERS[reader]);
@@ -405,6 +418,31 @@ async fn append_from_origin(
             }
             model.positions.insert(key, through);
         }
+    }
+}
+
+/// The position moves to the released seq, never back, nothing is stored, and the queue exists
+/// from then on: created like by a write that stores nothing (`max_queues` applies, and a store
+/// already past its quota, which failed copies can take it, refuses it).
+async fn release_from_origin(store: &Store, model: &mut Model, queue: &str, edge: &str, delta: u64) {
+    let key = (edge.to_string(), queue.to_string());
+    let position = model.positions.get(&key).copied().unwrap_or(0);
+    let through_seq = (position + delta).saturating_sub(1);
+    let result = store.record_origin_release(queue, edge, through_seq).await;
+    let creates_queue = through_seq > position && !model.queues.contains_key(queue);
+    if creates_queue && model.bytes > QUOTA_BYTES {
+        assert!(matches!(result, Err(StoreError::QuotaReached { .. })), "{result:?}");
+        return;
+    }
+    let answer = result.unwrap();
+    assert_eq!(
+        (answer.stored_through, answer.stored, answer.duplicates, answer.gap_expected_seq),
+        (position.max(through_seq), 0, 0, None),
+        "release of {edge} in {queue} through {through_seq}"
+    );
+    if through_seq > position {
+        model.queues.entry(queue.to_string()).or_default();
+        model.positions.insert(key, through_seq);
     }
 }
 
