@@ -162,7 +162,8 @@ pub(super) async fn refresh(pool: &Pool, url: &str, views: &Views, what: &Refres
             client.query(&format!("SELECT {STATS_COLUMNS} FROM outpost_queues"), &[]).await.map_err(e)?;
         merge_stats(views, stats.iter().map(stats_from_row));
         let positions = client
-            .query("SELECT origin, queue, last_origin_seq FROM outpost_origin_positions", &[])
+            // A row at 0 is a lock placeholder (a writer creates one to lock it), not a position.
+            .query("SELECT origin, queue, last_origin_seq FROM outpost_origin_positions WHERE last_origin_seq > 0", &[])
             .await
             .map_err(e)?;
         merge_max(
@@ -188,7 +189,8 @@ pub(super) async fn refresh(pool: &Pool, url: &str, views: &Views, what: &Refres
         let rows = client
             .query(
                 "SELECT p.origin, p.queue, p.last_origin_seq FROM outpost_origin_positions p
-                 JOIN unnest($1::text[], $2::text[]) AS k(origin, queue) ON k.origin = p.origin AND k.queue = p.queue",
+                 JOIN unnest($1::text[], $2::text[]) AS k(origin, queue) ON k.origin = p.origin AND k.queue = p.queue
+                 WHERE p.last_origin_seq > 0",
                 &[&origins, &queues],
             )
             .await

@@ -5,7 +5,8 @@
 //! # One transaction per group
 //!
 //! 1. Lock what the group touches, always in the same order so two centrals cannot deadlock on
-//!    it: the `(origin, queue)` rows of `outpost_origin_positions` (created at 0 if new), sorted,
+//!    it: the `(origin, queue)` rows of `outpost_origin_positions` (created at 0 if new: a row
+//!    left at 0 is only that lock, never loaded into the views as a position), sorted,
 //!    then the `outpost_queues` rows, sorted by name, all `FOR UPDATE`. A queue created by the group
 //!    is locked when created. (A deadlock PostgreSQL still detects, e.g. two centrals creating the
 //!    same queues in different orders, retries the whole group.)

@@ -535,6 +535,15 @@ async fn check_views(store: &Store, model: &Model) {
             assert_eq!(store.origin_position(edge, queue), want, "position of {edge} in {queue}");
         }
     }
+    for edge in EDGES {
+        let want: BTreeMap<String, u64> = model
+            .positions
+            .iter()
+            .filter(|((e, _), _)| e == edge)
+            .map(|((_, queue), seq)| (queue.clone(), *seq))
+            .collect();
+        assert_eq!(store.origin_positions(edge), want, "positions of {edge}");
+    }
     for status in [FailedStatus::Failed, FailedStatus::Resubmitted] {
         let query =
             FailedQuery { route: Some("r".into()), status, after_id: 0, limit: 100, with_payload: true };
