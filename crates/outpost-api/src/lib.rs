@@ -10,6 +10,7 @@ pub mod error;
 pub mod listener;
 mod messages;
 mod openapi;
+mod query;
 mod routes;
 mod status;
 

@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
+use crate::query::{self, QueryPairs};
 use crate::ApiState;
 
 /// The longest `Idempotency-Key` accepted.
@@ -221,30 +222,23 @@ pub async fn list_queues(State(state): State<ApiState>, headers: HeaderMap) -> R
 pub async fn read_messages(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
-    RawQuery(query): RawQuery,
+    query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let queue = queue_name(path)?;
     let mut after_seq = 0u64;
     let mut limit = DEFAULT_READ_LIMIT;
-    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match name {
-            "after_seq" => {
-                after_seq = value
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("after_seq={value:?} is not a number")))?
-            }
+    for (name, value) in query::pairs(query)? {
+        match name.as_str() {
+            "after_seq" => after_seq = query::number(&name, &value)?,
             "limit" => {
-                limit = value
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("limit={value:?} is not a number")))?;
+                limit = query::number(&name, &value)?;
                 if limit == 0 || limit > MAX_READ_LIMIT {
                     return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_READ_LIMIT}")));
                 }
             }
-            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+            other => return Err(query::unknown(other)),
         }
     }
     if state.store.queue(&queue).is_none() {

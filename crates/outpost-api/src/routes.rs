@@ -6,7 +6,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
+use crate::query::{self, QueryPairs};
 use crate::ApiState;
 
 /// The default and the largest `limit` of `GET /v1/failed`.
@@ -154,21 +155,19 @@ async fn switch_route(
 }
 
 /// `GET /v1/failed?route=R&limit=100&after_id=0` (`after_id` pages by entry id; `R` may be
-/// `consumer:<name>`, `:` escaped as `%3A` or not).
+/// `consumer:<name>`, `:` percent-escaped or not).
 async fn list_failed(
     State(state): State<ApiState>,
-    RawQuery(query): RawQuery,
+    query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let mut route = None;
     let mut limit = DEFAULT_FAILED_LIMIT;
     let mut after_id = 0i64;
-    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match name {
+    for (name, value) in query::pairs(query)? {
+        match name.as_str() {
             "route" => {
-                let value = value.replace("%3A", ":").replace("%3a", ":");
                 validate_failed_route(&value)?;
                 route = Some(value);
             }
@@ -178,12 +177,8 @@ async fn list_failed(
                         ApiError::bad_request(format!("limit must be 1 to {MAX_FAILED_LIMIT}"))
                     })?;
             }
-            "after_id" => {
-                after_id = value
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("after_id={value:?} is not a number")))?;
-            }
-            other => return Err(ApiError::bad_request(format!("unknown query parameter {other:?}"))),
+            "after_id" => after_id = query::number(&name, &value)?,
+            other => return Err(query::unknown(other)),
         }
     }
     let Some(routes) = routes_of(&state) else {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
@@ -24,6 +24,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::hub;
 use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
+use crate::query::{self, QueryPairs};
 use crate::ApiState;
 
 /// The largest handshake or report body: a report carries up to 100 offline-log entries.
@@ -303,22 +304,21 @@ pub(crate) async fn post_batch(
 pub(crate) async fn pull_downlink(
     State(state): State<ApiState>,
     peer: Option<Extension<PeerIdentity>>,
-    RawQuery(query): RawQuery,
+    query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let hub = hub(&state)?.clone();
     let edge_id = authenticate_edge(&state.config, &headers, peer.as_deref())?;
     let (mut queue, mut after_seq, mut acked, mut limit) = (None, None, None, DEFAULT_PULL_LIMIT);
-    for pair in query.as_deref().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+    for (name, value) in query::pairs(query)? {
         let number =
             || value.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{name} must be a number")));
-        match name {
-            "queue" => queue = Some(value.to_string()),
+        match name.as_str() {
+            "queue" => queue = Some(value.clone()),
             "after_seq" => after_seq = Some(number()?),
             "acked" => acked = Some(number()?),
             "limit" => limit = number()? as usize,
-            _ => return Err(ApiError::bad_request(format!("unknown query parameter {name:?}"))),
+            other => return Err(query::unknown(other)),
         }
     }
     let queue = queue.ok_or_else(|| ApiError::bad_request("missing `queue`"))?;

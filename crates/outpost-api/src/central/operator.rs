@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -17,6 +17,7 @@ use super::hub;
 use crate::auth::{authorize, Access};
 use crate::body::read_bounded as read_body;
 use crate::error::ApiError;
+use crate::query::{self, QueryPairs};
 use crate::ApiState;
 
 /// The largest `limit` of `GET /v1/edges`.
@@ -55,12 +56,12 @@ fn edge_json(edge: &EdgeView, downlink_pending: u64) -> serde_json::Value {
 /// with the `after` of the next page.
 pub(crate) async fn list_edges(
     State(state): State<ApiState>,
-    RawQuery(query): RawQuery,
+    query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let hub = hub(&state)?;
-    let query = parse_edge_query(query.as_deref().unwrap_or(""))?;
+    let query = parse_edge_query(query::pairs(query)?)?;
     let page = hub.edges_matching_at(&query, now_unix_ms());
     let pending = hub.downlink_pending();
     let edges: Vec<_> =
@@ -74,29 +75,26 @@ pub(crate) async fn list_edges(
     Ok(response)
 }
 
-fn parse_edge_query(query: &str) -> Result<EdgeQuery, ApiError> {
+fn parse_edge_query(pairs: Vec<(String, String)>) -> Result<EdgeQuery, ApiError> {
     let mut parsed = EdgeQuery::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match name {
+    for (name, value) in pairs {
+        match name.as_str() {
             "state" => {
-                if !EDGE_STATES.contains(&value) {
+                if !EDGE_STATES.contains(&value.as_str()) {
                     return Err(ApiError::bad_request(format!(
                         "state={value:?} is not one of {}",
                         EDGE_STATES.join(", ")
                     )));
                 }
-                parsed.state = Some(value.to_string());
+                parsed.state = Some(value);
             }
             "after" => {
-                outpost_core::validate_name(value)
+                outpost_core::validate_name(&value)
                     .map_err(|e| ApiError::invalid_name(format!("after={value:?}: edge id {e}")))?;
-                parsed.after = Some(value.to_string());
+                parsed.after = Some(value);
             }
             "limit" => {
-                let limit: usize = value
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("limit={value:?} is not a number")))?;
+                let limit: usize = query::number(&name, &value)?;
                 if limit == 0 || limit > MAX_EDGES_LIMIT {
                     return Err(ApiError::bad_request(format!("limit must be 1 to {MAX_EDGES_LIMIT}")));
                 }
