@@ -252,3 +252,56 @@ async fn idempotency_keys_count_against_the_quota_on_postgres() {
     .await;
     store.shutdown().await;
 }
+
+/// The quota of the reuse tests: a 10-byte message under the key `k`, then once `k` expired (its
+/// row not pruned yet: a TTL of an hour prunes after a minute) a 25-byte one reusing it; the key's
+/// bytes counted once.
+const REUSE_QUOTA: u64 = 10 + 25 + 1 + IDEMPOTENCY_KEY_OVERHEAD_BYTES;
+
+fn reuse_options() -> StoreOptions {
+    StoreOptions {
+        idempotency_ttl: Duration::from_secs(3600),
+        ..StoreOptions::keep_everything(REUSE_QUOTA, "n")
+    }
+}
+
+/// Before: `k` stored with 10 bytes. `expire` makes `k` older than the TTL, its row kept. A new
+/// message reusing it takes the key's row over and adds only its own bytes, so it fits the quota
+/// exactly; the key still counts, so one more byte does not.
+async fn an_expired_key_reused_is_counted_once(store: &Store) {
+    let second = store.append("q", vec![message(&[b's'; 25])], Some("k".into())).await;
+    let second = second.expect("the reused key's bytes are already counted: 25 more bytes fit");
+    assert!(!second.duplicate && second.first_seq == 2, "{second:?}");
+    assert!(
+        matches!(append(store, "q", b"x", None).await, Err(StoreError::QuotaReached { .. })),
+        "the key, stored once, still counts: the quota is full"
+    );
+}
+
+#[tokio::test]
+async fn an_expired_key_reused_counts_its_bytes_once_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), reuse_options(), None).unwrap();
+    assert!(!append(&store, "q", &[b'f'; 10], Some("k")).await.unwrap());
+    store.shutdown().await;
+    drop(store);
+    let db = rusqlite::Connection::open(dir.path().join("outpost.db")).unwrap();
+    assert_eq!(db.execute("UPDATE idempotency_keys SET created_at_ms = 0", []).unwrap(), 1);
+    drop(db);
+    let store = Store::open(dir.path(), reuse_options(), None).unwrap();
+    an_expired_key_reused_is_counted_once(&store).await;
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_key_reused_counts_its_bytes_once_on_postgres() {
+    let database = TestDatabase::create().await;
+    let store = Store::open_postgres(&database.url, reuse_options(), None).await.unwrap();
+    assert!(!append(&store, "q", &[b'f'; 10], Some("k")).await.unwrap());
+    let (client, connection) = tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let expired = client.execute("UPDATE outpost_idempotency_keys SET created_at_ms = 0", &[]).await.unwrap();
+    assert_eq!(expired, 1);
+    an_expired_key_reused_is_counted_once(&store).await;
+    store.shutdown().await;
+}

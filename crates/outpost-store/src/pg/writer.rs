@@ -359,25 +359,32 @@ impl PgWriter {
         let (needed, key_bytes) = ops::append_bytes(messages, idempotency_key).map_err(TryError::Store)?;
         self.ensure_queue(tx, state, queue, needed + key_bytes).await?;
         let queue_id = state.queues[queue].id;
+        let mut key_row_exists = false;
         if let Some(key) = idempotency_key {
-            // A key older than the TTL is forgotten (its row may wait for the next prune).
+            // A key older than the TTL is forgotten (its row may wait for the next prune): reused,
+            // it stores a new message and takes the row over, whose bytes are already counted.
             let key_cutoff_ms = now_ms - self.options.idempotency_ttl.as_millis() as i64;
             let lookup = tx
                 .prepare_cached(
-                    "SELECT seq, id FROM outpost_idempotency_keys
-                     WHERE queue_id = $1 AND key = $2 AND created_at_ms >= $3",
+                    "SELECT seq, id, created_at_ms FROM outpost_idempotency_keys WHERE queue_id = $1 AND key = $2",
                 )
                 .await?;
-            if let Some(row) = tx.query_opt(&lookup, &[&queue_id, &key, &key_cutoff_ms]).await? {
-                let seq = row.get::<_, i64>(0) as u64;
-                return Ok(Appended {
-                    first_seq: seq,
-                    last_seq: seq,
-                    ids: vec![row.get(1)],
-                    duplicate: true,
-                });
+            if let Some(row) = tx.query_opt(&lookup, &[&queue_id, &key]).await? {
+                if row.get::<_, i64>(2) >= key_cutoff_ms {
+                    let seq = row.get::<_, i64>(0) as u64;
+                    return Ok(Appended {
+                        first_seq: seq,
+                        last_seq: seq,
+                        ids: vec![row.get(1)],
+                        duplicate: true,
+                    });
+                }
+                key_row_exists = true;
             }
         }
+        // The key's bytes count once while its row is stored (the insert trigger adds them to
+        // `outpost_usage`; taking an expired row over adds nothing), as on SQLite.
+        let key_bytes = if key_row_exists { 0 } else { key_bytes };
         check_quota(&self.options, state.total_bytes, needed + key_bytes)?;
         state.total_bytes += key_bytes;
         let mut ids = Vec::with_capacity(messages.len());
