@@ -1,6 +1,6 @@
 //! The PostgreSQL schema and its migrations.
 //!
-//! # Schema (version 2; tables prefixed `outpost_`)
+//! # Schema (version 4, [`PG_SCHEMA_VERSION`]; tables prefixed `outpost_`)
 //!
 //! ```text
 //! outpost_meta(key TEXT PRIMARY KEY, value TEXT)          schema_version, created_at_ms
@@ -11,13 +11,17 @@
 //! outpost_messages(queue_id, seq, id, origin, origin_seq, content_type, accepted_at_ms,
 //!                  payload BYTEA, PRIMARY KEY(queue_id, seq))
 //! outpost_idempotency_keys(queue_id, key, seq, id, created_at_ms, PRIMARY KEY(queue_id, key))
+//!                             index outpost_idempotency_keys_by_age(created_at_ms)   (version 3)
+//!                             for pruning the expired ones oldest first
 //! outpost_cursors(queue TEXT, reader TEXT, acked_seq, PRIMARY KEY(queue, reader))
 //! outpost_origin_positions(origin TEXT, queue TEXT, last_origin_seq, PRIMARY KEY(origin, queue))
-//!                             locked FOR UPDATE by the transaction storing that edge's batch
+//!                             locked FOR UPDATE by the transaction storing that edge's batch or
+//!                             release (a row left at 0 is only that lock, not a position)
 //! outpost_documents(key TEXT PRIMARY KEY, value TEXT, updated_at_ms)
 //! outpost_failed(id BIGSERIAL PRIMARY KEY, route, queue, seq, message_id, origin, origin_seq,
 //!                content_type, accepted_at_ms, payload BYTEA, attempts, reason, last_error,
 //!                first_failed_at_ms, last_failed_at_ms, status)
+//!                             index outpost_failed_by_route(route, status, id)
 //! outpost_leases(name TEXT PRIMARY KEY, holder TEXT, expires_at_ms BIGINT)   database clock
 //! outpost_consumers(consumer_id BIGSERIAL PRIMARY KEY, queue, name, head, created_at_ms,
 //!                   last_active_at_ms, UNIQUE(queue, name))                      (version 2)
@@ -25,6 +29,15 @@
 //!                           visible_at_ms, PRIMARY KEY(consumer_id, failed_id, seq))
 //!                             pull consumers, as on SQLite (see `crate::consumers`); a consumer's
 //!                             operations hold its queue's row lock
+//! outpost_usage(holder TEXT PRIMARY KEY, key_bytes, failed_bytes)                (version 4)
+//!                             what idempotency keys (text + 64 bytes each) and failed copies
+//!                             (payloads) take, for the quota beside outpost_queues.bytes; kept by
+//!                             statement-level AFTER INSERT / AFTER DELETE triggers on
+//!                             outpost_idempotency_keys and outpost_failed, one row per central
+//!                             (its connections' application_name; '' holds what the migration
+//!                             found), so centrals never wait on each other's row; the quota reads
+//!                             the sum of every row. A key row taken over (an expired key reused,
+//!                             ON CONFLICT DO UPDATE) is not re-counted: it counts once while stored
 //! ```
 //!
 //! Migrations run at open inside one transaction holding `pg_advisory_xact_lock`, so centrals
