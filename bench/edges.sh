@@ -13,7 +13,9 @@
 #
 # Environment: BIN_DIR (default target/release; needs `cargo build --release -p outpost -p testkit`),
 # OUTPOST_TEST_POSTGRES (admin URL, default postgres://postgres@127.0.0.1:5432/test; each run creates
-# and drops the database outpost_edges_bench), SIZE (payload bytes, default 256), QUEUES (queue names,
+# and drops the database outpost_edges_bench), SIMS (simulator processes sharing the edges, default 1:
+# each simulated edge holds 2+ sockets, and one process may not open more than its `ulimit -n`, which a
+# machine without CAP_SYS_RESOURCE cannot raise past the hard limit), SIZE (payload bytes, default 256), QUEUES (queue names,
 # default 64), EXTRA (more outpost-edgesim arguments), CENTRAL_ENV (environment for the central(s),
 # e.g. "OUTPOST_LIMITS__MAX_CONNECTIONS=50000": each edge holds 2+ connections and the default
 # limits.max_connections = 4096 would refuse the rest past ~2,000 edges), KEEP=1 keeps the work directory.
@@ -30,6 +32,7 @@ edges=${2:?EDGES}
 rate=${3:?RATE}
 seconds=${4:-60}
 ping=${5:-10s}
+sims=${SIMS:-1}
 size=${SIZE:-256}
 queues=${QUEUES:-64}
 bin_dir=${BIN_DIR:-target/release}
@@ -111,11 +114,16 @@ load_before=$(cut -d' ' -f1-3 /proc/loadavg)
 central_args=()
 for u in "${urls[@]}"; do central_args+=(--central "$u"); done
 echo "== $setup: $edges edges x $rate msg/s, ${seconds}s, ping $ping, $size B, $queues queues; ramp ${ramp}s; load before $load_before; $(date -u +%FT%TZ)" >&2
-"$bin_dir/outpost-edgesim" "${central_args[@]}" --edges "$edges" --rate "$rate" --duration "${seconds}s" \
-  --ramp "${ramp}s" --ping-interval "$ping" --size "$size" --queue-names "$queues" --json ${EXTRA:-} \
-  >"$work/sim.json" 2>"$work/sim.log" &
-sim=$!
-pids+=($sim)
+# SIMS simulator processes share the edges (each process has its own open-file limit).
+sim_pids=()
+for ((k = 0; k < sims; k++)); do
+  n=$(( edges / sims + (k < edges % sims ? 1 : 0) ))
+  "$bin_dir/outpost-edgesim" "${central_args[@]}" --edges "$n" --rate "$rate" --duration "${seconds}s" \
+    --ramp "${ramp}s" --ping-interval "$ping" --size "$size" --queue-names "$queues" --json ${EXTRA:-} \
+    >"$work/sim$k.json" 2>"$work/sim$k.log" &
+  sim_pids+=($!)
+  pids+=($!)
+done
 sleep "$ramp"
 commits_before=0; [[ "$setup" == pg* ]] && commits_before=$(pg_commits)
 read -r -a before < <(snap "${central_pids[@]}")
@@ -135,10 +143,12 @@ commits_after=0; [[ "$setup" == pg* ]] && commits_after=$(pg_commits)
 fds=(); for p in "${central_pids[@]}"; do fds+=("$(fds_of "$p")"); done
 load_during=$(cut -d' ' -f1-3 /proc/loadavg)
 status=0
-wait "$sim" || status=$?
-tail -5 "$work/sim.log" >&2
+for k in "${!sim_pids[@]}"; do
+  wait "${sim_pids[$k]}" || status=$?
+  tail -2 "$work/sim$k.log" >&2
+done
 
-python3 - "$work/sim.json" "$t0" "$t1" "$commits_before" "$commits_after" "${#central_pids[@]}" \
+python3 - "$(ls "$work"/sim*.json | paste -sd,)" "$t0" "$t1" "$commits_before" "$commits_after" "${#central_pids[@]}" \
   "${before[*]}" "${after[*]}" "${rss_max[*]}" "${fds[*]}" "$load_before" "$load_during" "$setup" "$status" <<'PY'
 import json, os, sys
 (sim_path, t0, t1, cb, ca, n, before, after, rss, fds, load_before, load_during, setup, status) = sys.argv[1:]
@@ -148,10 +158,31 @@ before = [int(x) for x in before.split()]
 after = [int(x) for x in after.split()]
 tick = os.sysconf("SC_CLK_TCK")
 try:
-    r = json.loads(open(sim_path).read().strip().splitlines()[-1])
+    reports = [json.loads(open(p).read().strip().splitlines()[-1]) for p in sim_path.split(",")]
 except Exception as e:
     print(f"no simulator report ({e}); exit status {status}")
     sys.exit(1)
+
+def merge(reports):
+    """One report from several simulators: counts add up; times and percentiles are the worst."""
+    if len(reports) == 1:
+        return reports[0]
+    r = dict(reports[0])
+    for key, value in r.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            values = [x[key] for x in reports]
+            worst = key.endswith("seconds") and key != "simulator_cpu_seconds"
+            r[key] = max(values) if worst or key in ("rate_per_edge", "payload_bytes") else sum(values)
+        elif isinstance(value, dict):
+            r[key] = {k: (max if k.endswith("_ms") else sum)(x[key].get(k, 0) for x in reports)
+                      for k, v in value.items() if isinstance(v, (int, float))}
+        elif isinstance(value, list):
+            r[key] = [item for x in reports for item in x[key]]
+    return r
+
+r = merge(reports)
+if len(reports) > 1:
+    print(f"({len(reports)} simulator processes: counts are summed, latency percentiles are the worst process's)")
 v = r.get("verification") or {}
 print(f"setup {setup}: {r['edges']} edges x {r['rate_per_edge']} msg/s = {r['offered_per_second']:.0f} msg/s offered, "
       f"{r['payload_bytes']} B, {r['generation_seconds']:.0f} s")
