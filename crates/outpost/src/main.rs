@@ -3,6 +3,7 @@
 mod bench;
 mod ctl;
 mod demo;
+mod fds;
 mod node;
 
 use std::ffi::OsString;

@@ -47,7 +47,8 @@ fn init_tracing() {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(mut config: Config) -> ExitCode {
+    config.limits.max_connections = crate::fds::connection_budget(config.limits.max_connections);
     let config = Arc::new(config);
     tracing::info!(
         version = outpost_core::VERSION,

@@ -42,6 +42,7 @@ pub struct NodeBuilder {
     data_dir: Option<PathBuf>,
     ready_timeout: Duration,
     tls_ca: Option<PathBuf>,
+    open_file_limit: Option<u64>,
 }
 
 impl NodeBuilder {
@@ -53,6 +54,12 @@ impl NodeBuilder {
     }
 
     /// `"edge"` (the default) or `"central"`.
+    /// The node runs with this open-file limit, soft and hard (`ulimit -n`).
+    pub fn open_file_limit(mut self, limit: u64) -> NodeBuilder {
+        self.open_file_limit = Some(limit);
+        self
+    }
+
     pub fn role(mut self, role: &str) -> NodeBuilder {
         self.role = role.to_string();
         self
@@ -219,6 +226,7 @@ impl Node {
             data_dir: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             tls_ca: None,
+            open_file_limit: None,
         }
     }
 
@@ -478,10 +486,18 @@ impl Node {
             // it rather than leave it serving. The "parent" here is the spawning *thread*: start
             // nodes from the test's own thread or a runtime worker, not from spawn_blocking.
             // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+            let open_file_limit = self.spec.open_file_limit;
+            // SAFETY: as above; setrlimit is async-signal-safe too.
             unsafe {
-                command.pre_exec(|| {
+                command.pre_exec(move || {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    if let Some(limit) = open_file_limit {
+                        let limit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
