@@ -174,6 +174,7 @@ impl LeaseKey {
 /// What a message delivered `deliveries` times (reaching `max_deliveries`) becomes: a new failed
 /// entry of the consumer's route `consumer:<name>`, or, for a resubmitted entry (`failed_id` not
 /// 0), that entry failed again. The same decision for both backends.
+#[derive(Debug)]
 pub(crate) enum Exhausted {
     Insert(NewFailure),
     FailAgain(FailedChange),
@@ -204,6 +205,207 @@ pub(crate) fn exhausted(
             reason,
             last_error,
         })
+    }
+}
+
+/// The head of a consumer created now: just before the oldest message still stored, so it holds
+/// every message from there on.
+pub(crate) fn new_consumer_head(first_seq: u64) -> u64 {
+    first_seq.saturating_sub(1)
+}
+
+/// A consumer's position (its cursor `consumer:<name>`): the seq before its lowest outstanding
+/// queue message, or its head when none is outstanding. Resubmitted failed entries do not hold it.
+pub(crate) fn position(lowest_outstanding_seq: Option<u64>, head: u64) -> u64 {
+    lowest_outstanding_seq.map_or(head, |seq| seq - 1)
+}
+
+/// An outstanding row whose visibility has ended, as a lease reads it: a redelivery (`failed_id`
+/// 0) or a resubmitted failed entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DueRow {
+    pub failed_id: i64,
+    pub seq: u64,
+    pub deliveries: u32,
+}
+
+/// What a lease does with a [`DueRow`].
+#[derive(Debug)]
+pub(crate) enum Redelivery {
+    /// Its message is gone (a resubmitted entry discarded meanwhile; a queue message is held by
+    /// the cursor): the row is deleted.
+    Gone,
+    /// It was already delivered `max_deliveries` times: failed as [`Exhausted`] says, and the row
+    /// deleted.
+    Exhausted(Box<Exhausted>),
+    /// Leased again: the row takes the key's deliveries and is leased until
+    /// [`LeaseBatch::visible_until_ms`].
+    Leased(LeaseKey),
+}
+
+/// One lease being filled, the same on both backends: visible outstanding rows first (resubmitted
+/// entries, then redeliveries in seq order), then messages new to the consumer, up to
+/// `request.max` messages or about [`MAX_LEASE_BYTES`] (always at least one message). The backends
+/// read and write the rows; this decides what each becomes and builds the answer.
+pub(crate) struct LeaseBatch<'a> {
+    name: &'a str,
+    route: String,
+    consumer_id: i64,
+    head: u64,
+    request: LeaseRequest,
+    visible_until_ms: i64,
+    bytes: u64,
+    leased: Vec<LeasedMessage>,
+}
+
+impl<'a> LeaseBatch<'a> {
+    pub(crate) fn new(
+        name: &'a str,
+        consumer: &ConsumerRow,
+        request: LeaseRequest,
+        now_ms: i64,
+    ) -> LeaseBatch<'a> {
+        LeaseBatch {
+            name,
+            route: consumer_route(name),
+            consumer_id: consumer.id,
+            head: consumer.head,
+            request,
+            visible_until_ms: now_ms.saturating_add(request.visibility_ms),
+            bytes: 0,
+            leased: Vec::new(),
+        }
+    }
+
+    pub(crate) fn consumer_id(&self) -> i64 {
+        self.consumer_id
+    }
+
+    /// When the messages leased now are visible again unless acknowledged.
+    pub(crate) fn visible_until_ms(&self) -> i64 {
+        self.visible_until_ms
+    }
+
+    /// How many more messages this lease takes at most (the limit of the next read).
+    pub(crate) fn room(&self) -> usize {
+        self.request.max.saturating_sub(self.leased.len())
+    }
+
+    pub(crate) fn is_full(&self) -> bool {
+        self.leased.len() >= self.request.max || self.bytes >= MAX_LEASE_BYTES
+    }
+
+    /// Decides a due row, given its message (`None`: gone); a leased one joins the answer.
+    pub(crate) fn redeliver(&mut self, row: DueRow, message: Option<StoredMessage>) -> Redelivery {
+        let Some(message) = message else { return Redelivery::Gone };
+        if row.deliveries >= self.request.max_deliveries {
+            return Redelivery::Exhausted(Box::new(exhausted(
+                &self.route,
+                self.name,
+                row.failed_id,
+                message,
+                row.deliveries,
+            )));
+        }
+        let key = LeaseKey {
+            consumer_id: self.consumer_id,
+            failed_id: row.failed_id,
+            seq: row.seq,
+            deliveries: row.deliveries + 1,
+        };
+        self.push(key, message);
+        Redelivery::Leased(key)
+    }
+
+    /// The seq after which messages new to the consumer are read (never before the oldest message
+    /// still stored), or `None` when the lease is full or nothing is new.
+    pub(crate) fn new_messages_after(&self, first_seq: u64, last_seq: u64) -> Option<u64> {
+        let after = self.head.max(first_seq.saturating_sub(1));
+        (!self.is_full() && after < last_seq).then_some(after)
+    }
+
+    /// Leases a message new to the consumer (its first delivery): its head moves to it. The row to
+    /// insert is the key's, leased until [`LeaseBatch::visible_until_ms`].
+    pub(crate) fn lease_new(&mut self, message: StoredMessage) -> LeaseKey {
+        let key = LeaseKey { consumer_id: self.consumer_id, failed_id: 0, seq: message.seq, deliveries: 1 };
+        self.head = message.seq;
+        self.push(key, message);
+        key
+    }
+
+    fn push(&mut self, key: LeaseKey, message: StoredMessage) {
+        self.bytes += message.payload.len() as u64;
+        self.leased.push(LeasedMessage { message, lease_id: key.to_lease_id(), deliveries: key.deliveries });
+    }
+
+    /// The answer, and the consumer's head after it.
+    pub(crate) fn finish(self) -> (Vec<LeasedMessage>, u64) {
+        (self.leased, self.head)
+    }
+}
+
+/// What an ack or nack does to one current delivery.
+#[derive(Debug, Clone)]
+pub(crate) enum SettleAction {
+    /// Acknowledged: the row is deleted, and a resubmitted failed entry's copy removed with it.
+    Finish { remove_failed: Option<FailedChange> },
+    /// Given back: the row is no longer leased and is visible again at `visible_at_ms`.
+    GiveBack { visible_at_ms: i64 },
+}
+
+/// An ack or nack being applied to a consumer's lease ids, the same on both backends: which ids
+/// name a current delivery (the backend reads the row's deliveries), what to do with each, and
+/// the answer.
+pub(crate) struct Settling {
+    consumer_id: i64,
+    settle: Settle,
+    now_ms: i64,
+    outcome: SettleOutcome,
+}
+
+impl Settling {
+    pub(crate) fn new(consumer: &ConsumerRow, settle: Settle, now_ms: i64) -> Settling {
+        let outcome = SettleOutcome { consumer_exists: true, ..SettleOutcome::default() };
+        Settling { consumer_id: consumer.id, settle, now_ms, outcome }
+    }
+
+    /// The row `lease_id` names when it is one of this consumer's; else it is stale.
+    pub(crate) fn row_of(&mut self, lease_id: &str) -> Option<LeaseKey> {
+        match LeaseKey::parse(lease_id) {
+            Some(key) if key.consumer_id == self.consumer_id => Some(key),
+            _ => self.stale(lease_id),
+        }
+    }
+
+    /// What to do with the row `key` names, given its stored deliveries (`None`: no such row):
+    /// nothing, and `lease_id` is stale, unless it is that very delivery.
+    pub(crate) fn action(
+        &mut self,
+        lease_id: &str,
+        key: LeaseKey,
+        stored_deliveries: Option<u32>,
+    ) -> Option<SettleAction> {
+        if stored_deliveries != Some(key.deliveries) {
+            return self.stale(lease_id);
+        }
+        self.outcome.settled += 1;
+        Some(match self.settle {
+            Settle::Ack => SettleAction::Finish {
+                remove_failed: (key.failed_id != 0).then_some(FailedChange::Remove { id: key.failed_id }),
+            },
+            Settle::Nack { delay_ms } => {
+                SettleAction::GiveBack { visible_at_ms: self.now_ms.saturating_add(delay_ms) }
+            }
+        })
+    }
+
+    fn stale<T>(&mut self, lease_id: &str) -> Option<T> {
+        self.outcome.stale.push(lease_id.to_string());
+        None
+    }
+
+    pub(crate) fn finish(self) -> SettleOutcome {
+        self.outcome
     }
 }
 
@@ -395,6 +597,143 @@ mod tests {
         for bad in ["", "7", "7.0.42", "7.0.42.3.1", "a.b.c.d", "7.-1.42.3", "7.0.-42.3", "7.0.42.x"] {
             assert_eq!(LeaseKey::parse(bad), None, "{bad:?}");
         }
+    }
+
+    fn message(seq: u64, payload_bytes: usize) -> StoredMessage {
+        StoredMessage {
+            id: format!("m{seq}"),
+            queue: "q".to_string(),
+            seq,
+            origin: "node".to_string(),
+            origin_seq: seq,
+            content_type: "text/plain".to_string(),
+            accepted_at_ms: 0,
+            payload: bytes::Bytes::from(vec![0u8; payload_bytes]),
+        }
+    }
+
+    fn request(max: usize, max_deliveries: u32) -> LeaseRequest {
+        LeaseRequest { max, visibility_ms: 1_000, max_deliveries }
+    }
+
+    const CONSUMER: ConsumerRow = ConsumerRow { id: 7, head: 10 };
+
+    #[test]
+    fn a_new_consumer_starts_before_the_oldest_message_and_its_position_waits_for_the_lowest_outstanding() {
+        assert_eq!(new_consumer_head(1), 0);
+        assert_eq!(new_consumer_head(0), 0);
+        assert_eq!(new_consumer_head(42), 41);
+        assert_eq!(position(None, 10), 10);
+        assert_eq!(position(Some(4), 10), 3);
+        assert_eq!(position(Some(1), 10), 0);
+    }
+
+    #[test]
+    fn a_due_row_is_leased_again_failed_at_max_deliveries_or_dropped_when_gone() {
+        let mut batch = LeaseBatch::new("c", &CONSUMER, request(10, 3), 5_000);
+        assert_eq!(batch.visible_until_ms(), 6_000);
+        let row = |failed_id, seq, deliveries| DueRow { failed_id, seq, deliveries };
+
+        assert!(matches!(batch.redeliver(row(0, 4, 1), None), Redelivery::Gone));
+        let leased = batch.redeliver(row(0, 5, 2), Some(message(5, 3)));
+        let expected = LeaseKey { consumer_id: 7, failed_id: 0, seq: 5, deliveries: 3 };
+        assert!(matches!(leased, Redelivery::Leased(key) if key == expected), "{leased:?}");
+        match batch.redeliver(row(0, 6, 3), Some(message(6, 3))) {
+            Redelivery::Exhausted(exhausted) => match *exhausted {
+                Exhausted::Insert(failure) => {
+                    assert_eq!(
+                        (failure.route.as_str(), failure.reader.as_str()),
+                        ("consumer:c", "consumer:c")
+                    );
+                    assert_eq!((failure.message.seq, failure.attempts), (6, 3));
+                    assert_eq!(failure.reason, MAX_DELIVERIES_REASON);
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        match batch.redeliver(row(9, 2, 4), Some(message(2, 3))) {
+            Redelivery::Exhausted(exhausted) => match *exhausted {
+                Exhausted::FailAgain(FailedChange::FailedAgain { id, attempts, .. }) => {
+                    assert_eq!((id, attempts), (9, 4))
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        // Only the leased one is in the answer, and a redelivery leaves the head where it was.
+        let (leased, head) = batch.finish();
+        assert_eq!(head, 10);
+        assert_eq!(leased.len(), 1);
+        assert_eq!(
+            (leased[0].message.seq, leased[0].deliveries, leased[0].lease_id.as_str()),
+            (5, 3, "7.0.5.3")
+        );
+    }
+
+    #[test]
+    fn new_messages_start_after_the_head_or_the_oldest_stored_and_move_the_head() {
+        let batch = LeaseBatch::new("c", &CONSUMER, request(10, 3), 0);
+        assert_eq!(batch.new_messages_after(1, 20), Some(10));
+        assert_eq!(batch.new_messages_after(15, 20), Some(14), "released past the head");
+        assert_eq!(batch.new_messages_after(1, 10), None, "nothing new");
+        let mut batch = LeaseBatch::new("c", &CONSUMER, request(10, 3), 0);
+        let key = batch.lease_new(message(11, 1));
+        assert_eq!(key, LeaseKey { consumer_id: 7, failed_id: 0, seq: 11, deliveries: 1 });
+        let (leased, head) = batch.finish();
+        assert_eq!((head, leased[0].lease_id.as_str(), leased[0].deliveries), (11, "7.0.11.1", 1));
+    }
+
+    #[test]
+    fn a_lease_is_full_at_max_messages_or_about_max_bytes_with_at_least_one_message() {
+        let mut batch = LeaseBatch::new("c", &CONSUMER, request(2, 3), 0);
+        assert_eq!(batch.room(), 2);
+        batch.lease_new(message(11, 1));
+        assert!(!batch.is_full());
+        assert_eq!(batch.room(), 1);
+        batch.lease_new(message(12, 1));
+        assert!(batch.is_full());
+        assert_eq!((batch.room(), batch.new_messages_after(1, 20)), (0, None));
+
+        let mut batch = LeaseBatch::new("c", &CONSUMER, request(10, 3), 0);
+        assert!(!batch.is_full());
+        batch.lease_new(message(11, MAX_LEASE_BYTES as usize));
+        assert!(batch.is_full(), "one message past the byte bound fills it");
+        assert_eq!(batch.room(), 9);
+    }
+
+    #[test]
+    fn settling_applies_only_current_deliveries_of_this_consumer() {
+        let mut acking = Settling::new(&CONSUMER, Settle::Ack, 1_000);
+        for stale in ["garbage", "8.0.5.1"] {
+            assert_eq!(acking.row_of(stale), None, "{stale}");
+        }
+        let key = acking.row_of("7.0.5.2").unwrap();
+        assert!(acking.action("7.0.5.2", key, None).is_none(), "no such row (already acknowledged)");
+        assert!(acking.action("7.0.5.2", key, Some(3)).is_none(), "delivered again since");
+        let action = acking.action("7.0.5.2", key, Some(2));
+        assert!(matches!(action, Some(SettleAction::Finish { remove_failed: None })), "{action:?}");
+        let key = acking.row_of("7.9.5.1").unwrap();
+        let action = acking.action("7.9.5.1", key, Some(1));
+        assert!(
+            matches!(
+                action,
+                Some(SettleAction::Finish { remove_failed: Some(FailedChange::Remove { id: 9 }) })
+            ),
+            "{action:?}"
+        );
+        let outcome = acking.finish();
+        assert!(outcome.consumer_exists);
+        assert_eq!(outcome.settled, 2);
+        assert_eq!(outcome.stale, ["garbage", "8.0.5.1", "7.0.5.2", "7.0.5.2"]);
+
+        let mut nacking = Settling::new(&CONSUMER, Settle::Nack { delay_ms: 500 }, 1_000);
+        let key = nacking.row_of("7.0.5.2").unwrap();
+        let action = nacking.action("7.0.5.2", key, Some(2));
+        assert!(matches!(action, Some(SettleAction::GiveBack { visible_at_ms: 1_500 })), "{action:?}");
+        let mut nacking = Settling::new(&CONSUMER, Settle::Nack { delay_ms: i64::MAX }, 1_000);
+        let action = nacking.action("7.0.5.2", key, Some(2));
+        assert!(matches!(action, Some(SettleAction::GiveBack { visible_at_ms: i64::MAX })), "{action:?}");
     }
 
     #[test]

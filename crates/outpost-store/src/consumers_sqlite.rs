@@ -5,10 +5,10 @@ use bytes::Bytes;
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::consumers::{
-    consumer_reader, consumer_route, exhausted, ConsumerRow, Exhausted, LeaseKey, LeaseRequest,
-    LeasedMessage, Settle, SettleOutcome, MAX_LEASE_BYTES,
+    self, consumer_reader, consumer_route, ConsumerRow, DueRow, Exhausted, LeaseBatch, LeaseKey,
+    LeaseRequest, LeasedMessage, Redelivery, Settle, SettleAction, SettleOutcome, Settling,
 };
-use crate::failed::{self, FailedChange};
+use crate::failed;
 use crate::writer::{apply_advance_cursor, ensure_queue, release_chunk, State};
 use crate::{StoreError, StoreOptions, StoredMessage};
 
@@ -21,63 +21,49 @@ fn find(tx: &Transaction<'_>, queue: &str, name: &str) -> Result<Option<Consumer
         .optional()?)
 }
 
-/// The consumer's position: just before its lowest outstanding queue message, or its head.
+/// The consumer's position (see [`consumers::position`]).
 fn position(tx: &Transaction<'_>, consumer: &ConsumerRow) -> Result<u64, StoreError> {
     let lowest: Option<i64> = tx
         .prepare_cached("SELECT min(seq) FROM consumer_messages WHERE consumer_id = ?1 AND failed_id = 0")?
         .query_row([consumer.id], |r| r.get(0))?;
-    Ok(lowest.map(|seq| seq as u64 - 1).unwrap_or(consumer.head))
+    Ok(consumers::position(lowest.map(|seq| seq as u64), consumer.head))
 }
 
-fn read_message(
+/// A message from the columns `seq, id, origin, origin_seq, content_type, accepted_at_ms, payload`.
+fn message_from_row(queue: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        seq: r.get::<_, i64>(0)? as u64,
+        id: r.get(1)?,
+        queue: queue.to_string(),
+        origin: r.get(2)?,
+        origin_seq: r.get::<_, i64>(3)? as u64,
+        content_type: r.get(4)?,
+        accepted_at_ms: r.get(5)?,
+        payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
+    })
+}
+
+/// The message a due row names: the queue's (`failed_id` 0) or a resubmitted entry's copy.
+fn read_due_message(
     tx: &Transaction<'_>,
     queue: &str,
     queue_id: i64,
-    seq: u64,
+    row: &DueRow,
 ) -> Result<Option<StoredMessage>, StoreError> {
-    Ok(tx
-        .prepare_cached(
-            "SELECT id, origin, origin_seq, content_type, accepted_at_ms, payload FROM messages
+    let found = if row.failed_id == 0 {
+        tx.prepare_cached(
+            "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM messages
              WHERE queue_id = ?1 AND seq = ?2",
         )?
-        .query_row(params![queue_id, seq as i64], |r| {
-            Ok(StoredMessage {
-                id: r.get(0)?,
-                queue: queue.to_string(),
-                seq,
-                origin: r.get(1)?,
-                origin_seq: r.get::<_, i64>(2)? as u64,
-                content_type: r.get(3)?,
-                accepted_at_ms: r.get(4)?,
-                payload: Bytes::from(r.get::<_, Vec<u8>>(5)?),
-            })
-        })
-        .optional()?)
-}
-
-fn read_failed_copy(
-    tx: &Transaction<'_>,
-    queue: &str,
-    failed_id: i64,
-) -> Result<Option<StoredMessage>, StoreError> {
-    Ok(tx
-        .prepare_cached(
+        .query_row(params![queue_id, row.seq as i64], |r| message_from_row(queue, r))
+    } else {
+        tx.prepare_cached(
             "SELECT seq, message_id, origin, origin_seq, content_type, accepted_at_ms, payload FROM failed
              WHERE id = ?1",
         )?
-        .query_row([failed_id], |r| {
-            Ok(StoredMessage {
-                seq: r.get::<_, i64>(0)? as u64,
-                id: r.get(1)?,
-                queue: queue.to_string(),
-                origin: r.get(2)?,
-                origin_seq: r.get::<_, i64>(3)? as u64,
-                content_type: r.get(4)?,
-                accepted_at_ms: r.get(5)?,
-                payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
-            })
-        })
-        .optional()?)
+        .query_row([row.failed_id], |r| message_from_row(queue, r))
+    };
+    Ok(found.optional()?)
 }
 
 fn delete_row(tx: &Transaction<'_>, consumer_id: i64, failed_id: i64, seq: u64) -> Result<(), StoreError> {
@@ -104,6 +90,7 @@ fn advance(
     apply_advance_cursor(tx, options, state, queue, &reader, position, chunk_bytes)
 }
 
+/// Leases messages to consumer `name` (created by its first lease); see [`LeaseBatch`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn lease(
     tx: &Transaction<'_>,
@@ -122,133 +109,178 @@ pub(crate) fn lease(
         let stats = &state.stats[queue];
         (stats.first_seq, stats.last_seq)
     };
-    let mut consumer = match find(tx, queue, name)? {
-        Some(consumer) => consumer,
-        None => {
-            // New: it starts at the oldest message still stored.
-            let head = first_seq.saturating_sub(1);
-            tx.prepare_cached(
-                "INSERT INTO consumers (queue, name, head, created_at_ms, last_active_at_ms) VALUES (?1, ?2, ?3, ?4, ?4)",
-            )?
-            .execute(params![queue, name, head as i64, now_ms])?;
-            ConsumerRow { id: tx.last_insert_rowid(), head }
-        }
-    };
-    let route = consumer_route(name);
-    // Resubmitted failed entries come back as outstanding rows, visible at once.
+    let mut consumer = find_or_create(tx, queue, name, first_seq, now_ms)?;
+    adopt_resubmitted(tx, queue, name, &consumer)?;
+    let mut batch = LeaseBatch::new(name, &consumer, request, now_ms);
+    redeliver_due(tx, state, queue, queue_id, &mut batch, now_ms)?;
+    lease_new(tx, queue, queue_id, &mut batch, first_seq, last_seq)?;
+    let (leased, head) = batch.finish();
+    consumer.head = head;
+    tx.prepare_cached("UPDATE consumers SET head = ?2, last_active_at_ms = ?3 WHERE consumer_id = ?1")?
+        .execute(params![consumer.id, consumer.head as i64, now_ms])?;
+    advance(tx, options, state, queue, name, &consumer, chunk_bytes)?;
+    Ok(leased)
+}
+
+/// Consumer `name` of `queue`; a new one starts at the oldest message still stored.
+fn find_or_create(
+    tx: &Transaction<'_>,
+    queue: &str,
+    name: &str,
+    first_seq: u64,
+    now_ms: i64,
+) -> Result<ConsumerRow, StoreError> {
+    if let Some(consumer) = find(tx, queue, name)? {
+        return Ok(consumer);
+    }
+    let head = consumers::new_consumer_head(first_seq);
+    tx.prepare_cached(
+        "INSERT INTO consumers (queue, name, head, created_at_ms, last_active_at_ms) VALUES (?1, ?2, ?3, ?4, ?4)",
+    )?
+    .execute(params![queue, name, head as i64, now_ms])?;
+    Ok(ConsumerRow { id: tx.last_insert_rowid(), head })
+}
+
+/// Resubmitted failed entries of the consumer come back as outstanding rows, visible at once.
+fn adopt_resubmitted(
+    tx: &Transaction<'_>,
+    queue: &str,
+    name: &str,
+    consumer: &ConsumerRow,
+) -> Result<(), StoreError> {
     tx.prepare_cached(
         "INSERT INTO consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
          SELECT ?1, id, seq, 0, 0, 0 FROM failed WHERE route = ?2 AND queue = ?3 AND status = 'resubmitted'
          ON CONFLICT DO NOTHING",
     )?
-    .execute(params![consumer.id, route, queue])?;
+    .execute(params![consumer.id, consumer_route(name), queue])?;
+    Ok(())
+}
 
-    let visible_until = now_ms.saturating_add(request.visibility_ms);
-    let mut out: Vec<LeasedMessage> = Vec::new();
-    let mut bytes = 0u64;
-    let full = |out: &Vec<LeasedMessage>, bytes: u64| out.len() >= request.max || bytes >= MAX_LEASE_BYTES;
-
-    // Visible outstanding rows first: resubmitted entries, then redeliveries in seq order. Two
-    // queries, each walking the primary key in order and stopping after `max` visible rows, so a
-    // consumer with many messages leased does not cost a scan of all of them.
-    let mut due: Vec<(i64, u64, u32)> = Vec::new();
+/// The visible outstanding rows, up to what the lease takes: resubmitted entries, then
+/// redeliveries in seq order. Two queries, each walking the primary key in order and stopping
+/// after the rows wanted, so a consumer with many messages leased does not cost a scan of them all.
+fn due_rows(
+    tx: &Transaction<'_>,
+    consumer_id: i64,
+    room: usize,
+    now_ms: i64,
+) -> Result<Vec<DueRow>, StoreError> {
+    let mut due: Vec<DueRow> = Vec::new();
     for sql in [
         "SELECT failed_id, seq, deliveries FROM consumer_messages
          WHERE consumer_id = ?1 AND failed_id > 0 AND visible_at_ms <= ?2 ORDER BY failed_id, seq LIMIT ?3",
         "SELECT failed_id, seq, deliveries FROM consumer_messages
          WHERE consumer_id = ?1 AND failed_id = 0 AND visible_at_ms <= ?2 ORDER BY seq LIMIT ?3",
     ] {
-        let limit = (request.max - due.len()) as i64;
+        let limit = (room - due.len()) as i64;
         let rows = tx
             .prepare_cached(sql)?
-            .query_map(params![consumer.id, now_ms, limit], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?))
+            .query_map(params![consumer_id, now_ms, limit], |r| {
+                Ok(DueRow { failed_id: r.get(0)?, seq: r.get::<_, i64>(1)? as u64, deliveries: r.get(2)? })
             })?
             .collect::<Result<Vec<_>, _>>()?;
         due.extend(rows);
     }
-    for (failed_id, seq, deliveries) in due {
-        if full(&out, bytes) {
-            break;
-        }
-        let message = if failed_id == 0 {
-            read_message(tx, queue, queue_id, seq)?
-        } else {
-            read_failed_copy(tx, queue, failed_id)?
-        };
-        let Some(message) = message else {
-            // A resubmitted entry discarded meanwhile (a queue message is held by the cursor).
-            delete_row(tx, consumer.id, failed_id, seq)?;
-            continue;
-        };
-        if deliveries >= request.max_deliveries {
-            match exhausted(&route, name, failed_id, message, deliveries) {
-                Exhausted::Insert(failure) => {
-                    failed::insert(tx, &failure, now_ms)?;
-                    state.failed_bytes += failure.message.payload.len() as u64;
-                }
-                Exhausted::FailAgain(change) => {
-                    failed::apply_change(tx, &change, now_ms, &mut 0)?;
-                }
-            }
-            delete_row(tx, consumer.id, failed_id, seq)?;
-            continue;
-        }
-        let deliveries = deliveries + 1;
-        tx.prepare_cached(
-            "UPDATE consumer_messages SET deliveries = ?4, leased = 1, visible_at_ms = ?5
-             WHERE consumer_id = ?1 AND failed_id = ?2 AND seq = ?3",
-        )?
-        .execute(params![consumer.id, failed_id, seq as i64, deliveries, visible_until])?;
-        bytes += message.payload.len() as u64;
-        let lease_id = LeaseKey { consumer_id: consumer.id, failed_id, seq, deliveries }.to_lease_id();
-        out.push(LeasedMessage { message, lease_id, deliveries });
-    }
-
-    // Then messages new to it.
-    let after = consumer.head.max(first_seq.saturating_sub(1));
-    if !full(&out, bytes) && after < last_seq {
-        let fresh: Vec<StoredMessage> = tx
-            .prepare_cached(
-                "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM messages
-                 WHERE queue_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-            )?
-            .query_map(params![queue_id, after as i64, (request.max - out.len()) as i64], |r| {
-                Ok(StoredMessage {
-                    seq: r.get::<_, i64>(0)? as u64,
-                    id: r.get(1)?,
-                    queue: queue.to_string(),
-                    origin: r.get(2)?,
-                    origin_seq: r.get::<_, i64>(3)? as u64,
-                    content_type: r.get(4)?,
-                    accepted_at_ms: r.get(5)?,
-                    payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
-             VALUES (?1, 0, ?2, 1, 1, ?3)",
-        )?;
-        for message in fresh {
-            if full(&out, bytes) {
-                break;
-            }
-            insert.execute(params![consumer.id, message.seq as i64, visible_until])?;
-            consumer.head = message.seq;
-            bytes += message.payload.len() as u64;
-            let lease_id =
-                LeaseKey { consumer_id: consumer.id, failed_id: 0, seq: message.seq, deliveries: 1 }
-                    .to_lease_id();
-            out.push(LeasedMessage { message, lease_id, deliveries: 1 });
-        }
-    }
-    tx.prepare_cached("UPDATE consumers SET head = ?2, last_active_at_ms = ?3 WHERE consumer_id = ?1")?
-        .execute(params![consumer.id, consumer.head as i64, now_ms])?;
-    advance(tx, options, state, queue, name, &consumer, chunk_bytes)?;
-    Ok(out)
+    Ok(due)
 }
 
+/// Leases the visible outstanding rows again, fails those at `max_deliveries`, drops those whose
+/// message is gone.
+fn redeliver_due(
+    tx: &Transaction<'_>,
+    state: &mut State,
+    queue: &str,
+    queue_id: i64,
+    batch: &mut LeaseBatch<'_>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    for row in due_rows(tx, batch.consumer_id(), batch.room(), now_ms)? {
+        if batch.is_full() {
+            break;
+        }
+        let message = read_due_message(tx, queue, queue_id, &row)?;
+        match batch.redeliver(row, message) {
+            Redelivery::Gone => delete_row(tx, batch.consumer_id(), row.failed_id, row.seq)?,
+            Redelivery::Exhausted(exhausted) => {
+                record_exhausted(tx, state, *exhausted, now_ms)?;
+                delete_row(tx, batch.consumer_id(), row.failed_id, row.seq)?;
+            }
+            Redelivery::Leased(key) => {
+                tx.prepare_cached(
+                    "UPDATE consumer_messages SET deliveries = ?4, leased = 1, visible_at_ms = ?5
+                     WHERE consumer_id = ?1 AND failed_id = ?2 AND seq = ?3",
+                )?
+                .execute(params![
+                    key.consumer_id,
+                    key.failed_id,
+                    key.seq as i64,
+                    key.deliveries,
+                    batch.visible_until_ms()
+                ])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A message delivered `max_deliveries` times goes to the failed table.
+fn record_exhausted(
+    tx: &Transaction<'_>,
+    state: &mut State,
+    exhausted: Exhausted,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    match exhausted {
+        Exhausted::Insert(failure) => {
+            failed::insert(tx, &failure, now_ms)?;
+            state.failed_bytes += failure.message.payload.len() as u64;
+        }
+        Exhausted::FailAgain(change) => {
+            failed::apply_change(tx, &change, now_ms, &mut 0)?;
+        }
+    }
+    Ok(())
+}
+
+/// Leases messages new to the consumer, as many as the lease still takes.
+fn lease_new(
+    tx: &Transaction<'_>,
+    queue: &str,
+    queue_id: i64,
+    batch: &mut LeaseBatch<'_>,
+    first_seq: u64,
+    last_seq: u64,
+) -> Result<(), StoreError> {
+    let Some(after) = batch.new_messages_after(first_seq, last_seq) else { return Ok(()) };
+    let fresh: Vec<StoredMessage> = tx
+        .prepare_cached(
+            "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM messages
+             WHERE queue_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?
+        .query_map(params![queue_id, after as i64, batch.room() as i64], |r| message_from_row(queue, r))?
+        .collect::<Result<_, _>>()?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
+         VALUES (?1, ?2, ?3, ?4, 1, ?5)",
+    )?;
+    for message in fresh {
+        if batch.is_full() {
+            break;
+        }
+        let key = batch.lease_new(message);
+        insert.execute(params![
+            key.consumer_id,
+            key.failed_id,
+            key.seq as i64,
+            key.deliveries,
+            batch.visible_until_ms()
+        ])?;
+    }
+    Ok(())
+}
+
+/// Acknowledges or gives back leased messages of consumer `name`; see [`Settling`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn settle(
     tx: &Transaction<'_>,
@@ -262,58 +294,52 @@ pub(crate) fn settle(
     chunk_bytes: u64,
 ) -> Result<SettleOutcome, StoreError> {
     let Some(consumer) = find(tx, queue, name)? else { return Ok(SettleOutcome::default()) };
-    let mut outcome = SettleOutcome { consumer_exists: true, ..SettleOutcome::default() };
+    let mut settling = Settling::new(&consumer, settle, now_ms);
     for lease_id in lease_ids {
-        let current = match LeaseKey::parse(lease_id) {
-            Some(key) if key.consumer_id == consumer.id => tx
-                .prepare_cached(
-                    "SELECT deliveries FROM consumer_messages WHERE consumer_id = ?1 AND failed_id = ?2 AND seq = ?3",
-                )?
-                .query_row(params![consumer.id, key.failed_id, key.seq as i64], |r| r.get::<_, u32>(0))
-                .optional()?
-                .filter(|deliveries| *deliveries == key.deliveries)
-                .map(|_| key),
-            _ => None,
-        };
-        let Some(key) = current else {
-            outcome.stale.push(lease_id.clone());
-            continue;
-        };
-        match settle {
-            Settle::Ack => {
-                delete_row(tx, consumer.id, key.failed_id, key.seq)?;
-                if key.failed_id != 0 {
-                    let mut freed = 0;
-                    failed::apply_change(
-                        tx,
-                        &FailedChange::Remove { id: key.failed_id },
-                        now_ms,
-                        &mut freed,
-                    )?;
-                    state.failed_bytes = state.failed_bytes.saturating_sub(freed);
-                }
-            }
-            Settle::Nack { delay_ms } => {
-                tx.prepare_cached(
-                    "UPDATE consumer_messages SET leased = 0, visible_at_ms = ?4
-                     WHERE consumer_id = ?1 AND failed_id = ?2 AND seq = ?3",
-                )?
-                .execute(params![
-                    consumer.id,
-                    key.failed_id,
-                    key.seq as i64,
-                    now_ms.saturating_add(delay_ms)
-                ])?;
-            }
+        let Some(key) = settling.row_of(lease_id) else { continue };
+        let stored_deliveries = tx
+            .prepare_cached(
+                "SELECT deliveries FROM consumer_messages WHERE consumer_id = ?1 AND failed_id = ?2 AND seq = ?3",
+            )?
+            .query_row(params![key.consumer_id, key.failed_id, key.seq as i64], |r| r.get::<_, u32>(0))
+            .optional()?;
+        if let Some(action) = settling.action(lease_id, key, stored_deliveries) {
+            apply_settle(tx, state, key, action, now_ms)?;
         }
-        outcome.settled += 1;
     }
     tx.prepare_cached("UPDATE consumers SET last_active_at_ms = ?2 WHERE consumer_id = ?1")?
         .execute(params![consumer.id, now_ms])?;
     if state.queue_ids.contains_key(queue) {
         advance(tx, options, state, queue, name, &consumer, chunk_bytes)?;
     }
-    Ok(outcome)
+    Ok(settling.finish())
+}
+
+fn apply_settle(
+    tx: &Transaction<'_>,
+    state: &mut State,
+    key: LeaseKey,
+    action: SettleAction,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    match action {
+        SettleAction::Finish { remove_failed } => {
+            delete_row(tx, key.consumer_id, key.failed_id, key.seq)?;
+            if let Some(change) = remove_failed {
+                let mut freed = 0;
+                failed::apply_change(tx, &change, now_ms, &mut freed)?;
+                state.failed_bytes = state.failed_bytes.saturating_sub(freed);
+            }
+        }
+        SettleAction::GiveBack { visible_at_ms } => {
+            tx.prepare_cached(
+                "UPDATE consumer_messages SET leased = 0, visible_at_ms = ?4
+                 WHERE consumer_id = ?1 AND failed_id = ?2 AND seq = ?3",
+            )?
+            .execute(params![key.consumer_id, key.failed_id, key.seq as i64, visible_at_ms])?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn delete(

@@ -7,10 +7,9 @@ use deadpool_postgres::Transaction;
 
 use super::{change_failed, flush_rows, insert_failed, Group, PgWriter, TryError};
 use crate::consumers::{
-    consumer_reader, consumer_route, exhausted, ConsumerRow, Exhausted, LeaseKey, LeaseRequest,
-    LeasedMessage, Settle, SettleOutcome, MAX_LEASE_BYTES,
+    self, consumer_reader, consumer_route, ConsumerRow, DueRow, Exhausted, LeaseBatch, LeaseKey,
+    LeaseRequest, LeasedMessage, Redelivery, Settle, SettleAction, SettleOutcome, Settling,
 };
-use crate::failed::FailedChange;
 use crate::StoredMessage;
 
 async fn find(tx: &Transaction<'_>, queue: &str, name: &str) -> Result<Option<ConsumerRow>, TryError> {
@@ -51,33 +50,215 @@ fn message_from_row(queue: &str, r: &tokio_postgres::Row) -> StoredMessage {
     }
 }
 
-async fn read_message(
+/// The message a due row names: the queue's (`failed_id` 0) or a resubmitted entry's copy.
+async fn read_due_message(
     tx: &Transaction<'_>,
     queue: &str,
     queue_id: i64,
-    seq: u64,
+    row: &DueRow,
 ) -> Result<Option<StoredMessage>, TryError> {
+    let found = if row.failed_id == 0 {
+        let select = tx
+            .prepare_cached(
+                "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM outpost_messages
+                 WHERE queue_id = $1 AND seq = $2",
+            )
+            .await?;
+        tx.query_opt(&select, &[&queue_id, &(row.seq as i64)]).await?
+    } else {
+        let select = tx
+            .prepare_cached(
+                "SELECT seq, message_id, origin, origin_seq, content_type, accepted_at_ms, payload FROM outpost_failed
+                 WHERE id = $1",
+            )
+            .await?;
+        tx.query_opt(&select, &[&row.failed_id]).await?
+    };
+    Ok(found.map(|r| message_from_row(queue, &r)))
+}
+
+/// Consumer `name` of `queue`; a new one starts at the oldest message still stored.
+async fn find_or_create(
+    tx: &Transaction<'_>,
+    queue: &str,
+    name: &str,
+    first_seq: u64,
+    now_ms: i64,
+) -> Result<ConsumerRow, TryError> {
+    if let Some(consumer) = find(tx, queue, name).await? {
+        return Ok(consumer);
+    }
+    let head = consumers::new_consumer_head(first_seq);
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO outpost_consumers (queue, name, head, created_at_ms, last_active_at_ms)
+             VALUES ($1, $2, $3, $4, $4) RETURNING consumer_id",
+        )
+        .await?;
+    let id: i64 = tx.query_one(&insert, &[&queue, &name, &(head as i64), &now_ms]).await?.get(0);
+    Ok(ConsumerRow { id, head })
+}
+
+/// Resubmitted failed entries of the consumer come back as outstanding rows, visible at once.
+async fn adopt_resubmitted(
+    tx: &Transaction<'_>,
+    queue: &str,
+    name: &str,
+    consumer: &ConsumerRow,
+) -> Result<(), TryError> {
+    let adopt = tx
+        .prepare_cached(
+            "INSERT INTO outpost_consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
+             SELECT $1, id, seq, 0, false, 0 FROM outpost_failed
+             WHERE route = $2 AND queue = $3 AND status = 'resubmitted'
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&adopt, &[&consumer.id, &consumer_route(name), &queue]).await?;
+    Ok(())
+}
+
+/// The visible outstanding rows, up to what the lease takes: resubmitted entries, then
+/// redeliveries in seq order; each query walks the primary key and stops after the rows wanted.
+async fn due_rows(
+    tx: &Transaction<'_>,
+    consumer_id: i64,
+    room: usize,
+    now_ms: i64,
+) -> Result<Vec<DueRow>, TryError> {
+    let mut due: Vec<DueRow> = Vec::new();
+    for sql in [
+        "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
+         WHERE consumer_id = $1 AND failed_id > 0 AND visible_at_ms <= $2 ORDER BY failed_id, seq LIMIT $3",
+        "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
+         WHERE consumer_id = $1 AND failed_id = 0 AND visible_at_ms <= $2 ORDER BY seq LIMIT $3",
+    ] {
+        let limit = (room - due.len()) as i64;
+        let select = tx.prepare_cached(sql).await?;
+        let rows = tx.query(&select, &[&consumer_id, &now_ms, &limit]).await?;
+        due.extend(rows.iter().map(|r| DueRow {
+            failed_id: r.get(0),
+            seq: r.get::<_, i64>(1) as u64,
+            deliveries: r.get::<_, i64>(2) as u32,
+        }));
+    }
+    Ok(due)
+}
+
+/// A message delivered `max_deliveries` times goes to the failed table.
+async fn record_exhausted(tx: &Transaction<'_>, exhausted: Exhausted, now_ms: i64) -> Result<(), TryError> {
+    match exhausted {
+        Exhausted::Insert(failure) => {
+            insert_failed(tx, &failure, now_ms).await?;
+        }
+        Exhausted::FailAgain(change) => {
+            change_failed(tx, &change, now_ms).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Leases the visible outstanding rows again, fails those at `max_deliveries`, drops those whose
+/// message is gone.
+async fn redeliver_due(
+    tx: &Transaction<'_>,
+    queue: &str,
+    queue_id: i64,
+    batch: &mut LeaseBatch<'_>,
+    now_ms: i64,
+) -> Result<(), TryError> {
+    for row in due_rows(tx, batch.consumer_id(), batch.room(), now_ms).await? {
+        if batch.is_full() {
+            break;
+        }
+        let message = read_due_message(tx, queue, queue_id, &row).await?;
+        match batch.redeliver(row, message) {
+            Redelivery::Gone => delete_row(tx, batch.consumer_id(), row.failed_id, row.seq).await?,
+            Redelivery::Exhausted(exhausted) => {
+                record_exhausted(tx, *exhausted, now_ms).await?;
+                delete_row(tx, batch.consumer_id(), row.failed_id, row.seq).await?;
+            }
+            Redelivery::Leased(key) => {
+                let update = tx
+                    .prepare_cached(
+                        "UPDATE outpost_consumer_messages SET deliveries = $4, leased = true, visible_at_ms = $5
+                         WHERE consumer_id = $1 AND failed_id = $2 AND seq = $3",
+                    )
+                    .await?;
+                let (seq, deliveries) = (key.seq as i64, i64::from(key.deliveries));
+                tx.execute(
+                    &update,
+                    &[&key.consumer_id, &key.failed_id, &seq, &deliveries, &batch.visible_until_ms()],
+                )
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Leases messages new to the consumer, as many as the lease still takes.
+async fn lease_new(
+    tx: &Transaction<'_>,
+    queue: &str,
+    queue_id: i64,
+    batch: &mut LeaseBatch<'_>,
+    first_seq: u64,
+    last_seq: u64,
+) -> Result<(), TryError> {
+    let Some(after) = batch.new_messages_after(first_seq, last_seq) else { return Ok(()) };
     let select = tx
         .prepare_cached(
             "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM outpost_messages
-             WHERE queue_id = $1 AND seq = $2",
+             WHERE queue_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )
         .await?;
-    Ok(tx.query_opt(&select, &[&queue_id, &(seq as i64)]).await?.map(|r| message_from_row(queue, &r)))
+    let fresh = tx.query(&select, &[&queue_id, &(after as i64), &(batch.room() as i64)]).await?;
+    let mut seqs: Vec<i64> = Vec::new();
+    for row in &fresh {
+        if batch.is_full() {
+            break;
+        }
+        let key = batch.lease_new(message_from_row(queue, row));
+        seqs.push(key.seq as i64);
+    }
+    // Every new row is a first delivery (`LeaseBatch::lease_new`).
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO outpost_consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
+             SELECT $1, 0, s, 1, true, $3 FROM unnest($2::bigint[]) AS s",
+        )
+        .await?;
+    tx.execute(&insert, &[&batch.consumer_id(), &seqs, &batch.visible_until_ms()]).await?;
+    Ok(())
 }
 
-async fn read_failed_copy(
+/// Acknowledges a leased message (with a resubmitted entry's copy) or gives it back.
+async fn apply_settle(
     tx: &Transaction<'_>,
-    queue: &str,
-    failed_id: i64,
-) -> Result<Option<StoredMessage>, TryError> {
-    let select = tx
-        .prepare_cached(
-            "SELECT seq, message_id, origin, origin_seq, content_type, accepted_at_ms, payload FROM outpost_failed
-             WHERE id = $1",
-        )
-        .await?;
-    Ok(tx.query_opt(&select, &[&failed_id]).await?.map(|r| message_from_row(queue, &r)))
+    key: LeaseKey,
+    action: SettleAction,
+    now_ms: i64,
+) -> Result<(), TryError> {
+    match action {
+        SettleAction::Finish { remove_failed } => {
+            delete_row(tx, key.consumer_id, key.failed_id, key.seq).await?;
+            if let Some(change) = remove_failed {
+                change_failed(tx, &change, now_ms).await?;
+            }
+        }
+        SettleAction::GiveBack { visible_at_ms } => {
+            let update = tx
+                .prepare_cached(
+                    "UPDATE outpost_consumer_messages SET leased = false, visible_at_ms = $4
+                     WHERE consumer_id = $1 AND failed_id = $2 AND seq = $3",
+                )
+                .await?;
+            tx.execute(&update, &[&key.consumer_id, &key.failed_id, &(key.seq as i64), &visible_at_ms])
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 impl PgWriter {
@@ -96,7 +277,7 @@ impl PgWriter {
             )
             .await?;
         let lowest: Option<i64> = tx.query_one(&lowest, &[&consumer.id]).await?.get(0);
-        let position = lowest.map(|seq| seq as u64 - 1).unwrap_or(consumer.head);
+        let position = consumers::position(lowest.map(|seq| seq as u64), consumer.head);
         // Not through `advance_cursor`: its shortcut trusts the views, which may still hold the
         // cursor of a deleted consumer of the same name.
         let reader = consumer_reader(name);
@@ -112,6 +293,7 @@ impl PgWriter {
         self.release_queue(tx, state, queue).await
     }
 
+    /// Leases messages to consumer `name` (created by its first lease); see [`LeaseBatch`].
     pub(super) async fn consumer_lease(
         &self,
         tx: &Transaction<'_>,
@@ -131,129 +313,13 @@ impl PgWriter {
         let (queue_id, first_seq, last_seq) = (locked.id, locked.stats.first_seq, locked.stats.last_seq);
         // Messages this group appended must be in the table before they are read.
         flush_rows(tx, &mut state.rows).await?;
-        let mut consumer = match find(tx, queue, name).await? {
-            Some(consumer) => consumer,
-            None => {
-                // New: it starts at the oldest message still stored.
-                let head = first_seq.saturating_sub(1);
-                let insert = tx
-                    .prepare_cached(
-                        "INSERT INTO outpost_consumers (queue, name, head, created_at_ms, last_active_at_ms)
-                         VALUES ($1, $2, $3, $4, $4) RETURNING consumer_id",
-                    )
-                    .await?;
-                let id: i64 = tx.query_one(&insert, &[&queue, &name, &(head as i64), &now_ms]).await?.get(0);
-                ConsumerRow { id, head }
-            }
-        };
-        let route = consumer_route(name);
-        let adopt = tx
-            .prepare_cached(
-                "INSERT INTO outpost_consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
-                 SELECT $1, id, seq, 0, false, 0 FROM outpost_failed
-                 WHERE route = $2 AND queue = $3 AND status = 'resubmitted'
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?;
-        tx.execute(&adopt, &[&consumer.id, &route, &queue]).await?;
-
-        let visible_until = now_ms.saturating_add(request.visibility_ms);
-        let mut out: Vec<LeasedMessage> = Vec::new();
-        let mut bytes = 0u64;
-        let full =
-            |out: &Vec<LeasedMessage>, bytes: u64| out.len() >= request.max || bytes >= MAX_LEASE_BYTES;
-
-        // Resubmitted entries, then redeliveries in seq order: each query walks the primary key
-        // and stops after `max` visible rows.
-        let mut due: Vec<(i64, u64, u32)> = Vec::new();
-        for sql in [
-            "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
-             WHERE consumer_id = $1 AND failed_id > 0 AND visible_at_ms <= $2 ORDER BY failed_id, seq LIMIT $3",
-            "SELECT failed_id, seq, deliveries FROM outpost_consumer_messages
-             WHERE consumer_id = $1 AND failed_id = 0 AND visible_at_ms <= $2 ORDER BY seq LIMIT $3",
-        ] {
-            let limit = (request.max - due.len()) as i64;
-            let select = tx.prepare_cached(sql).await?;
-            let rows = tx.query(&select, &[&consumer.id, &now_ms, &limit]).await?;
-            due.extend(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u32)));
-        }
-        for (failed_id, seq, deliveries) in due {
-            if full(&out, bytes) {
-                break;
-            }
-            let message = if failed_id == 0 {
-                read_message(tx, queue, queue_id, seq).await?
-            } else {
-                read_failed_copy(tx, queue, failed_id).await?
-            };
-            let Some(message) = message else {
-                delete_row(tx, consumer.id, failed_id, seq).await?;
-                continue;
-            };
-            if deliveries >= request.max_deliveries {
-                match exhausted(&route, name, failed_id, message, deliveries) {
-                    Exhausted::Insert(failure) => {
-                        insert_failed(tx, &failure, now_ms).await?;
-                    }
-                    Exhausted::FailAgain(change) => {
-                        change_failed(tx, &change, now_ms).await?;
-                    }
-                }
-                delete_row(tx, consumer.id, failed_id, seq).await?;
-                continue;
-            }
-            let deliveries = deliveries + 1;
-            let update = tx
-                .prepare_cached(
-                    "UPDATE outpost_consumer_messages SET deliveries = $4, leased = true, visible_at_ms = $5
-                     WHERE consumer_id = $1 AND failed_id = $2 AND seq = $3",
-                )
-                .await?;
-            tx.execute(
-                &update,
-                &[&consumer.id, &failed_id, &(seq as i64), &i64::from(deliveries), &visible_until],
-            )
-            .await?;
-            bytes += message.payload.len() as u64;
-            let lease_id = LeaseKey { consumer_id: consumer.id, failed_id, seq, deliveries }.to_lease_id();
-            out.push(LeasedMessage { message, lease_id, deliveries });
-        }
-
-        let after = consumer.head.max(first_seq.saturating_sub(1));
-        if !full(&out, bytes) && after < last_seq {
-            let select = tx
-                .prepare_cached(
-                    "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM outpost_messages
-                     WHERE queue_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-                )
-                .await?;
-            let fresh: Vec<StoredMessage> = tx
-                .query(&select, &[&queue_id, &(after as i64), &((request.max - out.len()) as i64)])
-                .await?
-                .iter()
-                .map(|r| message_from_row(queue, r))
-                .collect();
-            let mut seqs: Vec<i64> = Vec::new();
-            for message in fresh {
-                if full(&out, bytes) {
-                    break;
-                }
-                seqs.push(message.seq as i64);
-                consumer.head = message.seq;
-                bytes += message.payload.len() as u64;
-                let lease_id =
-                    LeaseKey { consumer_id: consumer.id, failed_id: 0, seq: message.seq, deliveries: 1 }
-                        .to_lease_id();
-                out.push(LeasedMessage { message, lease_id, deliveries: 1 });
-            }
-            let insert = tx
-                .prepare_cached(
-                    "INSERT INTO outpost_consumer_messages (consumer_id, failed_id, seq, deliveries, leased, visible_at_ms)
-                     SELECT $1, 0, s, 1, true, $3 FROM unnest($2::bigint[]) AS s",
-                )
-                .await?;
-            tx.execute(&insert, &[&consumer.id, &seqs, &visible_until]).await?;
-        }
+        let mut consumer = find_or_create(tx, queue, name, first_seq, now_ms).await?;
+        adopt_resubmitted(tx, queue, name, &consumer).await?;
+        let mut batch = LeaseBatch::new(name, &consumer, request, now_ms);
+        redeliver_due(tx, queue, queue_id, &mut batch, now_ms).await?;
+        lease_new(tx, queue, queue_id, &mut batch, first_seq, last_seq).await?;
+        let (leased, head) = batch.finish();
+        consumer.head = head;
         let update = tx
             .prepare_cached(
                 "UPDATE outpost_consumers SET head = $2, last_active_at_ms = $3 WHERE consumer_id = $1",
@@ -261,9 +327,10 @@ impl PgWriter {
             .await?;
         tx.execute(&update, &[&consumer.id, &(consumer.head as i64), &now_ms]).await?;
         self.consumer_advance(tx, state, queue, name, &consumer).await?;
-        Ok(out)
+        Ok(leased)
     }
 
+    /// Acknowledges or gives back leased messages of consumer `name`; see [`Settling`].
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn consumer_settle(
         &self,
@@ -276,50 +343,21 @@ impl PgWriter {
         now_ms: i64,
     ) -> Result<SettleOutcome, TryError> {
         let Some(consumer) = find(tx, queue, name).await? else { return Ok(SettleOutcome::default()) };
-        let mut outcome = SettleOutcome { consumer_exists: true, ..SettleOutcome::default() };
+        let mut settling = Settling::new(&consumer, settle, now_ms);
         let lookup = tx
             .prepare_cached(
                 "SELECT deliveries FROM outpost_consumer_messages WHERE consumer_id = $1 AND failed_id = $2 AND seq = $3",
             )
             .await?;
         for lease_id in lease_ids {
-            let key = match LeaseKey::parse(lease_id) {
-                Some(key) if key.consumer_id == consumer.id => key,
-                _ => {
-                    outcome.stale.push(lease_id.clone());
-                    continue;
-                }
-            };
-            let current = tx
-                .query_opt(&lookup, &[&consumer.id, &key.failed_id, &(key.seq as i64)])
+            let Some(key) = settling.row_of(lease_id) else { continue };
+            let stored_deliveries = tx
+                .query_opt(&lookup, &[&key.consumer_id, &key.failed_id, &(key.seq as i64)])
                 .await?
-                .is_some_and(|r| r.get::<_, i64>(0) == i64::from(key.deliveries));
-            if !current {
-                outcome.stale.push(lease_id.clone());
-                continue;
+                .and_then(|r| u32::try_from(r.get::<_, i64>(0)).ok());
+            if let Some(action) = settling.action(lease_id, key, stored_deliveries) {
+                apply_settle(tx, key, action, now_ms).await?;
             }
-            match settle {
-                Settle::Ack => {
-                    delete_row(tx, consumer.id, key.failed_id, key.seq).await?;
-                    if key.failed_id != 0 {
-                        change_failed(tx, &FailedChange::Remove { id: key.failed_id }, now_ms).await?;
-                    }
-                }
-                Settle::Nack { delay_ms } => {
-                    let update = tx
-                        .prepare_cached(
-                            "UPDATE outpost_consumer_messages SET leased = false, visible_at_ms = $4
-                             WHERE consumer_id = $1 AND failed_id = $2 AND seq = $3",
-                        )
-                        .await?;
-                    tx.execute(
-                        &update,
-                        &[&consumer.id, &key.failed_id, &(key.seq as i64), &now_ms.saturating_add(delay_ms)],
-                    )
-                    .await?;
-                }
-            }
-            outcome.settled += 1;
         }
         let update = tx
             .prepare_cached("UPDATE outpost_consumers SET last_active_at_ms = $2 WHERE consumer_id = $1")
@@ -328,7 +366,7 @@ impl PgWriter {
         if state.queues.contains_key(queue) {
             self.consumer_advance(tx, state, queue, name, &consumer).await?;
         }
-        Ok(outcome)
+        Ok(settling.finish())
     }
 
     pub(super) async fn consumer_delete(
