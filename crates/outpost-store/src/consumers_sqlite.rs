@@ -1,7 +1,6 @@
 //! The SQLite writer's side of [`crate::consumers`]: each function runs inside the writer's group
 //! transaction and keeps the writer's state (cursors, releases) in step with what it writes.
 
-use bytes::Bytes;
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::consumers::{
@@ -9,6 +8,7 @@ use crate::consumers::{
     LeaseRequest, LeasedMessage, Redelivery, Settle, SettleAction, SettleOutcome, Settling,
 };
 use crate::failed;
+use crate::sqlite::message_from_row;
 use crate::writer::{apply_advance_cursor, ensure_queue, release_chunk, State};
 use crate::{StoreError, StoreOptions, StoredMessage};
 
@@ -27,20 +27,6 @@ fn position(tx: &Transaction<'_>, consumer: &ConsumerRow) -> Result<u64, StoreEr
         .prepare_cached("SELECT min(seq) FROM consumer_messages WHERE consumer_id = ?1 AND failed_id = 0")?
         .query_row([consumer.id], |r| r.get(0))?;
     Ok(consumers::position(lowest.map(|seq| seq as u64), consumer.head))
-}
-
-/// A message from the columns `seq, id, origin, origin_seq, content_type, accepted_at_ms, payload`.
-fn message_from_row(queue: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
-    Ok(StoredMessage {
-        seq: r.get::<_, i64>(0)? as u64,
-        id: r.get(1)?,
-        queue: queue.to_string(),
-        origin: r.get(2)?,
-        origin_seq: r.get::<_, i64>(3)? as u64,
-        content_type: r.get(4)?,
-        accepted_at_ms: r.get(5)?,
-        payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
-    })
 }
 
 /// The message a due row names: the queue's (`failed_id` 0) or a resubmitted entry's copy.

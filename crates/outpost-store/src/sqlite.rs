@@ -184,6 +184,21 @@ fn bound_the_wal(conn: &Connection, wal_limit_bytes: u64) -> Result<(), StoreErr
     Ok(())
 }
 
+/// A message of `queue` from the columns `seq, id, origin, origin_seq, content_type, accepted_at_ms,
+/// payload`.
+pub(crate) fn message_from_row(queue: &str, r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredMessage> {
+    Ok(StoredMessage {
+        seq: r.get::<_, i64>(0)? as u64,
+        id: r.get(1)?,
+        queue: queue.to_string(),
+        origin: r.get(2)?,
+        origin_seq: r.get::<_, i64>(3)? as u64,
+        content_type: r.get(4)?,
+        accepted_at_ms: r.get(5)?,
+        payload: Bytes::from(r.get::<_, Vec<u8>>(6)?),
+    })
+}
+
 fn read_messages(
     conn: &Connection,
     queue: &str,
@@ -195,17 +210,7 @@ fn read_messages(
          FROM messages m JOIN queues q ON q.queue_id = m.queue_id
          WHERE q.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
     )?;
-    let rows = stmt.query_map(params![queue, after_seq as i64, limit as i64], |row| {
-        Ok(StoredMessage {
-            seq: row.get::<_, i64>(0)? as u64,
-            id: row.get(1)?,
-            queue: queue.to_string(),
-            origin: row.get(2)?,
-            origin_seq: row.get::<_, i64>(3)? as u64,
-            content_type: row.get(4)?,
-            accepted_at_ms: row.get(5)?,
-            payload: Bytes::from(row.get::<_, Vec<u8>>(6)?),
-        })
-    })?;
+    let rows =
+        stmt.query_map(params![queue, after_seq as i64, limit as i64], |row| message_from_row(queue, row))?;
     rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
 }

@@ -10,6 +10,21 @@ use crate::failed::{FailedEntry, FailedQuery, FailedStatus, ENTRY_COLUMNS, MAX_F
 use crate::ops::Views;
 use crate::{StoreError, StoredMessage};
 
+/// A message of `queue` from the columns `seq, id, origin, origin_seq, content_type, accepted_at_ms,
+/// payload`.
+pub(crate) fn message_from_row(queue: &str, r: &tokio_postgres::Row) -> StoredMessage {
+    StoredMessage {
+        seq: r.get::<_, i64>(0) as u64,
+        id: r.get(1),
+        queue: queue.to_string(),
+        origin: r.get(2),
+        origin_seq: r.get::<_, i64>(3) as u64,
+        content_type: r.get(4),
+        accepted_at_ms: r.get(5),
+        payload: Bytes::from(r.get::<_, Vec<u8>>(6)),
+    }
+}
+
 impl Postgres {
     pub(crate) async fn read(
         &self,
@@ -31,19 +46,7 @@ impl Postgres {
             .query(&statement, &[&queue, &(after_seq as i64), &(limit as i64)])
             .await
             .map_err(|e| pg_error(&self.url(), e))?;
-        Ok(rows
-            .iter()
-            .map(|row| StoredMessage {
-                seq: row.get::<_, i64>(0) as u64,
-                id: row.get(1),
-                queue: queue.to_string(),
-                origin: row.get(2),
-                origin_seq: row.get::<_, i64>(3) as u64,
-                content_type: row.get(4),
-                accepted_at_ms: row.get(5),
-                payload: Bytes::from(row.get::<_, Vec<u8>>(6)),
-            })
-            .collect())
+        Ok(rows.iter().map(|row| message_from_row(queue, row)).collect())
     }
 
     pub(crate) async fn documents(&self, prefix: &str) -> Result<BTreeMap<String, String>, StoreError> {

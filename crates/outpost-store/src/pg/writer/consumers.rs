@@ -2,7 +2,6 @@
 //! (`consumers_sqlite`). Every operation on a consumer runs with its queue's row locked (see the
 //! group's lock phase), so two centrals serving the same consumer take turns.
 
-use bytes::Bytes;
 use deadpool_postgres::Transaction;
 
 use super::{change_failed, flush_rows, insert_failed, Group, PgWriter, TryError};
@@ -10,6 +9,7 @@ use crate::consumers::{
     self, consumer_reader, consumer_route, ConsumerRow, DueRow, Exhausted, LeaseBatch, LeaseKey,
     LeaseRequest, LeasedMessage, Redelivery, Settle, SettleAction, SettleOutcome, Settling,
 };
+use crate::pg::reads::message_from_row;
 use crate::StoredMessage;
 
 async fn find(tx: &Transaction<'_>, queue: &str, name: &str) -> Result<Option<ConsumerRow>, TryError> {
@@ -35,19 +35,6 @@ async fn delete_row(
         .await?;
     tx.execute(&delete, &[&consumer_id, &failed_id, &(seq as i64)]).await?;
     Ok(())
-}
-
-fn message_from_row(queue: &str, r: &tokio_postgres::Row) -> StoredMessage {
-    StoredMessage {
-        seq: r.get::<_, i64>(0) as u64,
-        id: r.get(1),
-        queue: queue.to_string(),
-        origin: r.get(2),
-        origin_seq: r.get::<_, i64>(3) as u64,
-        content_type: r.get(4),
-        accepted_at_ms: r.get(5),
-        payload: Bytes::from(r.get::<_, Vec<u8>>(6)),
-    }
 }
 
 /// The message a due row names: the queue's (`failed_id` 0) or a resubmitted entry's copy.
