@@ -471,6 +471,19 @@ impl PgWriter {
         if !ops::check_cursor_advance(queue, reader, acked_seq, last_seq, current).map_err(TryError::Store)? {
             return Ok(());
         }
+        self.write_cursor(tx, state, queue, reader, acked_seq).await
+    }
+
+    /// Writes `reader`'s cursor at `acked_seq` (a row already past it keeps its seq: a cursor
+    /// never moves back) and releases what every reader of `queue` has.
+    async fn write_cursor(
+        &self,
+        tx: &Transaction<'_>,
+        state: &mut Group,
+        queue: &str,
+        reader: &str,
+        acked_seq: u64,
+    ) -> Result<(), TryError> {
         let upsert = tx
             .prepare_cached(
                 "INSERT INTO outpost_cursors (queue, reader, acked_seq) VALUES ($1, $2, $3)
@@ -479,7 +492,7 @@ impl PgWriter {
             )
             .await?;
         let acked: i64 = tx.query_one(&upsert, &[&queue, &reader, &(acked_seq as i64)]).await?.get(0);
-        state.cursors.insert(key, acked as u64);
+        state.cursors.insert((queue.to_string(), reader.to_string()), acked as u64);
         self.release_queue(tx, state, queue).await
     }
 

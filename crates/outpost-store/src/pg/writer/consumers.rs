@@ -268,16 +268,7 @@ impl PgWriter {
         // Not through `advance_cursor`: its shortcut trusts the views, which may still hold the
         // cursor of a deleted consumer of the same name.
         let reader = consumer_reader(name);
-        let upsert = tx
-            .prepare_cached(
-                "INSERT INTO outpost_cursors (queue, reader, acked_seq) VALUES ($1, $2, $3)
-                 ON CONFLICT (queue, reader) DO UPDATE SET acked_seq = GREATEST(outpost_cursors.acked_seq, EXCLUDED.acked_seq)
-                 RETURNING acked_seq",
-            )
-            .await?;
-        let acked: i64 = tx.query_one(&upsert, &[&queue, &reader, &(position as i64)]).await?.get(0);
-        state.cursors.insert((queue.to_string(), reader), acked as u64);
-        self.release_queue(tx, state, queue).await
+        self.write_cursor(tx, state, queue, &reader, position).await
     }
 
     /// Leases messages to consumer `name` (created by its first lease); see [`LeaseBatch`].
