@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
+use axum::serve::ListenerExt;
 use axum::Router;
 use serde_json::Value;
 use testkit::{wait_until_async, Client, Node};
@@ -66,6 +67,11 @@ impl Downstream {
         let app = Router::new().route("/in", axum::routing::post(receive)).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/in", listener.local_addr().unwrap());
+        // As most servers (Go's, nginx's keep-alive): without it, Nagle holds each answer after a
+        // window's first until the route's delayed ACK (40 ms on Linux).
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
