@@ -34,6 +34,10 @@
 //! Every operation is one write through the backend's writer, so a lease, an ack and a nack are
 //! each durable when answered; time comes from the writer (`now`), and visibility is evaluated
 //! lazily when a consumer leases or is listed, so no task runs per consumer.
+//!
+//! The rules above are decided here once, as pure code (`position`, `LeaseBatch`, `Settling`,
+//! `exhausted`); each backend's writer (`consumers_sqlite`, `pg/writer/consumers`) only reads and
+//! writes its rows around them.
 
 use crate::failed::{FailedChange, NewFailure};
 use crate::{Store, StoreError, StoredMessage};
