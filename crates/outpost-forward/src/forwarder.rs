@@ -16,11 +16,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_core::config::Config;
+use outpost_core::config::{Config, ForwardingConfig};
 use outpost_core::metrics::{EncodingLabel, Metrics};
 use outpost_core::wire::{Batch, BatchAck, BatchMessage};
-use outpost_store::Store;
-use tokio::sync::mpsc;
+use outpost_store::{QueueStats, Store, StoredMessage};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::client::{CentralClient, LinkError};
@@ -59,7 +60,34 @@ struct QueueProgress {
     in_flight: u32,
 }
 
+impl QueueProgress {
+    /// Where a queue seen for the first time on this link resumes: after what the central holds or
+    /// the upstream cursor says, whichever is further, but never past what this edge stored.
+    fn resume(stats: &QueueStats, central: u64, local: u64) -> QueueProgress {
+        if central > stats.last_seq {
+            tracing::error!(
+                queue = %stats.name, central_holds = central, local_last_seq = stats.last_seq,
+                "the central holds more of this queue than this edge ever stored: was the edge's data \
+                 directory replaced while keeping its node id? New messages up to the central's position \
+                 will be taken for duplicates"
+            );
+        }
+        let acked = central.max(local).min(stats.last_seq);
+        QueueProgress { acked, next_to_send: acked + 1, in_flight: 0 }
+    }
+
+    /// Messages no batch carries yet, and no room in the pipeline for another batch: queues of a
+    /// higher priority number wait.
+    fn waits_for_room(&self, last_seq: u64, max_in_flight: u32) -> bool {
+        self.next_to_send <= last_seq && self.in_flight >= max_in_flight
+    }
+}
+
 /// Forwards until a request fails for a reason other than a gap; returns that error.
+///
+/// Each turn fills the pipelines (in priority order), then waits: for a commit when no batch is
+/// in flight, else for the next answer, which moves the queue's cursor or sends it back to the
+/// seq the central expects.
 pub async fn run(
     store: Store,
     client: CentralClient,
@@ -67,188 +95,276 @@ pub async fn run(
     central_positions: BTreeMap<String, u64>,
     progress: mpsc::Sender<Forwarded>,
 ) -> LinkError {
-    let settings = link.config.forwarding.clone();
-    let bucket = (settings.max_bandwidth_bytes_per_second > 0)
-        .then(|| Arc::new(TokenBucket::new(settings.max_bandwidth_bytes_per_second)));
-    let mut sizer = BatchSizer::new(
-        link.config.connectivity.ping_interval,
-        settings.request_timeout,
-        settings.batch_bytes,
-    );
-    let encoding_label = EncodingLabel { encoding: client.batch_encoding().unwrap_or("none").to_string() };
-    let bytes_sent = link.metrics.forward_bytes.get_or_create(&encoding_label).clone();
-    let mut queues: HashMap<String, QueueProgress> = HashMap::new();
-    let mut in_flight: JoinSet<SentBatch> = JoinSet::new();
-    let mut commits = store.commits();
-
+    let mut forwarder = Forwarder::new(store, client, link, central_positions, progress);
     loop {
-        // Fill the pipelines, lowest priority number first; a queue waits while one before it
-        // still has messages no batch carries yet.
-        let mut stats_by_priority = store.queue_stats();
-        stats_by_priority.sort_by_key(|q| link.config.queue_priority(&q.name));
+        if let Err(error) = forwarder.fill_pipelines().await {
+            return error;
+        }
+        let waited = if forwarder.in_flight.is_empty() {
+            forwarder.wait_for_commit().await
+        } else {
+            forwarder.handle_next_answer().await
+        };
+        if let Err(error) = waited {
+            return error;
+        }
+    }
+}
+
+/// One link's forwarder: its queues' progress and the batches in flight. An `Err` from a step ends
+/// the link with that error.
+struct Forwarder {
+    store: Store,
+    client: CentralClient,
+    config: Arc<Config>,
+    settings: ForwardingConfig,
+    central_positions: BTreeMap<String, u64>,
+    progress: mpsc::Sender<Forwarded>,
+    bucket: Option<Arc<TokenBucket>>,
+    sizer: BatchSizer,
+    bytes_sent: Counter,
+    queues: HashMap<String, QueueProgress>,
+    in_flight: JoinSet<SentBatch>,
+    commits: watch::Receiver<u64>,
+}
+
+impl Forwarder {
+    fn new(
+        store: Store,
+        client: CentralClient,
+        link: LinkSettings,
+        central_positions: BTreeMap<String, u64>,
+        progress: mpsc::Sender<Forwarded>,
+    ) -> Forwarder {
+        let settings = link.config.forwarding.clone();
+        let bucket = (settings.max_bandwidth_bytes_per_second > 0)
+            .then(|| Arc::new(TokenBucket::new(settings.max_bandwidth_bytes_per_second)));
+        let sizer = BatchSizer::new(
+            link.config.connectivity.ping_interval,
+            settings.request_timeout,
+            settings.batch_bytes,
+        );
+        let encoding_label =
+            EncodingLabel { encoding: client.batch_encoding().unwrap_or("none").to_string() };
+        let bytes_sent = link.metrics.forward_bytes.get_or_create(&encoding_label).clone();
+        let commits = store.commits();
+        Forwarder {
+            store,
+            client,
+            config: link.config,
+            settings,
+            central_positions,
+            progress,
+            bucket,
+            sizer,
+            bytes_sent,
+            queues: HashMap::new(),
+            in_flight: JoinSet::new(),
+            commits,
+        }
+    }
+
+    /// Fills the pipelines, lowest priority number first; a queue waits while one before it still
+    /// has messages no batch carries yet.
+    async fn fill_pipelines(&mut self) -> Result<(), LinkError> {
+        let mut stats_by_priority = self.store.queue_stats();
+        stats_by_priority.sort_by_key(|q| self.config.queue_priority(&q.name));
         let mut waiting_priority: Option<u8> = None;
         for stats in stats_by_priority {
-            let priority = link.config.queue_priority(&stats.name);
+            let priority = self.config.queue_priority(&stats.name);
             if waiting_priority.is_some_and(|p| p < priority) {
                 break;
             }
-            let entry = queues.entry(stats.name.clone()).or_insert_with(|| {
-                let central = central_positions.get(&stats.name).copied().unwrap_or(0);
-                let local = store.cursor(&stats.name, UPSTREAM_READER);
-                if central > stats.last_seq {
-                    tracing::error!(
-                        queue = %stats.name, central_holds = central, local_last_seq = stats.last_seq,
-                        "the central holds more of this queue than this edge ever stored: was the edge's data \
-                         directory replaced while keeping its node id? New messages up to the central's position \
-                         will be taken for duplicates"
-                    );
-                }
-                let acked = central.max(local).min(stats.last_seq);
-                QueueProgress { acked, next_to_send: acked + 1, in_flight: 0 }
-            });
-            if entry.acked > store.cursor(&stats.name, UPSTREAM_READER) {
-                // The central already holds more than the cursor says (an ack lost in a crash).
-                if let Err(e) = store.advance_cursor(&stats.name, UPSTREAM_READER, entry.acked).await {
-                    tracing::warn!(queue = %stats.name, "cannot advance the upstream cursor: {e}");
-                }
-            }
-            if entry.next_to_send <= stats.last_seq && entry.in_flight >= settings.in_flight {
+            self.catch_up_cursor(&stats).await;
+            self.fill_pipeline(&stats).await?;
+            if self.queues[&stats.name].waits_for_room(stats.last_seq, self.settings.in_flight) {
                 waiting_priority = Some(priority);
             }
-            while entry.in_flight < settings.in_flight && entry.next_to_send <= stats.last_seq {
-                let limit = settings.batch_messages as usize;
-                let budget_bytes = sizer.budget_bytes();
-                let messages = match store.read(&stats.name, entry.next_to_send - 1, limit).await {
-                    Ok(messages) => messages,
-                    Err(e) => {
-                        tracing::error!(queue = %stats.name, "cannot read messages to forward: {e}");
-                        break;
-                    }
-                };
-                let mut bytes = 0u64;
-                let batch_messages: Vec<BatchMessage> = messages
-                    .into_iter()
-                    .take_while(|m| {
-                        if m.origin == DOWNLINK_ORIGIN {
-                            return true; // sent as a skip entry, without its payload
-                        }
-                        bytes += m.payload.len() as u64;
-                        bytes <= budget_bytes || bytes == m.payload.len() as u64
-                    })
-                    .map(|m| {
-                        if m.origin == DOWNLINK_ORIGIN {
-                            // Downlink is never forwarded back up; the central still needs the seq.
-                            return BatchMessage::skip(m.seq, m.id);
-                        }
-                        BatchMessage {
-                            seq: m.seq,
-                            id: m.id,
-                            content_type: m.content_type,
-                            payload: m.payload,
-                        }
-                    })
-                    .collect();
-                let (Some(first), Some(last)) = (batch_messages.first(), batch_messages.last()) else {
+        }
+        Ok(())
+    }
+
+    /// Creates the queue's progress the first time it is seen, and moves the `upstream` cursor up
+    /// when the central already holds more than it says (an ack lost in a crash).
+    async fn catch_up_cursor(&mut self, stats: &QueueStats) {
+        let entry = self.queues.entry(stats.name.clone()).or_insert_with(|| {
+            let central = self.central_positions.get(&stats.name).copied().unwrap_or(0);
+            QueueProgress::resume(stats, central, self.store.cursor(&stats.name, UPSTREAM_READER))
+        });
+        if entry.acked > self.store.cursor(&stats.name, UPSTREAM_READER) {
+            if let Err(e) = self.store.advance_cursor(&stats.name, UPSTREAM_READER, entry.acked).await {
+                tracing::warn!(queue = %stats.name, "cannot advance the upstream cursor: {e}");
+            }
+        }
+    }
+
+    /// Puts batches of one queue in flight until its pipeline is full or every stored message is
+    /// in a batch.
+    async fn fill_pipeline(&mut self, stats: &QueueStats) -> Result<(), LinkError> {
+        let entry = self.queues.get_mut(&stats.name).expect("a queue's progress exists once seen");
+        while entry.in_flight < self.settings.in_flight && entry.next_to_send <= stats.last_seq {
+            let limit = self.settings.batch_messages as usize;
+            let budget_bytes = self.sizer.budget_bytes();
+            let messages = match self.store.read(&stats.name, entry.next_to_send - 1, limit).await {
+                Ok(messages) => messages,
+                Err(e) => {
+                    tracing::error!(queue = %stats.name, "cannot read messages to forward: {e}");
                     break;
-                };
-                if first.seq != entry.next_to_send {
-                    // Released here and never at the central: the handshake declares such ranges
-                    // (`Hello::released_unforwarded`), so this is a central that did not record it.
-                    return LinkError::Rejected {
-                        url: client.url().to_string(),
-                        detail: format!(
-                            "queue {:?}: the central holds it through seq {}, but this edge released everything \
-                             before seq {} without forwarding it, and the central did not record that release",
-                            stats.name,
-                            entry.next_to_send - 1,
-                            first.seq
-                        ),
-                    };
                 }
-                let last_seq = last.seq;
-                entry.next_to_send = last_seq + 1;
-                entry.in_flight += 1;
-                if entry.next_to_send <= stats.last_seq && entry.in_flight >= settings.in_flight {
-                    waiting_priority = Some(priority);
-                }
-                let payload_bytes: u64 = batch_messages.iter().map(|m| m.payload.len() as u64).sum();
-                let batch = Batch { queue: stats.name.clone(), messages: batch_messages };
-                let client = client.clone();
-                let encoding = client.batch_encoding().map(str::to_string);
-                let bucket = bucket.clone();
-                let bytes_sent = bytes_sent.clone();
-                in_flight.spawn(async move {
-                    let frame = batch.encode();
-                    let frame = match encoding.as_deref() {
-                        Some(_) => outpost_core::wire::compress_frame(&frame),
-                        None => frame,
-                    };
-                    bytes_sent.inc_by(frame.len() as u64);
-                    let started = tokio::time::Instant::now();
-                    let result =
-                        client.send_frame(&batch.queue, frame.into(), encoding.as_deref(), bucket).await;
-                    (batch.queue, last_seq, payload_bytes, started.elapsed(), result)
+            };
+            let batch_messages = batch_within_budget(messages, budget_bytes);
+            let (Some(first), Some(last)) = (batch_messages.first(), batch_messages.last()) else {
+                break;
+            };
+            if first.seq != entry.next_to_send {
+                // Released here and never at the central: the handshake declares such ranges
+                // (`Hello::released_unforwarded`), so this is a central that did not record it.
+                return Err(LinkError::Rejected {
+                    url: self.client.url().to_string(),
+                    detail: format!(
+                        "queue {:?}: the central holds it through seq {}, but this edge released everything \
+                         before seq {} without forwarding it, and the central did not record that release",
+                        stats.name,
+                        entry.next_to_send - 1,
+                        first.seq
+                    ),
                 });
             }
+            let last_seq = last.seq;
+            entry.next_to_send = last_seq + 1;
+            entry.in_flight += 1;
+            let batch = Batch { queue: stats.name.clone(), messages: batch_messages };
+            self.in_flight.spawn(send_batch(
+                self.client.clone(),
+                batch,
+                last_seq,
+                self.bucket.clone(),
+                self.bytes_sent.clone(),
+            ));
         }
+        Ok(())
+    }
 
-        if in_flight.is_empty() {
-            tokio::select! {
-                changed = commits.changed() => if changed.is_err() {
-                    return LinkError::Unreachable { url: client.url().to_string(), detail: "the store closed".into() };
-                },
-                _ = tokio::time::sleep(IDLE_RECHECK) => {}
-            }
-            continue;
+    /// Nothing in flight: waits for the next commit, or [`IDLE_RECHECK`].
+    async fn wait_for_commit(&mut self) -> Result<(), LinkError> {
+        tokio::select! {
+            changed = self.commits.changed() => if changed.is_err() {
+                return Err(LinkError::Unreachable {
+                    url: self.client.url().to_string(),
+                    detail: "the store closed".into(),
+                });
+            },
+            _ = tokio::time::sleep(IDLE_RECHECK) => {}
         }
+        Ok(())
+    }
 
-        let Some(joined) = in_flight.join_next().await else { continue };
+    /// Waits for the next batch's answer: an ack moves the queue on, a gap sends it back, any other
+    /// error ends the link.
+    async fn handle_next_answer(&mut self) -> Result<(), LinkError> {
+        let Some(joined) = self.in_flight.join_next().await else { return Ok(()) };
         let (queue, _last_seq, payload_bytes, elapsed, result) = match joined {
             Ok(done) => done,
             Err(e) => {
-                return LinkError::Unreachable {
-                    url: client.url().to_string(),
+                return Err(LinkError::Unreachable {
+                    url: self.client.url().to_string(),
                     detail: format!("send task failed: {e}"),
-                }
+                })
             }
         };
-        let entry = queues.get_mut(&queue).expect("a queue with a batch in flight has progress");
+        let entry = self.queues.get_mut(&queue).expect("a queue with a batch in flight has progress");
         entry.in_flight -= 1;
         match result {
             Ok(ack) => {
-                sizer.observe(payload_bytes, elapsed);
-                if ack.stored_through > entry.acked {
-                    entry.acked = ack.stored_through;
-                    if let Err(e) = store.advance_cursor(&queue, UPSTREAM_READER, entry.acked).await {
-                        tracing::warn!(%queue, "cannot advance the upstream cursor: {e}");
-                    }
-                }
-                let _ = progress
-                    .send(Forwarded { queue, through_seq: entry.acked, stored: ack.stored, payload_bytes })
-                    .await;
+                self.sizer.observe(payload_bytes, elapsed);
+                self.on_ack(queue, ack, payload_bytes).await;
+                Ok(())
             }
-            Err(LinkError::Gap { url, expected_seq }) => {
-                let released_through =
-                    store.queue(&queue).map(|q| q.first_seq.saturating_sub(1)).unwrap_or(0);
-                if expected_seq <= released_through {
-                    // This edge already gave those messages to a central and released them: the
-                    // central in use does not share that central's store.
-                    return LinkError::Rejected {
-                        url,
-                        detail: format!(
-                            "it expects seq {expected_seq} of queue {queue:?}, but this edge forwarded and released \
-                             everything up to seq {released_through} to another central that does not share its store; \
-                             failover endpoints must be centrals of one cluster (the same `postgres` URL)"
-                        ),
-                    };
-                }
-                // The central holds less than a batch assumed (its predecessor failed or is late):
-                // go back and resend from where it is; it drops what it already has.
-                tracing::debug!(%queue, expected_seq, "central asked to resend");
-                entry.acked = entry.acked.max(expected_seq.saturating_sub(1));
-                entry.next_to_send = entry.next_to_send.min(expected_seq).max(entry.acked + 1);
-            }
-            Err(error) => return error,
+            Err(LinkError::Gap { url, expected_seq }) => self.go_back(&queue, url, expected_seq),
+            Err(error) => Err(error),
         }
     }
+
+    /// Moves the `upstream` cursor to what the central now holds and tells the driver.
+    async fn on_ack(&mut self, queue: String, ack: BatchAck, payload_bytes: u64) {
+        let entry = self.queues.get_mut(&queue).expect("a queue with a batch in flight has progress");
+        if ack.stored_through > entry.acked {
+            entry.acked = ack.stored_through;
+            if let Err(e) = self.store.advance_cursor(&queue, UPSTREAM_READER, entry.acked).await {
+                tracing::warn!(%queue, "cannot advance the upstream cursor: {e}");
+            }
+        }
+        let through_seq = entry.acked;
+        let _ = self.progress.send(Forwarded { queue, through_seq, stored: ack.stored, payload_bytes }).await;
+    }
+
+    /// The central expects an earlier seq than a batch assumed: resend from there, unless this edge
+    /// already released it (then the central is not of the cluster this edge forwarded to).
+    fn go_back(&mut self, queue: &str, url: String, expected_seq: u64) -> Result<(), LinkError> {
+        let released_through = self.store.queue(queue).map(|q| q.first_seq.saturating_sub(1)).unwrap_or(0);
+        if expected_seq <= released_through {
+            // This edge already gave those messages to a central and released them: the
+            // central in use does not share that central's store.
+            return Err(LinkError::Rejected {
+                url,
+                detail: format!(
+                    "it expects seq {expected_seq} of queue {queue:?}, but this edge forwarded and released \
+                     everything up to seq {released_through} to another central that does not share its store; \
+                     failover endpoints must be centrals of one cluster (the same `postgres` URL)"
+                ),
+            });
+        }
+        // The central holds less than a batch assumed (its predecessor failed or is late):
+        // go back and resend from where it is; it drops what it already has.
+        tracing::debug!(%queue, expected_seq, "central asked to resend");
+        let entry = self.queues.get_mut(queue).expect("a queue with a batch in flight has progress");
+        entry.acked = entry.acked.max(expected_seq.saturating_sub(1));
+        entry.next_to_send = entry.next_to_send.min(expected_seq).max(entry.acked + 1);
+        Ok(())
+    }
+}
+
+/// The longest run of `messages` within `budget_bytes` of payload (at least one message, however
+/// large), downlink messages as skip entries that carry no payload.
+fn batch_within_budget(messages: Vec<StoredMessage>, budget_bytes: u64) -> Vec<BatchMessage> {
+    let mut bytes = 0u64;
+    messages
+        .into_iter()
+        .take_while(|m| {
+            if m.origin == DOWNLINK_ORIGIN {
+                return true; // sent as a skip entry, without its payload
+            }
+            bytes += m.payload.len() as u64;
+            bytes <= budget_bytes || bytes == m.payload.len() as u64
+        })
+        .map(|m| {
+            if m.origin == DOWNLINK_ORIGIN {
+                // Downlink is never forwarded back up; the central still needs the seq.
+                return BatchMessage::skip(m.seq, m.id);
+            }
+            BatchMessage { seq: m.seq, id: m.id, content_type: m.content_type, payload: m.payload }
+        })
+        .collect()
+}
+
+/// Encodes (and compresses, when the link agreed on an encoding) one batch, sends it through the
+/// token bucket, and times the answer.
+async fn send_batch(
+    client: CentralClient,
+    batch: Batch,
+    last_seq: u64,
+    bucket: Option<Arc<TokenBucket>>,
+    bytes_sent: Counter,
+) -> SentBatch {
+    let payload_bytes: u64 = batch.messages.iter().map(|m| m.payload.len() as u64).sum();
+    let encoding = client.batch_encoding().map(str::to_string);
+    let frame = batch.encode();
+    let frame = match encoding.as_deref() {
+        Some(_) => outpost_core::wire::compress_frame(&frame),
+        None => frame,
+    };
+    bytes_sent.inc_by(frame.len() as u64);
+    let started = tokio::time::Instant::now();
+    let result = client.send_frame(&batch.queue, frame.into(), encoding.as_deref(), bucket).await;
+    (batch.queue, last_seq, payload_bytes, started.elapsed(), result)
 }
