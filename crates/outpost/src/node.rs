@@ -47,6 +47,9 @@ fn init_tracing() {
     }
 }
 
+/// Starts the node, serves until SIGTERM or SIGINT, then stops in order: the HTTP server drains
+/// its in-flight requests, the tasks stop, the routes commit their cursors, and the store commits
+/// what is still queued and closes.
 async fn serve(mut config: Config) -> ExitCode {
     config.limits.max_connections = crate::fds::connection_budget(config.limits.max_connections);
     let config = Arc::new(config);
@@ -57,63 +60,110 @@ async fn serve(mut config: Config) -> ExitCode {
         "outpost {} starting",
         config.role.as_str()
     );
-
-    // Every certificate, key and CA file is read before anything else starts: a bad one is a
-    // configuration error (exit 2) that names the file and what is wrong with it.
-    let tls = match outpost_tls::TlsSetup::load(&config) {
+    let tls = match load_tls(&config) {
         Ok(tls) => tls,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("outpost: {e}");
-            return ExitCode::from(exit::USAGE);
-        }
+        Err(code) => return code,
     };
-    tls.log_effective();
-
     // The address first: a node that cannot serve must not create or migrate a store either.
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match bind_listener(&config).await {
         Ok(listener) => listener,
-        Err(e) => {
-            tracing::error!(listen = %config.listen, "cannot listen: {e}; is another process using this address?");
-            return ExitCode::from(exit::FATAL);
-        }
+        Err(code) => return code,
     };
-
     let metrics = Arc::new(Metrics::new());
+    let store = match open_store(&config, &metrics).await {
+        Ok(store) => store,
+        Err(code) => return code,
+    };
+    if config.auth.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(listen = %config.listen, "no [auth] section: anyone who can reach this address may send and administer");
+    }
+    let (link_tx, link_rx) = watch::channel(initial_link_status(&config));
+    let mut state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
+    let tasks = match start_tasks(&mut state, link_tx, &tls).await {
+        Ok(tasks) => tasks,
+        Err(code) => return code,
+    };
+    let served = serve_until_stop_requested(listener, state, &tls).await;
+    tasks.stop().await;
+    outpost_ha::notify_stopping();
+    // In-flight requests have finished (graceful shutdown); commit whatever is still queued.
+    store.shutdown().await;
+    exit_code(served)
+}
+
+/// Reads every certificate, key and CA file before anything else starts: a bad one is a
+/// configuration error (exit 2) that names the file and what is wrong with it.
+fn load_tls(config: &Config) -> Result<outpost_tls::TlsSetup, ExitCode> {
+    let tls = outpost_tls::TlsSetup::load(config).map_err(|e| {
+        tracing::error!("{e}");
+        eprintln!("outpost: {e}");
+        ExitCode::from(exit::USAGE)
+    })?;
+    tls.log_effective();
+    Ok(tls)
+}
+
+async fn bind_listener(config: &Config) -> Result<tokio::net::TcpListener, ExitCode> {
+    tokio::net::TcpListener::bind(config.listen).await.map_err(|e| {
+        tracing::error!(listen = %config.listen, "cannot listen: {e}; is another process using this address?");
+        ExitCode::from(exit::FATAL)
+    })
+}
+
+/// Opens the store of the data directory, or of PostgreSQL on a central of a cluster (the data
+/// directory then holds only what the HA watcher writes); its commits feed the commit-time metric.
+async fn open_store(config: &Config, metrics: &Arc<Metrics>) -> Result<Store, ExitCode> {
     let observer_metrics = metrics.clone();
     let observer: outpost_store::CommitObserver = Arc::new(move |elapsed: Duration, _ops: usize| {
         observer_metrics.store_commit_seconds.observe(elapsed.as_secs_f64());
     });
     let opened = match &config.postgres {
-        // A central of a cluster: everything lives in PostgreSQL; the data directory holds only
-        // what the HA watcher writes.
-        Some(url) => Store::open_postgres(url, store_options(&config), Some(observer)).await,
-        None => Store::open(&config.data_dir, store_options(&config), Some(observer)),
+        Some(url) => Store::open_postgres(url, store_options(config), Some(observer)).await,
+        None => Store::open(&config.data_dir, store_options(config), Some(observer)),
     };
-    let store = match opened {
-        Ok(store) => store,
-        Err(e @ StoreError::DirectoryInUse(_)) => {
+    opened.map_err(|e| match e {
+        e @ StoreError::DirectoryInUse(_) => {
             tracing::error!("{e}; stop the other node or choose another --data-dir");
-            return ExitCode::from(exit::DATA_DIR_IN_USE);
+            ExitCode::from(exit::DATA_DIR_IN_USE)
         }
-        Err(e) if config.postgres.is_some() => {
+        e if config.postgres.is_some() => {
             tracing::error!("cannot open the store on PostgreSQL (key `postgres`): {e}");
-            return ExitCode::from(exit::FATAL);
+            ExitCode::from(exit::FATAL)
         }
-        Err(e) => {
+        e => {
             tracing::error!(data_dir = %config.data_dir.display(), "cannot open the store: {e}");
-            return ExitCode::from(exit::FATAL);
+            ExitCode::from(exit::FATAL)
         }
-    };
+    })
+}
 
-    if config.auth.is_none() && !config.listen.ip().is_loopback() {
-        tracing::warn!(listen = %config.listen, "no [auth] section: anyone who can reach this address may send and administer");
+/// The tasks a node runs besides the HTTP server, stopped after it.
+struct NodeTasks {
+    routes: outpost_forward::route::RouteTasks,
+    /// An edge with at least one upstream: the connectivity task.
+    edge_link: Option<outpost_forward::edge::EdgeLink>,
+}
+
+impl NodeTasks {
+    async fn stop(self) {
+        if let Some(link) = self.edge_link {
+            link.task.abort();
+        }
+        // Routes commit their cursors before the store closes.
+        self.routes.stop().await;
     }
+}
 
-    let (link_tx, link_rx) = watch::channel(initial_link_status(&config));
-    let mut state = outpost_api::ApiState::new(config.clone(), store.clone(), metrics.clone(), link_rx);
-    // Routes deliver on both roles; they start from their durable cursors and modes.
-    let route_tasks = match outpost_forward::route::start(
+/// Starts the routes (both roles, from their durable cursors and modes), then an edge's
+/// connectivity task or a central's hub, and hands each to the API. On an error, logged, the store
+/// is closed (with what already started still running) and the node exits.
+async fn start_tasks(
+    state: &mut outpost_api::ApiState,
+    link_tx: watch::Sender<LinkStatus>,
+    tls: &outpost_tls::TlsSetup,
+) -> Result<NodeTasks, ExitCode> {
+    let (config, store, metrics) = (state.config.clone(), state.store.clone(), state.metrics.clone());
+    let (routes, route_tasks) = match outpost_forward::route::start(
         config.clone(),
         store.clone(),
         metrics.clone(),
@@ -121,55 +171,51 @@ async fn serve(mut config: Config) -> ExitCode {
     )
     .await
     {
-        Ok((routes, tasks)) => {
-            state.routes = Some(routes);
-            tasks
-        }
-        Err(e) => {
-            tracing::error!("cannot start the routes: {e}");
-            store.shutdown().await;
-            return ExitCode::from(exit::FATAL);
-        }
+        Ok(started) => started,
+        Err(e) => return Err(cannot_start(&store, "start the routes", e).await),
     };
+    state.routes = Some(routes);
     let mut edge_link = None;
     if config.role == Role::Edge && !config.upstreams.is_empty() {
-        match outpost_forward::edge::start(
+        let link = outpost_forward::edge::start(
             config.clone(),
             store.clone(),
             metrics.clone(),
             link_tx,
             &tls.upstreams,
-        )
-        .await
-        {
+        );
+        match link.await {
             Ok(link) => {
                 state.edge_trigger = Some(link.trigger.clone());
                 edge_link = Some(link);
             }
-            Err(e) => {
-                tracing::error!("cannot start the connectivity task: {e}");
-                store.shutdown().await;
-                return ExitCode::from(exit::FATAL);
-            }
+            Err(e) => return Err(cannot_start(&store, "start the connectivity task", e).await),
         }
     }
     if config.role == Role::Central {
-        match outpost_central::CentralHub::start(
-            store.clone(),
-            config.clone(),
-            metrics.clone(),
-            now_unix_ms(),
-        )
-        .await
+        match outpost_central::CentralHub::start(store.clone(), config.clone(), metrics, now_unix_ms()).await
         {
             Ok(hub) => state.central = Some(hub),
-            Err(e) => {
-                tracing::error!("cannot load the edge registry: {e}");
-                store.shutdown().await;
-                return ExitCode::from(exit::FATAL);
-            }
+            Err(e) => return Err(cannot_start(&store, "load the edge registry", e).await),
         }
     }
+    Ok(NodeTasks { routes: route_tasks, edge_link })
+}
+
+async fn cannot_start(store: &Store, what: &str, error: impl std::fmt::Display) -> ExitCode {
+    tracing::error!("cannot {what}: {error}");
+    store.shutdown().await;
+    ExitCode::from(exit::FATAL)
+}
+
+/// Serves the API until the first SIGTERM or SIGINT and the end of the in-flight requests, with the
+/// TLS reloader and the systemd watchdog running meanwhile.
+async fn serve_until_stop_requested(
+    listener: tokio::net::TcpListener,
+    state: outpost_api::ApiState,
+    tls: &outpost_tls::TlsSetup,
+) -> Result<std::io::Result<()>, tokio::task::JoinError> {
+    let (config, store) = (state.config.clone(), state.store.clone());
     let shutdown = shutdown_signal();
     let reloadable = tls.reloadable();
     let reloader =
@@ -177,9 +223,7 @@ async fn serve(mut config: Config) -> ExitCode {
     let server = tokio::spawn(outpost_api::serve(listener, state, tls.server.clone(), shutdown));
     tracing::info!(listen = %config.listen, data_dir = %config.data_dir.display(), node_id = %config.node_id, "outpost {} ready", config.role.as_str());
     outpost_ha::notify_ready();
-    let watchdog =
-        outpost_ha::watchdog_interval().map(|interval| tokio::spawn(watchdog(store.clone(), interval)));
-
+    let watchdog = outpost_ha::watchdog_interval().map(|interval| tokio::spawn(watchdog(store, interval)));
     let served = server.await;
     if let Some(task) = watchdog {
         task.abort();
@@ -187,14 +231,11 @@ async fn serve(mut config: Config) -> ExitCode {
     if let Some(task) = reloader {
         task.abort();
     }
-    if let Some(link) = edge_link {
-        link.task.abort();
-    }
-    // Routes commit their cursors before the store closes.
-    route_tasks.stop().await;
-    outpost_ha::notify_stopping();
-    // In-flight requests have finished (graceful shutdown); commit whatever is still queued.
-    store.shutdown().await;
+    served
+}
+
+/// How the node ends: cleanly, or with the HTTP server's failure.
+fn exit_code(served: Result<std::io::Result<()>, tokio::task::JoinError>) -> ExitCode {
     match served {
         Ok(Ok(())) => {
             tracing::info!("outpost stopped cleanly");
