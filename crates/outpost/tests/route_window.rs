@@ -45,6 +45,9 @@ struct Shared {
     /// accepted, every request handled first reads the route's backlog into `backlog_checks`.
     watch: Mutex<Option<(Client, u64)>>,
     backlog_checks: Mutex<Vec<u64>>,
+    /// Set: Nagle's algorithm stays on for the downstream's connections (hyper's and axum's
+    /// default); otherwise they set TCP_NODELAY, as most servers do.
+    nagle: bool,
 }
 
 struct Downstream {
@@ -67,10 +70,10 @@ impl Downstream {
         let app = Router::new().route("/in", axum::routing::post(receive)).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/in", listener.local_addr().unwrap());
-        // As most servers (Go's, nginx's keep-alive): without it, Nagle holds each answer after a
-        // window's first until the route's delayed ACK (40 ms on Linux).
-        let listener = listener.tap_io(|tcp| {
-            let _ = tcp.set_nodelay(true);
+        // As most servers (Go's, nginx's keep-alive), unless the test asks for Nagle.
+        let nagle = shared.nagle;
+        let listener = listener.tap_io(move |tcp| {
+            let _ = tcp.set_nodelay(!nagle);
         });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -266,6 +269,29 @@ async fn batch_posts_ndjson_in_queue_order_and_a_failed_batch_goes_one_by_one() 
     assert_eq!(statuses[0], (500, 100), "{statuses:?}");
     assert_eq!(statuses[1], (500, 1), "{statuses:?}");
     assert_eq!(statuses[2], (200, 1), "{statuses:?}");
+}
+
+/// A downstream that leaves Nagle's algorithm on holds each answer after a window's first until
+/// the previous one is acknowledged; the route acknowledges every read at once (TCP_QUICKACK), or a
+/// window of 8 would wait for the delayed-ACK timer (~40 ms) per answer: 5,000 messages took about
+/// 28 s that way (180 msgs/s), against well under a second. The bound is generous.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_window_to_a_downstream_that_leaves_nagle_on_does_not_wait_for_delayed_acks() {
+    const BACKLOG: usize = 5_000;
+    let downstream = Downstream::start_with(Shared { nagle: true, ..Shared::default() }).await;
+    let node = start_edge(&route_toml(&downstream.url, "max_in_flight = 8")).await;
+    let client = node.client();
+    switch(&client, "store").await;
+    for _ in 0..(BACKLOG / 1000) {
+        client.post_batch("orders", &vec!["{}".to_string(); 1000]).await.unwrap().batch_accepted();
+    }
+    let started = Instant::now();
+    switch(&client, "forward").await;
+    wait_until_async(WAIT, "the backlog delivered", || async { downstream.accepted_messages() >= BACKLOG })
+        .await;
+    let took = started.elapsed();
+    eprintln!("{BACKLOG} messages, 8 in flight, to a downstream with Nagle on: {took:.2?}");
+    assert!(took < Duration::from_secs(10), "{BACKLOG} messages took {took:?}: waiting for delayed ACKs?");
 }
 
 /// Delivery rates for docs/benchmarks.md: `cargo test --release -p outpost --test route_window

@@ -32,7 +32,9 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use reqwest::header::HeaderMap;
+use std::os::fd::{AsRawFd, RawFd};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -78,6 +80,8 @@ struct Connection {
     /// The endpoint's url, as configured.
     url: String,
     stream: Box<dyn Io>,
+    /// The TCP socket under `stream` (plain or TLS), for [`quick_ack`]; open as long as `stream`.
+    socket: RawFd,
     /// Bytes read and not yet parsed; empty between windows.
     buffer: BytesMut,
 }
@@ -181,25 +185,53 @@ impl Pipeline {
                 .map_err(|e| format!("cannot connect: {e}"))?;
             // As reqwest's: a request is not held back waiting for the previous one's ACK.
             tcp.set_nodelay(true).map_err(|e| format!("cannot set TCP_NODELAY: {e}"))?;
+            let socket = tcp.as_raw_fd();
             if !target.https {
-                return Ok(Box::new(tcp) as Box<dyn Io>);
+                return Ok((Box::new(tcp) as Box<dyn Io>, socket));
             }
             let name = rustls::pki_types::ServerName::try_from(target.host.clone())
                 .map_err(|e| format!("{:?} is not a TLS server name: {e}", target.host))?;
             let tls = self.tls.connect(name, tcp).await.map_err(|e| format!("TLS handshake failed: {e}"))?;
-            Ok(Box::new(tls) as Box<dyn Io>)
+            Ok((Box::new(tls) as Box<dyn Io>, socket))
         };
         let error = |kind, detail| DeliveryError { url: url.to_string(), kind, detail };
         match tokio::time::timeout(self.timeout, connecting).await {
             Err(_) => Err(error(FailureKind::Timeout, format!("no connection within {:?}", self.timeout))),
             Ok(Err(detail)) => Err(error(FailureKind::Connect, detail)),
-            Ok(Ok(stream)) => Ok(Connection {
+            Ok(Ok((stream, socket))) => Ok(Connection {
                 url: url.to_string(),
                 stream,
+                socket,
                 buffer: BytesMut::with_capacity(READ_BUFFER_BYTES),
             }),
         }
     }
+}
+
+/// Asks the kernel to acknowledge what arrived at once rather than after the delayed-ACK timer.
+/// A window's requests are all written before its answers come, so the route has nothing to send
+/// that would carry the ACK; a server that leaves Nagle's algorithm on (hyper's and axum's default)
+/// holds each answer after the first until the previous one is acknowledged, which cost a window
+/// ~40 ms per answer (180 msgs/s with 8 in flight). Linux clears the flag again by itself, hence
+/// once per read; elsewhere, or if it fails, nothing is lost but time.
+fn quick_ack(socket: RawFd) {
+    #[cfg(target_os = "linux")]
+    {
+        let on: libc::c_int = 1;
+        // SAFETY: `socket` is the open TCP socket under the connection being read (the caller
+        // holds the stream); setsockopt reads only the `c_int` it is given.
+        unsafe {
+            libc::setsockopt(
+                socket,
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = socket;
 }
 
 /// The requests as bytes on the wire, back to back.
@@ -238,7 +270,7 @@ enum Exchange {
 /// Writes `bytes` (`count` requests) and reads `count` answers, at the same time: the server may
 /// answer the first requests before it reads the last ones.
 async fn exchange(connection: Connection, bytes: &[u8], count: usize, timeout: Duration) -> Exchange {
-    let Connection { url, stream, mut buffer } = connection;
+    let Connection { url, stream, socket, mut buffer } = connection;
     let (mut reader, mut writer) = tokio::io::split(stream);
     let (reading, written) = {
         let write = async {
@@ -246,7 +278,7 @@ async fn exchange(connection: Connection, bytes: &[u8], count: usize, timeout: D
             writer.flush().await
         };
         tokio::pin!(write);
-        let read = read_answers(&mut reader, &mut buffer, &url, count, timeout);
+        let read = read_answers(&mut reader, &mut buffer, Some(socket), &url, count, timeout);
         tokio::pin!(read);
         let mut written: Option<io::Result<()>> = None;
         let reading = loop {
@@ -265,7 +297,7 @@ async fn exchange(connection: Connection, bytes: &[u8], count: usize, timeout: D
         Reading::ClosedBeforeAnswer { kind, detail } => Exchange::ClosedBeforeAnswer { kind, detail },
         Reading::Answers { answers, keep_alive } => {
             let keep = keep_alive && matches!(written, Some(Ok(()))) && buffer.is_empty();
-            let connection = keep.then(|| Connection { url, stream: reader.unsplit(writer), buffer });
+            let connection = keep.then(|| Connection { url, stream: reader.unsplit(writer), socket, buffer });
             Exchange::Answered { answers, connection }
         }
     }
@@ -279,11 +311,12 @@ enum Reading {
 async fn read_answers<R: AsyncRead + Unpin>(
     io: &mut R,
     buffer: &mut BytesMut,
+    socket: Option<RawFd>,
     url: &str,
     count: usize,
     timeout: Duration,
 ) -> Reading {
-    let mut reader = AnswerReader { io, buffer, deadline: Instant::now() + timeout };
+    let mut reader = AnswerReader { io, buffer, socket, deadline: Instant::now() + timeout };
     let mut answers = Vec::with_capacity(count);
     while answers.len() < count {
         reader.deadline = Instant::now() + timeout;
@@ -372,6 +405,8 @@ impl ReadError {
 struct AnswerReader<'a, R> {
     io: &'a mut R,
     buffer: &'a mut BytesMut,
+    /// Acknowledged at once after each read (see [`quick_ack`]).
+    socket: Option<RawFd>,
     deadline: Instant,
 }
 
@@ -384,7 +419,12 @@ impl<R: AsyncRead + Unpin> AnswerReader<'_, R> {
         match tokio::time::timeout_at(self.deadline, self.io.read_buf(self.buffer)).await {
             Err(_) => Err(Cause::Timeout),
             Ok(Ok(0)) => Err(Cause::Eof),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                if let Some(socket) = self.socket {
+                    quick_ack(socket);
+                }
+                Ok(())
+            }
             Ok(Err(e)) => Err(Cause::Io(e)),
         }
     }
