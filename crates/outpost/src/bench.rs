@@ -145,14 +145,16 @@ fn refusal_advice(status: hyper::StatusCode, args_hint: &str) -> Option<String> 
     }
 }
 
+/// Runs the workers until every request is answered (or the node refused them for good), then
+/// prints the throughput and latency of the acknowledged writes.
 async fn bench(args: BenchArgs, authority: String) -> ExitCode {
     let target = Arc::new(make_target(&args, authority));
     let requests_total = args.messages.div_ceil(args.batch as u64);
-    let next_request = Arc::new(AtomicU64::new(0));
+    let messages_total = requests_total * args.batch as u64;
     let acknowledged = Arc::new(AtomicU64::new(0));
     eprintln!(
         "outpost bench: {} messages of {} B to {}{} ({} in flight, {} per request)",
-        requests_total * args.batch as u64,
+        messages_total,
         args.size,
         args.url.trim_end_matches('/'),
         target.path,
@@ -161,22 +163,45 @@ async fn bench(args: BenchArgs, authority: String) -> ExitCode {
     );
 
     let started = Instant::now();
-    let progress = {
-        let acknowledged = acknowledged.clone();
-        let total = requests_total * args.batch as u64;
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(Duration::from_secs(2));
-            ticker.tick().await;
-            loop {
-                ticker.tick().await;
-                let done = acknowledged.load(Ordering::Relaxed);
-                let rate = done as f64 / started.elapsed().as_secs_f64();
-                eprintln!("  … {done}/{total} acknowledged ({rate:.0} msgs/s)");
-            }
-        })
-    };
-
+    let progress = tokio::spawn(report_progress(acknowledged.clone(), messages_total, started));
     let refused = Arc::new(Refused::default());
+    let merged = run_workers(&args, &target, requests_total, &acknowledged, &refused).await;
+    let seconds = started.elapsed().as_secs_f64();
+    progress.abort();
+    if let Some(why) = refused.why.lock().expect("refusal lock").take() {
+        eprintln!("outpost bench: stopped: {why}");
+        eprintln!("  first refusal: {}", merged.first_error.as_deref().unwrap_or("?"));
+        return ExitCode::from(exit::FATAL);
+    }
+
+    print_summary(&merged, &args, seconds);
+    if merged.acknowledged_messages == 0 {
+        return ExitCode::from(exit::FATAL);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Every 2 s after the first, how many messages are acknowledged so far and at what rate.
+async fn report_progress(acknowledged: Arc<AtomicU64>, messages_total: u64, started: Instant) {
+    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        let done = acknowledged.load(Ordering::Relaxed);
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        eprintln!("  … {done}/{messages_total} acknowledged ({rate:.0} msgs/s)");
+    }
+}
+
+/// Starts `--concurrency` workers sharing the requests, and merges what they report.
+async fn run_workers(
+    args: &BenchArgs,
+    target: &Arc<Target>,
+    requests_total: u64,
+    acknowledged: &Arc<AtomicU64>,
+    refused: &Arc<Refused>,
+) -> WorkerResult {
+    let next_request = Arc::new(AtomicU64::new(0));
     let mut workers = Vec::with_capacity(args.concurrency);
     for _ in 0..args.concurrency {
         let target = target.clone();
@@ -200,31 +225,42 @@ async fn bench(args: BenchArgs, authority: String) -> ExitCode {
         merged.errors += r.errors;
         merged.first_error = merged.first_error.or(r.first_error);
     }
-    let seconds = started.elapsed().as_secs_f64();
-    progress.abort();
-    if let Some(why) = refused.why.lock().expect("refusal lock").take() {
-        eprintln!("outpost bench: stopped: {why}");
-        eprintln!("  first refusal: {}", merged.first_error.as_deref().unwrap_or("?"));
-        return ExitCode::from(exit::FATAL);
-    }
+    merged
+}
 
-    // A batch's latency counts for each message in it.
-    let mut per_message: Vec<u32> = Vec::with_capacity(merged.acknowledged_messages as usize);
-    for l in &merged.latencies_us {
-        per_message.extend(std::iter::repeat_n(*l, args.batch));
-    }
-    per_message.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if per_message.is_empty() {
-            return 0.0;
+/// Latency percentiles in milliseconds, each request's latency counted once per message in it.
+struct LatencyPercentilesMs {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl LatencyPercentilesMs {
+    fn per_message(latencies_us: &[u32], batch: usize) -> LatencyPercentilesMs {
+        let mut per_message: Vec<u32> = Vec::with_capacity(latencies_us.len() * batch);
+        for l in latencies_us {
+            per_message.extend(std::iter::repeat_n(*l, batch));
         }
-        let rank = ((p / 100.0) * per_message.len() as f64).ceil() as usize;
-        per_message[rank.clamp(1, per_message.len()) - 1] as f64 / 1000.0
-    };
+        per_message.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if per_message.is_empty() {
+                return 0.0;
+            }
+            let rank = ((p / 100.0) * per_message.len() as f64).ceil() as usize;
+            per_message[rank.clamp(1, per_message.len()) - 1] as f64 / 1000.0
+        };
+        LatencyPercentilesMs { p50: pct(50.0), p90: pct(90.0), p99: pct(99.0), max: pct(100.0) }
+    }
+}
+
+/// The result on stdout: three lines (four with errors), and with `--json` one JSON object last.
+fn print_summary(merged: &WorkerResult, args: &BenchArgs, seconds: f64) {
+    let LatencyPercentilesMs { p50, p90, p99, max } =
+        LatencyPercentilesMs::per_message(&merged.latencies_us, args.batch);
     let messages = merged.acknowledged_messages;
     let rate = messages as f64 / seconds;
     let mb_per_second = rate * args.size as f64 / 1_000_000.0;
-    let (p50, p90, p99, max) = (pct(50.0), pct(90.0), pct(99.0), pct(100.0));
 
     println!("acknowledged:  {messages} messages in {seconds:.2} s");
     println!("throughput:    {rate:.0} msgs/s, {mb_per_second:.1} MB/s");
@@ -249,10 +285,6 @@ async fn bench(args: BenchArgs, authority: String) -> ExitCode {
             })
         );
     }
-    if messages == 0 {
-        return ExitCode::from(exit::FATAL);
-    }
-    ExitCode::SUCCESS
 }
 
 async fn worker(
