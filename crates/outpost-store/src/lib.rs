@@ -408,9 +408,14 @@ impl Store {
     pub async fn append(
         &self,
         queue: &str,
-        messages: Vec<NewMessage>,
+        mut messages: Vec<NewMessage>,
         idempotency_key: Option<String>,
     ) -> Result<Appended, StoreError> {
+        // New ids here, on the caller's thread (the HTTP handlers run on every core), not on the
+        // single writer thread every commit waits for. A duplicate write's ids go unused.
+        for message in &mut messages {
+            message.id.get_or_insert_with(outpost_core::new_message_id);
+        }
         self.call(|reply| ops::Op::Append { queue: queue.to_string(), messages, idempotency_key, reply })
             .await
     }

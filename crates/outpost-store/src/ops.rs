@@ -108,7 +108,8 @@ pub(crate) struct NewRow<'a> {
     pub payload: &'a Bytes,
 }
 
-/// The rows of a client's append on this node: new ids unless the client gave them.
+/// The rows of a client's append on this node: the ids `Store::append` gave them (a new one for
+/// any still without).
 pub(crate) fn local_rows<'a>(
     messages: &'a [NewMessage],
     node_id: &'a str,
