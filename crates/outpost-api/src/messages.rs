@@ -153,12 +153,22 @@ pub async fn post_message(
     check_writes_allowed(&state)?;
     let incoming = read_single(&state, &headers, body).await?;
     let appended = state.store.append(&queue, incoming.messages, incoming.key).await?;
-    let body = json!({ "id": appended.ids[0], "queue": queue, "seq": appended.first_seq });
-    if appended.duplicate {
-        return Ok((StatusCode::OK, Json(body)).into_response());
+    let status = if appended.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let body = Json(Accepted { id: &appended.ids[0], queue: &queue, seq: appended.first_seq });
+    let response = (status, body).into_response();
+    if !appended.duplicate {
+        state.metrics.messages_accepted.get_or_create(&QueueLabel { queue }).inc();
     }
-    state.metrics.messages_accepted.get_or_create(&QueueLabel { queue }).inc();
-    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+    Ok(response)
+}
+
+/// The answer to a single-message write, serialized without building a `serde_json::Value` (one
+/// per request adds allocations on the hottest path). Fields in the order `json!` gave them.
+#[derive(serde::Serialize)]
+struct Accepted<'a> {
+    id: &'a str,
+    queue: &'a str,
+    seq: u64,
 }
 
 pub async fn post_batch(
