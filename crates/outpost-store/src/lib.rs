@@ -83,6 +83,7 @@
 //! records the last one applied, and a store written by a newer outpost is refused rather than
 //! misread. On PostgreSQL they run in one transaction under an advisory lock.
 
+mod checkpoint;
 pub mod consumers;
 mod consumers_sqlite;
 pub mod failed;

@@ -65,7 +65,9 @@ impl Sqlite {
             release_chunk_bytes: wal_limit_bytes / 4,
             reserve_bytes: 2 * wal_limit_bytes,
         };
-        let writer = writer::Writer::new(conn, options, views, commits, observer, disk)?;
+        // Checkpoints beside the writer rather than inside its commits, within the same bound.
+        let checkpoints = crate::checkpoint::Checkpoints::start(&conn, &path, wal_limit_bytes)?;
+        let writer = writer::Writer::new(conn, checkpoints, options, views, commits, observer, disk)?;
         let thread = std::thread::Builder::new()
             .name("outpost-writer".into())
             .spawn(move || writer.run(ops))
@@ -111,7 +113,7 @@ impl Sqlite {
     }
 }
 
-fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
+pub(crate) fn open_connection(path: &Path, read_only: bool) -> Result<Connection, StoreError> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
@@ -174,7 +176,8 @@ fn statvfs(path: &Path) -> Option<(u64, u64)> {
 }
 
 /// Checkpoints once the WAL holds `wal_limit_bytes`, and truncates it back to that size after
-/// each checkpoint (a large transaction may grow it past the bound for its own duration).
+/// each checkpoint (a large transaction may grow it past the bound for its own duration). The
+/// writer then replaces the automatic checkpoint with [`crate::checkpoint`], within the same bound.
 fn bound_the_wal(conn: &Connection, wal_limit_bytes: u64) -> Result<(), StoreError> {
     let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
     let pages = (wal_limit_bytes / page_size.max(512) as u64).max(1);

@@ -10,6 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::checkpoint::Checkpoints;
 use crate::consumers::consumer_reader;
 use crate::ops::{self, NewRow, Op, Outcome, QueueTail, Views};
 use crate::{
@@ -138,7 +139,9 @@ impl DiskBounds {
 }
 
 pub struct Writer {
+    /// Declared before `checkpoints`: closed first, since its WAL hook points into them.
     conn: Connection,
+    checkpoints: Checkpoints,
     options: StoreOptions,
     views: Arc<Views>,
     commits: watch::Sender<u64>,
@@ -153,8 +156,9 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn new(
+    pub(crate) fn new(
         conn: Connection,
+        checkpoints: Checkpoints,
         options: StoreOptions,
         views: Arc<Views>,
         commits: watch::Sender<u64>,
@@ -165,6 +169,7 @@ impl Writer {
         let key_prune_at = Instant::now() + options.idempotency_ttl.min(KEY_PRUNE_INTERVAL);
         let writer = Writer {
             conn,
+            checkpoints,
             options,
             views,
             commits,
@@ -194,7 +199,10 @@ impl Writer {
                     Err(TryRecvError::Empty) => {
                         match self.release_retry_at {
                             Some(at) if Instant::now() < at => std::thread::sleep(RELEASE_RETRY_POLL),
-                            _ => self.continue_releases(),
+                            _ => {
+                                self.continue_releases();
+                                self.checkpoints.after_commit(&self.conn);
+                            }
                         }
                         continue;
                     }
@@ -205,6 +213,8 @@ impl Writer {
             if Instant::now() >= self.key_prune_at {
                 self.prune_keys();
             }
+            // After the group was answered: a checkpoint no longer delays its acknowledgements.
+            self.checkpoints.after_commit(&self.conn);
         }
         // Anything still queued after a shutdown request is refused: its sender sees Closed.
         ops.close();
@@ -324,6 +334,7 @@ impl Writer {
     fn recover_after_failed_commit(&mut self, disk_full: bool) {
         let _ = self.conn.execute_batch("ROLLBACK");
         if disk_full {
+            self.checkpoints.wait_idle();
             if let Err(e) = self.conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::warn!("cannot checkpoint the WAL on a full disk: {e}");
             }

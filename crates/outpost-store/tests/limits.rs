@@ -305,3 +305,48 @@ async fn an_expired_key_reused_counts_its_bytes_once_on_postgres() {
     an_expired_key_reused_is_counted_once(&store).await;
     store.shutdown().await;
 }
+
+/// The WAL stays within its bound (1/16 of the quota, at least 1 MiB) under many concurrent writes,
+/// with its checkpoints beside the writer instead of inside its commits: never more than the bound
+/// plus one group, and every acknowledged message is there to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_within_its_bound_with_checkpoints_beside_the_writer() {
+    const WRITERS: usize = 16;
+    const WRITES: usize = 150;
+    let dir = tempfile::tempdir().unwrap();
+    // A 16 MiB quota bounds the WAL to 1 MiB (16 frames of 64 KiB).
+    let store = Store::open(dir.path(), StoreOptions::keep_everything(16 << 20, "node"), None).unwrap();
+    let wal = dir.path().join("outpost.db-wal");
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let (store, wal) = (store.clone(), wal.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut largest = 0;
+            for i in 0..WRITES {
+                let payload = format!("{writer}-{i}-{}", "x".repeat(2000));
+                append(&store, "q", payload.as_bytes(), None).await.unwrap();
+                largest = largest.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+            }
+            largest
+        }));
+    }
+    let mut largest = 0;
+    for task in tasks {
+        largest = largest.max(task.await.unwrap());
+    }
+    // The bound plus one group of at most WRITERS messages (a few 64 KiB frames), and headers.
+    let frame = 24 + (64 << 10);
+    let allowed = 32 + (16 + 8) * frame;
+    assert!(largest <= allowed, "the WAL grew to {largest} bytes, past {allowed}");
+    let stats = store.queue_stats();
+    assert_eq!(stats[0].messages, (WRITERS * WRITES) as u64);
+    let mut read = 0;
+    let mut after = 0;
+    loop {
+        let batch = store.read("q", after, 1000).await.unwrap();
+        let Some(last) = batch.last() else { break };
+        after = last.seq;
+        read += batch.len();
+    }
+    assert_eq!(read, WRITERS * WRITES);
+}
