@@ -105,25 +105,6 @@ fn steady_load(edge: &Node, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<BT
     })
 }
 
-/// Waits until the edge's probes reached `central` `count` more times: its `last_seen` there
-/// changed that often (a probe in maintenance does not count as seen). Proof that the edge talked
-/// to the central, where a pause would only hope so.
-async fn wait_probes(central: &Node, edge_id: &str, count: usize) {
-    async fn last_seen(central: &Node, edge_id: &str) -> serde_json::Value {
-        central.client().get(&format!("/v1/edges/{edge_id}")).await.unwrap().json()["last_seen"].clone()
-    }
-    let mut seen = last_seen(central, edge_id).await;
-    for _ in 0..count {
-        let before = seen;
-        seen = testkit::wait::poll_until(Duration::from_secs(10), || async {
-            let now = last_seen(central, edge_id).await;
-            (now != before).then_some(now)
-        })
-        .await
-        .unwrap_or_else(|| panic!("no probe of {edge_id} reached {} within 10 s", central.url()));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kill9_of_the_primary_under_load_fails_over_exactly_once_and_fails_back() {
     let database = TestDatabase::create().await;
@@ -264,7 +245,7 @@ async fn maintenance_registry_and_transition_trigger_work_from_either_central() 
     })
     .await;
     // Probes reach the primary again, but the wait holds the edge offline.
-    wait_probes(&a, "store-2", 2).await;
+    a.wait_probes_from("store-2", 2).await;
     assert_eq!(status_of(&edge).await["state"], "offline", "failed_transition_wait holds");
 
     // The trigger goes to the central the edge does not probe (it probes its primary, a).

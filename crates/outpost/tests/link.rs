@@ -84,25 +84,6 @@ async fn central_count(central: &Node, queue: &str) -> u64 {
     central.client().queue(queue).await.map(|q| q.last_seq).unwrap_or(0)
 }
 
-/// Waits until the edge's probes reached `central` `count` more times: its `last_seen` there
-/// changed that often (a probe in maintenance does not count as seen). Proof that the edge talked
-/// to the central, where a pause would only hope so.
-async fn wait_probes(central: &Node, edge_id: &str, count: usize) {
-    async fn last_seen(central: &Node, edge_id: &str) -> serde_json::Value {
-        central.client().get(&format!("/v1/edges/{edge_id}")).await.unwrap().json()["last_seen"].clone()
-    }
-    let mut seen = last_seen(central, edge_id).await;
-    for _ in 0..count {
-        let before = seen;
-        seen = testkit::wait::poll_until(Duration::from_secs(10), || async {
-            let now = last_seen(central, edge_id).await;
-            (now != before).then_some(now)
-        })
-        .await
-        .unwrap_or_else(|| panic!("no probe of {edge_id} reached {} within 10 s", central.url()));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn messages_reach_the_central_exactly_once_in_order() {
     let central = start_central().await;
@@ -294,7 +275,7 @@ async fn a_trigger_from_the_central_ends_the_failed_transition_wait() {
         .unwrap()
         .expect_status(200);
     // Probes reach the central again, but the wait holds the edge offline.
-    wait_probes(&central, "store-5", 2).await;
+    central.wait_probes_from("store-5", 2).await;
     assert_eq!(state_of(&edge).await, "offline", "failed_transition_wait holds");
 
     let response = central.client().post("/v1/edges/store-5/transition-online", None, "").await.unwrap();

@@ -255,6 +255,25 @@ impl Node {
     }
 
     /// A client for this node without a token.
+    /// On a central: waits until `edge_id`'s probes reached it `count` more times (its
+    /// `last_seen` there changed that often; a probe in maintenance does not count as seen).
+    /// Proof that the edge talked to the central, where a pause would only hope so.
+    pub async fn wait_probes_from(&self, edge_id: &str, count: usize) {
+        let client = self.client();
+        let path = format!("/v1/edges/{edge_id}");
+        let last_seen = || async { client.get(&path).await.unwrap().json()["last_seen"].clone() };
+        let mut seen = last_seen().await;
+        for _ in 0..count {
+            let before = seen;
+            seen = crate::wait::poll_until(Duration::from_secs(10), || async {
+                let now = last_seen().await;
+                (now != before).then_some(now)
+            })
+            .await
+            .unwrap_or_else(|| panic!("no probe of {edge_id} reached {} within 10 s", self.url()));
+        }
+    }
+
     pub fn client(&self) -> Client {
         match &self.spec.tls_ca {
             Some(ca) => Client::with_ca(&self.url(), ca),
