@@ -409,7 +409,7 @@ pub(crate) fn gather_group(first: Op, ops: &mut mpsc::Receiver<Op>) -> Vec<Op> {
 pub struct Views {
     pub stats: RwLock<BTreeMap<String, QueueStats>>,
     pub origin_positions: RwLock<BTreeMap<(String, String), u64>>,
-    pub cursors: RwLock<HashMap<(String, String), u64>>,
+    pub cursors: RwLock<BTreeMap<(String, String), u64>>,
     /// PostgreSQL only: the `version` column of each queue row the stats were read from, so a
     /// refresh that raced with a newer commit never replaces newer stats with older ones.
     pub stat_versions: RwLock<HashMap<String, i64>>,

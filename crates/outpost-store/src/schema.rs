@@ -1,6 +1,6 @@
 //! Schema migrations and the consistency check run at every open (startup and crash recovery alike).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use rusqlite::Connection;
 
@@ -142,7 +142,7 @@ pub fn load_origin_positions(conn: &Connection) -> Result<BTreeMap<(String, Stri
 }
 
 /// Every (queue, reader) → highest seq the reader is done with.
-pub fn load_cursors(conn: &Connection) -> Result<HashMap<(String, String), u64>, StoreError> {
+pub fn load_cursors(conn: &Connection) -> Result<BTreeMap<(String, String), u64>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT q.name, c.reader, c.acked_seq FROM cursors c JOIN queues q ON q.queue_id = c.queue_id",
     )?;

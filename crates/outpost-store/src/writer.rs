@@ -25,7 +25,7 @@ pub(crate) struct State {
     pub(crate) stats: BTreeMap<String, QueueStats>,
     pub(crate) queue_ids: HashMap<String, i64>,
     origin_positions: BTreeMap<(String, String), u64>,
-    pub(crate) cursors: HashMap<(String, String), u64>,
+    pub(crate) cursors: BTreeMap<(String, String), u64>,
     /// The (queue, reader) of every consumer's cursor: required readers of their queue, found by
     /// queue without scanning every cursor.
     pub(crate) consumer_readers: BTreeSet<(String, String)>,

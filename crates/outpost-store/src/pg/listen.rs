@@ -107,32 +107,13 @@ pub(crate) fn merge_stats(views: &Views, rows: impl IntoIterator<Item = (QueueSt
 }
 
 /// Merges positions or cursors (both only grow) into a view.
-pub(crate) fn merge_max<V: RaiseTo>(
-    view: &std::sync::RwLock<V>,
+pub(crate) fn merge_max(
+    view: &std::sync::RwLock<std::collections::BTreeMap<(String, String), u64>>,
     rows: impl IntoIterator<Item = ((String, String), u64)>,
 ) {
     let mut view = view.write().expect("views lock poisoned");
     for (key, value) in rows {
-        view.raise_to(key, value);
-    }
-}
-
-/// A view of values that only grow, keyed by a pair (positions by (origin, queue), cursors by
-/// (queue, reader)).
-pub(crate) trait RaiseTo {
-    fn raise_to(&mut self, key: (String, String), value: u64);
-}
-
-impl RaiseTo for std::collections::HashMap<(String, String), u64> {
-    fn raise_to(&mut self, key: (String, String), value: u64) {
-        let entry = self.entry(key).or_insert(0);
-        *entry = (*entry).max(value);
-    }
-}
-
-impl RaiseTo for std::collections::BTreeMap<(String, String), u64> {
-    fn raise_to(&mut self, key: (String, String), value: u64) {
-        let entry = self.entry(key).or_insert(0);
+        let entry = view.entry(key).or_insert(0);
         *entry = (*entry).max(value);
     }
 }
