@@ -29,6 +29,9 @@ use rusqlite::Connection;
 
 use crate::StoreError;
 
+/// How often a writer waiting for a background pass checks that the checkpoint thread still lives.
+const DEAD_THREAD_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What the background checkpointer is doing, shared with the writer.
 enum Pass {
     Idle,
@@ -123,10 +126,22 @@ impl Checkpoints {
     }
 
     /// Waits until no background pass runs (e.g. before a TRUNCATE checkpoint on a full disk).
+    /// A checkpointer thread that died (it never should) counts as idle, so the writer never waits
+    /// on it for good: the checkpoint at the bound then runs on the writer alone.
     pub(crate) fn wait_idle(&self) {
         let mut pass = self.shared.pass.lock().expect("checkpoint lock poisoned");
         while matches!(*pass, Pass::Wanted | Pass::Running) {
-            pass = self.shared.changed.wait(pass).expect("checkpoint lock poisoned");
+            if self.thread.as_ref().is_none_or(|thread| thread.is_finished()) {
+                tracing::error!("the WAL checkpoint thread is gone: checkpoints run on the writer only");
+                *pass = Pass::Stop;
+                return;
+            }
+            pass = self
+                .shared
+                .changed
+                .wait_timeout(pass, DEAD_THREAD_CHECK)
+                .expect("checkpoint lock poisoned")
+                .0;
         }
         if matches!(*pass, Pass::Done { .. }) {
             *pass = Pass::Idle;
