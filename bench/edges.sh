@@ -6,7 +6,8 @@
 #     SETUP    one   = one central on the embedded store (SQLite)
 #              pg1   = one central on PostgreSQL
 #              pg2   = two centrals on one PostgreSQL database (half the edges on each)
-#     EDGES    simulated edges (each with its own HTTP client: a link stream plus batch connections)
+#     EDGES    simulated edges (each with its own HTTP client, pooled like a real edge's: the link
+#              stream, one connection for batches, one more while a report overlaps a batch)
 #     RATE     messages per second per edge
 #     SECONDS  generation time (default 60)
 #     PING     ping interval the edges ask for (default 10s; an edge's default is 300s)
@@ -14,15 +15,18 @@
 # Environment: BIN_DIR (default target/release; needs `cargo build --release -p outpost -p testkit`),
 # OUTPOST_TEST_POSTGRES (admin URL, default postgres://postgres@127.0.0.1:5432/test; each run creates
 # and drops the database outpost_edges_bench), SIMS (simulator processes sharing the edges, default 1:
-# each simulated edge holds 2+ sockets, and one process may not open more than its `ulimit -n`, which a
-# machine without CAP_SYS_RESOURCE cannot raise past the hard limit), SIZE (payload bytes, default 256), QUEUES (queue names,
-# default 64), EXTRA (more outpost-edgesim arguments), CENTRAL_ENV (environment for the central(s),
-# e.g. "OUTPOST_LIMITS__MAX_CONNECTIONS=50000": each edge holds 2+ connections and the default
-# limits.max_connections = 4096 would refuse the rest past ~2,000 edges), KEEP=1 keeps the work directory.
+# each simulated edge holds about 2 sockets, and one process may not open more than its `ulimit -n`,
+# which a machine without CAP_SYS_RESOURCE cannot raise past the hard limit), SIZE (payload bytes,
+# default 256), QUEUES (queue names, default 64), EXTRA (more outpost-edgesim arguments), CENTRAL_ENV
+# (environment for the central(s), e.g. "OUTPOST_LIMITS__MAX_CONNECTIONS=50000": each edge holds about
+# 2 connections and the default limits.max_connections = 4096 would refuse the rest past ~2,000
+# edges), KEEP=1 keeps the work directory.
 #
 # Prints one summary block: the simulator's figures (end-to-end latency = message due at the edge →
 # the central's acknowledgement, which follows its commit; ping lateness = gap between two pings
-# minus the interval), and per central: CPU (% of one core) and RSS during generation, PostgreSQL
+# minus the interval), and per central: CPU (% of one core) and RSS during generation, open
+# descriptors and TCP connections on its port at the end of generation (established, and per edge
+# over what the idle central held before the edges came), PostgreSQL
 # commits/s (pg_stat_database.xact_commit) and the CPU of every postgres process, the machine's
 # busy share, the load average before the run.
 set -euo pipefail
@@ -93,10 +97,12 @@ PY
 rss_of() { awk '/VmRSS/ {printf "%.0f MiB", $2/1024}' "/proc/$1/status"; }
 hwm_of() { awk '/VmHWM/ {printf "%.0f MiB", $2/1024}' "/proc/$1/status"; }
 fds_of() { ls "/proc/$1/fd" | wc -l; }
+established_on() { ss -Htn state established "( sport = :$1 )" | wc -l; }
 pg_commits() { psql "$admin" -Atc "SELECT xact_commit FROM pg_stat_database WHERE datname = '$db'"; }
 
 central_pids=()
 urls=()
+ports=(17601 17602)
 case "$setup" in
   one)
     start_central hq 17601; urls=(http://127.0.0.1:17601) ;;
@@ -108,6 +114,7 @@ case "$setup" in
   *) echo "SETUP must be one, pg1 or pg2" >&2; exit 2 ;;
 esac
 
+fds_idle=(); for p in "${central_pids[@]}"; do fds_idle+=("$(fds_of "$p")"); done
 # Links open over the ramp (about 500 handshakes a second, at least 5 s).
 ramp=$(( edges / 500 > 5 ? edges / 500 : 5 ))
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -141,6 +148,7 @@ read -r -a after < <(snap "${central_pids[@]}")
 t1=$(date +%s.%N)
 commits_after=0; [[ "$setup" == pg* ]] && commits_after=$(pg_commits)
 fds=(); for p in "${central_pids[@]}"; do fds+=("$(fds_of "$p")"); done
+conns=(); for i in "${!central_pids[@]}"; do conns+=("$(established_on "${ports[$i]}")"); done
 load_during=$(cut -d' ' -f1-3 /proc/loadavg)
 status=0
 for k in "${!sim_pids[@]}"; do
@@ -149,9 +157,11 @@ for k in "${!sim_pids[@]}"; do
 done
 
 python3 - "$(ls "$work"/sim*.json | paste -sd,)" "$t0" "$t1" "$commits_before" "$commits_after" "${#central_pids[@]}" \
-  "${before[*]}" "${after[*]}" "${rss_max[*]}" "${fds[*]}" "$load_before" "$load_during" "$setup" "$status" <<'PY'
+  "${before[*]}" "${after[*]}" "${rss_max[*]}" "${fds[*]}" "$load_before" "$load_during" "$setup" "$status" \
+  "${fds_idle[*]}" "${conns[*]}" <<'PY'
 import json, os, sys
-(sim_path, t0, t1, cb, ca, n, before, after, rss, fds, load_before, load_during, setup, status) = sys.argv[1:]
+(sim_path, t0, t1, cb, ca, n, before, after, rss, fds, load_before, load_during, setup, status,
+ fds_idle, conns) = sys.argv[1:]
 wall = float(t1) - float(t0)
 n = int(n)
 before = [int(x) for x in before.split()]
@@ -199,9 +209,14 @@ cpu_central = [(after[i] - before[i]) / tick / wall * 100 for i in range(n)]
 pg_cpu = (after[n] - before[n]) / tick / wall * 100
 busy = (after[n + 1] - before[n + 1]) / max(1, after[n + 2] - before[n + 2]) * 100
 rss = [int(x) // 1024 for x in rss.split()]
-fds = fds.split()
+fds = [int(x) for x in fds.split()]
+fds_idle = [int(x) for x in fds_idle.split()]
+conns = [int(x) for x in conns.split()]
 for i in range(n):
-    print(f"  central {i}: CPU {cpu_central[i]:.0f} % of a core, RSS max {rss[i]} MiB, {fds[i]} open fds")
+    edges_here = r["edges"] // n + (1 if i < r["edges"] % n else 0)
+    print(f"  central {i}: CPU {cpu_central[i]:.0f} % of a core, RSS max {rss[i]} MiB, {fds[i]} open fds "
+          f"({(fds[i] - fds_idle[i]) / max(1, edges_here):.2f} per edge over {fds_idle[i]} idle), "
+          f"{conns[i]} established connections on its port")
 if setup.startswith("pg"):
     print(f"  postgres: {(int(ca) - int(cb)) / wall:.0f} commits/s (xact_commit), CPU {pg_cpu:.0f} % of a core")
 print(f"  simulator CPU {r['simulator_cpu_seconds'] / r['total_seconds'] * 100:.0f} % of a core over its run; "

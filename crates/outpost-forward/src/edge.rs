@@ -33,6 +33,15 @@ use crate::UPSTREAM_READER;
 const OFFLINE_LOG_DOCUMENT: &str = "edge:offline_log";
 /// Idle time before TCP keepalive probes on connections to a central.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long a connection to a central may sit unused in the client's pool before it is closed.
+/// Below the central's own idle close (`limits.request_timeout`, 30 s by default), so the edge
+/// closes first and never sends a request on a connection the central is closing; and short,
+/// because every idle connection is a descriptor at a central serving thousands of edges.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections kept per central: one for batches and one for control requests (reports,
+/// probes), which open their own connection while a batch is in flight and so never wait behind
+/// data. Connections beyond these (batches pipelined during a catch-up) close when they go idle.
+const POOL_MAX_IDLE: usize = 2;
 /// Bound of the driver's event channel.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 
@@ -154,7 +163,8 @@ pub async fn start(
             // A central whose host vanished leaves a half-open connection: keepalive probes find it.
             .tcp_keepalive(TCP_KEEPALIVE)
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(64);
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
         if let Some(tls) = tls.get(i) {
             builder = builder.use_preconfigured_tls(tls.config());
         }

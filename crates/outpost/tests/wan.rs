@@ -2,7 +2,8 @@
 //! link-shaping proxy between edge and central: a 64 kbit/s, 300 ms line never flaps and drains
 //! exactly once; `max_bandwidth` holds over every 2 s window; priority-0 queues overtake a
 //! priority-9 backlog, each queue in order; zstd compression stores the same messages with fewer
-//! bytes on the wire, and an edge with compression works with a central without it.
+//! bytes on the wire, and an edge with compression works with a central without it; live traffic
+//! over a slow line keeps one batch connection, and idle ones close (descriptors at the central).
 //!
 //! Throughput is measured in `bench/wan.sh` (docs/benchmarks.md), never asserted here; the bounds
 //! below are generous because the machine running them is shared.
@@ -185,6 +186,48 @@ async fn a_5_mb_backlog_over_64_kbit_300_ms_stays_online_and_drains_exactly_once
         edges.as_array().unwrap().iter().find(|e| e["id"] == "store-slow").expect("edge listed").clone();
     assert_eq!(entry["state"], "online", "{entry}");
     assert_eq!(entry["offline_log"].as_array().map_or(0, Vec::len), 0, "{entry}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections per edge.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_traffic_over_a_slow_line_holds_one_batch_connection_and_idle_ones_close() {
+    let central = start_central("hq", "").await;
+    // 100 ms one way: a batch is answered 200 ms after it left, while messages keep coming.
+    let proxy = LinkProxy::start(central.addr(), LinkShape::line(Duration::from_millis(100), 0));
+    let edge = start_edge("store-live", &edge_config(&proxy.url(), "")).await;
+    wait_online(&edge, Duration::from_secs(60)).await;
+
+    // A message every 10 ms for 2 s, each its own commit: with several partial batches in flight
+    // each would hold its own connection at the central; what arrives while a batch is in flight
+    // goes in the next one.
+    let docs: Vec<String> = (0..200).map(order_document).collect();
+    let client = edge.client();
+    let mut most_open = 0;
+    for doc in &docs {
+        client.post_message("orders", doc.clone()).await.expect("post").expect_status(202);
+        most_open = most_open.max(proxy.open_connections());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_central_count(&central, "orders", docs.len() as u64, Duration::from_secs(60)).await;
+    assert_holds_exactly(&central, "orders", "store-live", &docs).await;
+    // The link stream, one connection for batches, and one a report or probe may have opened
+    // meanwhile (control never waits behind a batch).
+    assert!(most_open <= 3, "{most_open} connections open at once through the proxy");
+    eprintln!(
+        "live traffic: at most {most_open} connections open, {} accepted",
+        proxy.accepted_connections()
+    );
+
+    // Traffic over, the batch (and control) connections close once idle: only the link stays.
+    // The edge closes them 5 to 10 s after their last use (its pool checks every 5 s), before the
+    // central would (after its request_timeout, 30 s).
+    wait_until_async(Duration::from_secs(25), "only the link open through the proxy", || async {
+        proxy.open_connections() == 1
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ use super::{frame, Shared, SimConfig};
 const EVENT_CHANNEL_CAPACITY: usize = 32;
 /// The longest line of the link stream the reader accepts.
 const MAX_EVENT_LINE_BYTES: usize = 64 << 10;
+/// Idle connections an edge's client keeps, and for how long (as a real edge).
+const POOL_MAX_IDLE: usize = 2;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before reopening a lost link, or after a failed batch.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -46,7 +49,13 @@ impl EdgeSpec {
         generation_end: Instant,
         drain_deadline: Instant,
     ) -> Result<EdgeSpec, String> {
-        let mut builder = reqwest::Client::builder().no_proxy().tcp_nodelay(true);
+        // Pooled like a real edge's client (outpost-forward's edge.rs): two idle connections at
+        // most (batches, control), closed after 5 s unused.
+        let mut builder = reqwest::Client::builder()
+            .no_proxy()
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(POOL_MAX_IDLE)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
         if let Some(block) = index.checked_div(config.edges_per_source_ip) {
             let host =
                 u32::try_from(block + 1).ok().filter(|h| *h < 1 << 24).ok_or("too many source addresses")?;
@@ -433,6 +442,13 @@ impl Edge {
             }
             queue.paused_until = None;
             while queue.in_flight < self.config.in_flight && queue.next_to_send <= queue.generated {
+                if queue.in_flight > 0
+                    && queue.generated + 1 - queue.next_to_send < self.config.batch_messages
+                {
+                    // As a real edge, whose forwarder puts everything waiting into one batch when
+                    // an answer comes: a second batch is in flight only when the first was full.
+                    break;
+                }
                 let first_seq = queue.next_to_send;
                 let last_seq = queue.generated.min(first_seq + self.config.batch_messages - 1);
                 queue.next_to_send = last_seq + 1;

@@ -9,8 +9,11 @@
 //!   welcome and after every ping, as the edge's connectivity task does;
 //! - generates messages at `rate_per_edge` per second spread over its queues, each with its own
 //!   consecutive seqs, and forwards them as binary batch frames (`POST /v1/link/messages`), at most
-//!   `in_flight` batches per queue at once (they can arrive out of order: the central waits for a
-//!   predecessor or answers 409 with `expected_seq`, and the edge goes back there);
+//!   `in_flight` batches per queue at once, and more than one only when they are full (as a real
+//!   edge: what arrives while a batch is in flight goes in one batch after its answer); batches in
+//!   flight together can arrive
+//!   out of order: the central waits for a predecessor or answers 409 with `expected_seq`, and the
+//!   edge goes back there;
 //! - every `replay_every`-th acknowledged batch is sent once more, and the central must answer it
 //!   with every message counted as a duplicate;
 //! - reopens a lost link and resumes after the central's positions from the new welcome.
@@ -26,8 +29,9 @@
 //! # Design constraints
 //!
 //! - **One process, not N.** Tasks per edge (an edge loop and a stream reader), one
-//!   `reqwest::Client` per edge (its own connections, like a real edge: one for the link stream
-//!   and one per batch in flight). Latencies go into shared lock-free histograms.
+//!   `reqwest::Client` per edge (its own connections, like a real edge: one for the link stream,
+//!   one per batch in flight, one for a report sent while a batch is in flight; at most two idle,
+//!   closed after 5 s unused). Latencies go into shared lock-free histograms.
 //! - **No node code.** Like the rest of testkit it shares nothing with the node: the batch frame
 //!   is encoded here ([`frame`]), link events are read as JSON by their `type`, and event types it
 //!   does not know (a newer central's) are counted and skipped, so protocol additions that keep
