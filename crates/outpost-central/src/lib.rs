@@ -18,10 +18,12 @@
 //!   disconnected.
 //! - **Persisted as documents.** `edge:<id>` holds `{"report","version","last_seen_ms"}`;
 //!   `central:maintenance` holds `{"enabled","since_ms"}`. Both are loaded by [`CentralHub::start`],
-//!   so a restart is just a start. A report is written at once when the edge's state changed, and
-//!   otherwise at most every [`REPORT_PERSIST_INTERVAL`] per edge (a deferred write keeps the newest),
-//!   so a flood of reports does not flood the store writer. Whether an edge is connected is not
-//!   persisted: after a restart no edge is.
+//!   so a restart is just a start. A report is written at once (and announced to the cluster) when
+//!   the edge's state changed; the others (backlog, last seen) wait for the group write every
+//!   [`REPORT_PERSIST_INTERVAL`]: one commit for every edge that reported meanwhile, no cluster
+//!   event (the other centrals' periodic re-read takes them), so ten thousand edges reporting every
+//!   few seconds cost one commit per interval, not one (plus a NOTIFY and a read on every other
+//!   central) per report. Whether an edge is connected is not persisted: after a restart no edge is.
 //! - **The central's own view of each edge** (CONTRACT 5): an edge is `connected` while a link of
 //!   it is open here and it gave a sign of life (handshake, report, batch, probe, pull) within
 //!   `missed_pings × ping_interval`, or while another central of the cluster says so in its fresh
@@ -30,7 +32,8 @@
 //! - **One cluster, one registry.** On a PostgreSQL store every central of the cluster reads and
 //!   writes the same documents; what one central must learn at once goes through the store's
 //!   cluster events ([`outpost_store::Store::publish_cluster_event`], a loopback on SQLite): `edge_updated` after an
-//!   edge's document was written (others reload it, unless the edge is linked to them),
+//!   edge's document was written at once (link opened or closed, state changed; others reload it,
+//!   unless the edge is linked to them),
 //!   `edge_linked` when an edge opens a link (others drop a transition request held for its next
 //!   probe), `edge_transition_online` when an operator asks for an edge not linked here (the
 //!   central it is linked to sends it on the link; the others hold it for its next probe) and

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 
 use crate::cluster::EVENT_EDGE_LINKED;
 use crate::error::CentralError;
-use crate::hub::{LinkHandle, LINK_EVENT_CAPACITY, REPORT_PERSIST_INTERVAL};
+use crate::hub::{LinkHandle, LINK_EVENT_CAPACITY};
 use crate::CentralHub;
 
 /// How long a batch that starts past what the central holds waits for its predecessor.
@@ -81,7 +81,7 @@ impl Drop for LinkGuard {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let hub = self.hub.clone();
             let edge_id = std::mem::take(&mut self.edge_id);
-            runtime.spawn(async move { hub.persist_edge(&edge_id, now_unix_ms()).await });
+            runtime.spawn(async move { hub.persist_edge(&edge_id).await });
         }
     }
 }
@@ -174,7 +174,7 @@ impl CentralHub {
         let (guard, events, downlink, maintenance) =
             self.register_link(edge_id, hello.version, hello.report, silence_limit_ms, now_ms)?;
         // The guard marks the edge disconnected if this future is dropped from here on.
-        self.persist_edge(edge_id, now_ms).await;
+        self.persist_edge(edge_id).await;
         self.publish(EVENT_EDGE_LINKED, Some(edge_id), None).await;
         self.record_released_unforwarded(edge_id, &hello.released_unforwarded).await?;
         let welcome = LinkEvent::Welcome {
@@ -317,8 +317,9 @@ impl CentralHub {
         std::mem::take(&mut entry.transition_requested)
     }
 
-    /// Checks a report, records it in memory and persists it now (state changed, or the last write
-    /// is old enough) or later (a deferred write of whatever is newest then).
+    /// Checks a report, records it in memory and persists it: at once (and announced to the
+    /// cluster) when the edge's state changed, otherwise with the next group write of reports
+    /// ([`crate::REPORT_PERSIST_INTERVAL`]).
     pub async fn record_report(
         self: &Arc<Self>,
         edge_id: &str,
@@ -326,38 +327,20 @@ impl CentralHub {
         now_ms: i64,
     ) -> Result<(), CentralError> {
         check_report(&mut report)?;
-        let deferred_by = {
+        let state_changed = {
             let mut registry = self.registry();
             let entry = self.entry(&mut registry, edge_id)?;
             let state_changed = entry.persistence.persisted_state.as_ref()
                 != Some(&(report.state.clone(), report.state_since_ms));
             entry.report = Some(report);
             entry.last_seen_ms = Some(now_ms);
-            let next_write_ms =
-                entry.persistence.persisted_at_ms + REPORT_PERSIST_INTERVAL.as_millis() as i64;
-            if state_changed || now_ms >= next_write_ms {
-                None
-            } else if entry.persistence.flush_scheduled {
-                Some(None)
-            } else {
-                entry.persistence.flush_scheduled = true;
-                Some(Some(Duration::from_millis((next_write_ms - now_ms) as u64)))
+            if !state_changed {
+                registry.unpersisted.insert(edge_id.to_string());
             }
+            state_changed
         };
-        match deferred_by {
-            None => self.persist_edge(edge_id, now_ms).await,
-            Some(None) => {} // a deferred write is already scheduled and will take this report
-            Some(Some(delay)) => {
-                let hub = self.clone();
-                let edge_id = edge_id.to_string();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    if let Some(entry) = hub.registry().edges.get_mut(&edge_id) {
-                        entry.persistence.flush_scheduled = false;
-                    }
-                    hub.persist_edge(&edge_id, now_unix_ms()).await;
-                });
-            }
+        if state_changed {
+            self.persist_edge(edge_id).await;
         }
         Ok(())
     }

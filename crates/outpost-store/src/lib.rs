@@ -514,7 +514,19 @@ impl Store {
 
     /// Stores a small document durably under `key` (replacing any previous value).
     pub async fn put_document(&self, key: &str, value: String) -> Result<(), StoreError> {
-        self.call(|reply| ops::Op::PutDocument { key: key.to_string(), value, reply }).await
+        self.put_documents(vec![(key.to_string(), value)]).await
+    }
+
+    /// Stores several small documents durably in one commit, each (key, value) replacing any
+    /// previous value of its key.
+    pub async fn put_documents(&self, documents: Vec<(String, String)>) -> Result<(), StoreError> {
+        if documents.is_empty() {
+            return Ok(());
+        }
+        // A key given twice keeps its last value (one statement may not upsert a row twice).
+        let documents: Vec<(String, String)> =
+            documents.into_iter().collect::<BTreeMap<_, _>>().into_iter().collect();
+        self.call(|reply| ops::Op::PutDocuments { documents, reply }).await
     }
 
     /// Every document whose key starts with `prefix`, by key. Blocking: call it from a blocking

@@ -273,9 +273,9 @@ pub(crate) enum Op {
         acked_seq: u64,
         reply: Reply<()>,
     },
-    PutDocument {
-        key: String,
-        value: String,
+    /// Documents (key, value) stored in one transaction, each replacing any previous value.
+    PutDocuments {
+        documents: Vec<(String, String)>,
         reply: Reply<()>,
     },
     /// Copy a message into the failed table and move the route's cursor past it, atomically.
@@ -339,7 +339,7 @@ impl Op {
                 Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. },
                 Outcome::Origin(r),
             ) => drop(reply.send(r)),
-            (Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. }, Outcome::Done(r)) => {
+            (Op::AdvanceCursor { reply, .. } | Op::PutDocuments { reply, .. }, Outcome::Done(r)) => {
                 drop(reply.send(r))
             }
             (Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. }, Outcome::Failed(r)) => {
@@ -363,7 +363,7 @@ impl Op {
             Op::AppendFromOrigin { reply, .. } | Op::ReleaseFromOrigin { reply, .. } => {
                 drop(reply.send(Err(failure())))
             }
-            Op::AdvanceCursor { reply, .. } | Op::PutDocument { reply, .. } => {
+            Op::AdvanceCursor { reply, .. } | Op::PutDocuments { reply, .. } => {
                 drop(reply.send(Err(failure())))
             }
             Op::FailMessage { reply, .. } | Op::ChangeFailed { reply, .. } => {

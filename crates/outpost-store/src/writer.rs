@@ -459,14 +459,15 @@ fn apply_op(
             }
             Outcome::Done(result)
         }
-        Op::PutDocument { key, value, .. } => {
+        Op::PutDocuments { documents, .. } => {
             let result = tx
                 .prepare_cached(
                     "INSERT INTO documents (key, value, updated_at_ms) VALUES (?1, ?2, ?3)
                      ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at_ms = excluded.updated_at_ms",
                 )
-                .and_then(|mut stmt| stmt.execute(params![key, value, now_ms]))
-                .map(|_| ())
+                .and_then(|mut stmt| {
+                    documents.iter().try_for_each(|(key, value)| stmt.execute(params![key, value, now_ms]).map(drop))
+                })
                 .map_err(StoreError::from);
             Outcome::Done(fatal_or(result)?)
         }

@@ -2,19 +2,38 @@
 //! edges with open links (online, transitioning), edges that only reported offline, and listed
 //! edges that never connected (`unknown`). Paging through any filter yields exactly the unpaged
 //! answer's edges of that state, in id order, each once; the unpaged answer stays a plain array.
+//! On a cluster, reports that change no state are written in groups, with no cluster event per
+//! report, and both centrals still show every edge's newest report.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{json, Value};
-use testkit::Node;
+use testkit::postgres::TestDatabase;
+use testkit::{wait_until_async, Node};
 
 const BIN: &str = env!("CARGO_BIN_EXE_outpost");
 const NEXT_AFTER: &str = "outpost-next-after";
 
 fn report(state: &str) -> Value {
+    report_with_backlog(state, 0)
+}
+
+fn report_with_backlog(state: &str, backlog: u64) -> Value {
     json!({"state": state, "state_since_ms": 1_700_000_000_000i64, "upstream_url": null,
-           "backlog_messages": 0, "offline_log": []})
+           "backlog_messages": backlog, "offline_log": []})
+}
+
+async fn post_report(http: &reqwest::Client, central: &str, id: &str, report: &Value) {
+    let response = http
+        .post(format!("{central}/v1/link/report"))
+        .header("outpost-edge-id", id)
+        .json(report)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204, "report of {id}");
 }
 
 /// Opens edge `id`'s link with `state` in its handshake and reads the welcome; the link stays
@@ -174,4 +193,89 @@ async fn edges_page_and_filter_by_state() {
         assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{bad}: {body}");
     }
     drop(links);
+}
+
+/// The cluster events (`NOTIFY outpost_events` payloads) sent on `database` from now on, while the
+/// returned client lives.
+async fn listen_to_cluster_events(
+    database: &TestDatabase,
+) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let (client, mut connection) =
+        tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await.unwrap();
+    let (sender, events) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(notification) = message {
+                let _ = sender.send(notification.payload().to_string());
+            }
+        }
+    });
+    client.batch_execute("LISTEN outpost_events").await.unwrap();
+    (client, events)
+}
+
+#[tokio::test]
+async fn on_a_cluster_reports_are_written_in_groups_and_both_centrals_show_the_newest() {
+    const EDGES: usize = 50;
+    const ROUNDS: u64 = 6;
+    let database = TestDatabase::create().await;
+    let start = |id: &'static str| {
+        Node::builder(BIN).role("central").args(["--node-id", id, "--postgres", &database.url]).start()
+    };
+    let (a, b) = (start("hq-a").await, start("hq-b").await);
+    let http = reqwest::Client::new();
+    let ids: Vec<String> = (0..EDGES).map(|i| format!("r-{i:02}")).collect();
+    let backlogs = |central: &Node| {
+        let http = http.clone();
+        let url = central.url();
+        async move {
+            let (status, _, edges) = get(&http, &format!("{url}/v1/edges")).await;
+            assert_eq!(status, 200);
+            edges
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["id"].as_str().unwrap().to_string(), e["backlog_messages"].as_u64()))
+                .collect::<BTreeMap<_, _>>()
+        }
+    };
+
+    // A first report is a new state: written at once, and the other central hears of it.
+    for id in &ids {
+        post_report(&http, &a.url(), id, &report_with_backlog("offline", 0)).await;
+    }
+    wait_until_async(Duration::from_secs(15), "every edge on the other central", || async {
+        backlogs(&b).await.len() == EDGES
+    })
+    .await;
+
+    // Reports that change no state, only the backlog: no cluster event each, and both centrals
+    // show the newest within the group write plus the other's re-read.
+    let (_listening, mut events) = listen_to_cluster_events(&database).await;
+    for round in 1..=ROUNDS {
+        let reports = ids.iter().map(|id| {
+            let (http, url) = (http.clone(), a.url());
+            async move { post_report(&http, &url, id, &report_with_backlog("offline", round)).await }
+        });
+        futures_util::future::join_all(reports).await;
+    }
+    let newest: BTreeMap<String, Option<u64>> = ids.iter().map(|id| (id.clone(), Some(ROUNDS))).collect();
+    assert_eq!(backlogs(&a).await, newest, "the central the edges report to shows their newest report");
+    wait_until_async(
+        Duration::from_secs(20),
+        "the newest report of every edge on the other central",
+        || async { backlogs(&b).await == newest },
+    )
+    .await;
+    let mut edge_events = 0;
+    while let Ok(event) = events.try_recv() {
+        edge_events += usize::from(event.contains("edge_updated"));
+    }
+    assert_eq!(
+        edge_events,
+        0,
+        "{} reports that changed no state sent no cluster event",
+        EDGES as u64 * ROUNDS
+    );
 }

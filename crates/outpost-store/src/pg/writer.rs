@@ -250,14 +250,19 @@ impl PgWriter {
             Op::AdvanceCursor { queue, reader, acked_seq, .. } => {
                 Outcome::Done(per_op(self.advance_cursor(tx, state, queue, reader, *acked_seq).await)?)
             }
-            Op::PutDocument { key, value, .. } => {
+            Op::PutDocuments { documents, .. } => {
+                // One statement for all of them: a central's reports of thousands of edges go in
+                // one round trip.
                 let upsert = tx
                     .prepare_cached(
-                        "INSERT INTO outpost_documents (key, value, updated_at_ms) VALUES ($1, $2, $3)
+                        "INSERT INTO outpost_documents (key, value, updated_at_ms)
+                         SELECT key, value, $3 FROM UNNEST($1::text[], $2::text[]) AS d(key, value)
                          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at_ms = EXCLUDED.updated_at_ms",
                     )
                     .await?;
-                tx.execute(&upsert, &[key, value, &now_ms]).await?;
+                let (keys, values): (Vec<&str>, Vec<&str>) =
+                    documents.iter().map(|(k, v)| (k.as_str(), v.as_str())).unzip();
+                tx.execute(&upsert, &[&keys, &values, &now_ms]).await?;
                 Outcome::Done(Ok(()))
             }
             Op::FailMessage { failure, .. } => {
