@@ -1,6 +1,11 @@
 //! `outpost bench`: a load generator that measures acknowledged writes, so an operator can size
 //! hardware. Each worker holds one keep-alive HTTP/1.1 connection and sends its next request only
 //! after the previous one was acknowledged, so `--concurrency` is the number of writes in flight.
+//!
+//! The load generator usually shares the machine with the node it measures, so its own CPU per
+//! request is kept small: each worker drives its connection in its own task (the request written
+//! with one `write`, the answer parsed in place with `httparse`), where hyper's client runs every
+//! connection as a task of its own and passes each request and answer between the two.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,11 +13,11 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use clap::Args;
-use http_body_util::{BodyExt, Full};
-use hyper::header;
-use hyper_util::rt::TokioIo;
+use hyper::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::exit;
 
@@ -45,13 +50,11 @@ pub struct BenchArgs {
 }
 
 struct Target {
-    /// `host:port` to connect to; also the `Host` header.
+    /// `host:port` to connect to.
     authority: String,
-    host: String,
     path: String,
-    token: Option<String>,
-    body: Bytes,
-    content_type: &'static str,
+    /// The whole request, head and body, sent as is for every write.
+    request: Bytes,
     /// "--size N --batch B", for the advice after a 413.
     size_hint: String,
 }
@@ -89,13 +92,21 @@ fn make_target(args: &BenchArgs, authority: String) -> Target {
         )
     };
     let authority = authority.split('/').next().unwrap_or_default().to_string();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = &args.token {
+        head.push_str(&format!("authorization: Bearer {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut request = BytesMut::with_capacity(head.len() + body.len());
+    request.extend_from_slice(head.as_bytes());
+    request.extend_from_slice(&body);
     Target {
-        host: authority.clone(),
         authority,
         path,
-        token: args.token.clone(),
-        body,
-        content_type,
+        request: request.freeze(),
         size_hint: format!("--size {} --batch {}", args.size, args.batch),
     }
 }
@@ -131,7 +142,7 @@ impl Refused {
 
 /// What to tell the operator when the node refuses every request with `status`, or `None` when
 /// the status may pass (a full store, a transition) and the run goes on.
-fn refusal_advice(status: hyper::StatusCode, args_hint: &str) -> Option<String> {
+fn refusal_advice(status: StatusCode, args_hint: &str) -> Option<String> {
     match status.as_u16() {
         401 => Some("the node requires a client token: pass --token T or set OUTPOST_TOKEN".into()),
         403 => {
@@ -296,11 +307,11 @@ async fn worker(
     refused: &Refused,
 ) -> WorkerResult {
     let mut result = WorkerResult::default();
-    let mut sender = None;
+    let mut connection = None;
     while !refused.stopped() && next_request.fetch_add(1, Ordering::Relaxed) < requests_total {
-        if sender.is_none() {
-            match connect(&target.authority).await {
-                Ok(s) => sender = Some(s),
+        if connection.is_none() {
+            match Connection::open(&target.authority).await {
+                Ok(c) => connection = Some(c),
                 Err(e) => {
                     result.errors += 1;
                     result.first_error.get_or_insert(format!("connect to {}: {e}", target.authority));
@@ -309,50 +320,108 @@ async fn worker(
                 }
             }
         }
-        let s = sender.as_mut().expect("connected above");
-        let mut request = hyper::Request::post(&target.path)
-            .header(header::HOST, &target.host)
-            .header(header::CONTENT_TYPE, target.content_type);
-        if let Some(token) = &target.token {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let request = request.body(Full::new(target.body.clone())).expect("valid request");
+        let c = connection.as_mut().expect("connected above");
         let sent = Instant::now();
-        match s.send_request(request).await {
-            Ok(response) => {
-                let status = response.status();
-                let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                if status.is_success() {
+        match c.exchange(&target.request).await {
+            Ok(answer) => {
+                if answer.status.is_success() {
                     result.latencies_us.push(sent.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     result.acknowledged_messages += batch;
                     acknowledged.fetch_add(batch, Ordering::Relaxed);
                 } else {
+                    let status = answer.status;
                     result.errors += 1;
                     result
                         .first_error
-                        .get_or_insert(format!("HTTP {status}: {}", String::from_utf8_lossy(&body)));
+                        .get_or_insert(format!("HTTP {status}: {}", String::from_utf8_lossy(&answer.body)));
                     if let Some(why) = refusal_advice(status, &target.size_hint) {
                         refused.refuse(format!("HTTP {status}: {why}"));
                     }
+                }
+                if answer.close {
+                    connection = None;
                 }
             }
             Err(e) => {
                 result.errors += 1;
                 result.first_error.get_or_insert(format!("request failed: {e}"));
-                sender = None;
+                connection = None;
             }
         }
     }
     result
 }
 
-async fn connect(authority: &str) -> std::io::Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>> {
-    let stream = tokio::net::TcpStream::connect(authority).await?;
-    stream.set_nodelay(true)?;
-    let (sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(sender)
+/// The most header lines an answer of the node may have.
+const MAX_ANSWER_HEADERS: usize = 32;
+/// The longest answer (head and body) read; the node's answers to writes are far smaller.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// One keep-alive HTTP/1.1 connection to the node, one request at a time.
+struct Connection {
+    stream: TcpStream,
+    /// What was read of the current answer.
+    buffer: BytesMut,
+}
+
+/// The node's answer to one request.
+struct Answer {
+    status: StatusCode,
+    body: Bytes,
+    /// The node closes the connection after this answer (`connection: close`).
+    close: bool,
+}
+
+impl Connection {
+    async fn open(authority: &str) -> std::io::Result<Connection> {
+        let stream = TcpStream::connect(authority).await?;
+        stream.set_nodelay(true)?;
+        Ok(Connection { stream, buffer: BytesMut::with_capacity(4096) })
+    }
+
+    /// Sends `request` (head and body) and reads the answer, whose body must be framed by
+    /// `content-length` (as all of the node's answers to writes are).
+    async fn exchange(&mut self, request: &[u8]) -> std::io::Result<Answer> {
+        use std::io::{Error, ErrorKind};
+        self.stream.write_all(request).await?;
+        self.buffer.clear();
+        let (status, head_bytes, body_bytes, close) = loop {
+            if self.buffer.len() >= MAX_ANSWER_BYTES {
+                return Err(Error::new(ErrorKind::InvalidData, "the answer's head is too long"));
+            }
+            self.buffer.reserve(4096);
+            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                return Err(Error::new(ErrorKind::UnexpectedEof, "the node closed the connection"));
+            }
+            let mut headers = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
+            let mut answer = httparse::Response::new(&mut headers);
+            let head_bytes = match answer.parse(&self.buffer) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => continue,
+                Err(e) => return Err(Error::new(ErrorKind::InvalidData, format!("bad answer: {e}"))),
+            };
+            let header = |name: &str| {
+                answer.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value)
+            };
+            let body_bytes = header("content-length")
+                .and_then(|v| std::str::from_utf8(v).ok()?.trim().parse::<usize>().ok())
+                .filter(|length| *length <= MAX_ANSWER_BYTES)
+                .ok_or_else(|| Error::new(ErrorKind::InvalidData, "an answer without a content-length"))?;
+            let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case(b"close"));
+            let status = StatusCode::from_u16(answer.code.unwrap_or(0))
+                .map_err(|_| Error::new(ErrorKind::InvalidData, "an answer without a valid status"))?;
+            break (status, head_bytes, body_bytes, close);
+        };
+        while self.buffer.len() < head_bytes + body_bytes {
+            self.buffer.reserve(head_bytes + body_bytes - self.buffer.len());
+            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                return Err(Error::new(
+                    ErrorKind::UnexpectedEof,
+                    "the node closed the connection mid-answer",
+                ));
+            }
+        }
+        let body = Bytes::copy_from_slice(&self.buffer[head_bytes..head_bytes + body_bytes]);
+        Ok(Answer { status, body, close })
+    }
 }
