@@ -40,7 +40,7 @@
 //!   what one did at once; [`Store::lease`] lets exactly one central of the cluster do a job (a
 //!   node alone always holds its leases).
 //!
-//! # On-disk format, SQLite (schema version 4)
+//! # On-disk format, SQLite (schema version 6)
 //!
 //! `<data_dir>/outpost.db` (SQLite, WAL, `synchronous=FULL`, 64 KiB pages when created), `<data_dir>/outpost.lock` (held with an
 //! exclusive `flock` by the running node: a second node on the same directory exits with code 3).
@@ -48,7 +48,10 @@
 //! ```text
 //! meta(key TEXT PRIMARY KEY, value TEXT)            schema_version, created_at_ms
 //! queues(queue_id INTEGER PRIMARY KEY, name TEXT UNIQUE, last_seq INTEGER)
-//!                                                   last_seq: the highest seq ever assigned
+//!                                                   the queue's last seq is the larger of last_seq
+//!                                                   and its highest stored seq: last_seq is
+//!                                                   written when a release empties the queue, not
+//!                                                   by every commit (version 6)
 //! messages(queue_id, seq, id TEXT, origin TEXT, origin_seq INTEGER, content_type TEXT,
 //!          accepted_at_ms INTEGER, payload BLOB, PRIMARY KEY(queue_id, seq))
 //! idempotency_keys(queue_id, key TEXT, seq, id TEXT, created_at_ms, PRIMARY KEY(queue_id, key))

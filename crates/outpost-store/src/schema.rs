@@ -89,6 +89,11 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;",
     // 5: expired idempotency keys are pruned oldest first.
     "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at_ms);",
+    // 6: no change to the tables, a change of meaning: `queues.last_seq` is written only when a
+    // release empties the queue, so a queue's last seq is the larger of it and its highest stored
+    // seq (see `load_stats`). An older outpost, which reads the row as the last seq itself and
+    // would call the queue overrun, refuses the store as too new instead.
+    "SELECT 1;",
 ];
 
 /// The schema version this build writes.
@@ -151,7 +156,9 @@ pub fn load_cursors(conn: &Connection) -> Result<BTreeMap<(String, String), u64>
 }
 
 /// Rebuilds every queue's statistics from disk and checks that each queue's stored messages are a
-/// contiguous run ending at or below its `last_seq`. A gap is a broken invariant: refuse to start.
+/// contiguous run. A gap is a broken invariant: refuse to start. A queue's last seq is its highest
+/// stored seq, or (when a release emptied it, or it is new) the `last_seq` of its row, which the
+/// writer updates only then (schema version 6).
 pub fn load_stats(conn: &Connection) -> Result<BTreeMap<String, QueueStats>, StoreError> {
     let mut stmt = conn.prepare(
         "SELECT q.name, q.last_seq, count(m.seq), coalesce(sum(length(m.payload)), 0), min(m.seq), max(m.seq),
@@ -163,18 +170,18 @@ pub fn load_stats(conn: &Connection) -> Result<BTreeMap<String, QueueStats>, Sto
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let name: String = row.get(0)?;
-        let last_seq = row.get::<_, i64>(1)? as u64;
+        let recorded_last_seq = row.get::<_, i64>(1)? as u64;
         let messages = row.get::<_, i64>(2)? as u64;
         let bytes = row.get::<_, i64>(3)? as u64;
         let min_seq: Option<i64> = row.get(4)?;
         let max_seq: Option<i64> = row.get(5)?;
+        let last_seq = recorded_last_seq.max(max_seq.map_or(0, |s| s as u64));
         if let (Some(min), Some(max)) = (min_seq, max_seq) {
             let (min, max) = (min as u64, max as u64);
-            if max > last_seq || max - min + 1 != messages {
+            if max - min + 1 != messages {
                 return Err(StoreError::Corrupt(format!(
-                    "queue {name:?} holds {messages} messages with seqs {min}..={max} but its last_seq is \
-                     {last_seq}: a sequence gap or an overrun. Stop writing to this data directory and \
-                     keep a copy of it for analysis"
+                    "queue {name:?} holds {messages} messages with seqs {min}..={max}: a sequence gap. \
+                     Stop writing to this data directory and keep a copy of it for analysis"
                 )));
             }
         }
