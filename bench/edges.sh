@@ -25,7 +25,7 @@
 # Prints one summary block: the simulator's figures (end-to-end latency = message due at the edge →
 # the central's acknowledgement, which follows its commit; ping lateness = gap between two pings
 # minus the interval), and per central: CPU (% of one core) and RSS during generation, open
-# descriptors and TCP connections on its port at the end of generation (established, and per edge
+# descriptors and TCP connections on its port halfway through generation (established, and per edge
 # over what the idle central held before the edges came), PostgreSQL
 # commits/s (pg_stat_database.xact_commit) and the CPU of every postgres process, the machine's
 # busy share, the load average before the run.
@@ -137,18 +137,23 @@ read -r -a before < <(snap "${central_pids[@]}")
 t0=$(date +%s.%N)
 # Resident memory sampled through the generation window; the largest sample is reported.
 rss_max=()
+fds=()
+conns=()
 for ((s = 0; s < seconds; s += 5)); do
   sleep $(( seconds - s < 5 ? seconds - s : 5 ))
   for i in "${!central_pids[@]}"; do
     r=$(awk '/VmRSS/ {print $2}' "/proc/${central_pids[$i]}/status")
     (( r > ${rss_max[$i]:-0} )) && rss_max[$i]=$r
   done
+  if (( ${#fds[@]} == 0 && s + 5 >= seconds / 2 )); then
+    for i in "${!central_pids[@]}"; do
+      fds+=("$(fds_of "${central_pids[$i]}")"); conns+=("$(established_on "${ports[$i]}")")
+    done
+  fi
 done
 read -r -a after < <(snap "${central_pids[@]}")
 t1=$(date +%s.%N)
 commits_after=0; [[ "$setup" == pg* ]] && commits_after=$(pg_commits)
-fds=(); for p in "${central_pids[@]}"; do fds+=("$(fds_of "$p")"); done
-conns=(); for i in "${!central_pids[@]}"; do conns+=("$(established_on "${ports[$i]}")"); done
 load_during=$(cut -d' ' -f1-3 /proc/loadavg)
 status=0
 for k in "${!sim_pids[@]}"; do

@@ -38,10 +38,12 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// closes first and never sends a request on a connection the central is closing; and short,
 /// because every idle connection is a descriptor at a central serving thousands of edges.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections kept per central: one for batches and one for control requests (reports,
-/// probes), which open their own connection while a batch is in flight and so never wait behind
-/// data. Connections beyond these (batches pipelined during a catch-up) close when they go idle.
-const POOL_MAX_IDLE: usize = 2;
+/// Idle connections kept per central: one, which batches and control requests (reports, probes)
+/// share. A control request made while a batch is in flight opens a connection of its own, so it
+/// never waits behind data, and that connection closes when it is done, as do the extra ones of
+/// batches pipelined during a catch-up: a central holds the link stream and about one connection
+/// per edge.
+const POOL_MAX_IDLE: usize = 1;
 /// Bound of the driver's event channel.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
 

@@ -20,7 +20,7 @@ const EVENT_CHANNEL_CAPACITY: usize = 32;
 /// The longest line of the link stream the reader accepts.
 const MAX_EVENT_LINE_BYTES: usize = 64 << 10;
 /// Idle connections an edge's client keeps, and for how long (as a real edge).
-const POOL_MAX_IDLE: usize = 2;
+const POOL_MAX_IDLE: usize = 1;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before reopening a lost link, or after a failed batch.
 const RETRY_PAUSE: Duration = Duration::from_millis(500);
@@ -49,8 +49,8 @@ impl EdgeSpec {
         generation_end: Instant,
         drain_deadline: Instant,
     ) -> Result<EdgeSpec, String> {
-        // Pooled like a real edge's client (outpost-forward's edge.rs): two idle connections at
-        // most (batches, control), closed after 5 s unused.
+        // Pooled like a real edge's client (outpost-forward's edge.rs): one idle connection at
+        // most, closed after 5 s unused.
         let mut builder = reqwest::Client::builder()
             .no_proxy()
             .tcp_nodelay(true)

@@ -30,7 +30,7 @@
 //!
 //! - **One process, not N.** Tasks per edge (an edge loop and a stream reader), one
 //!   `reqwest::Client` per edge (its own connections, like a real edge: one for the link stream,
-//!   one per batch in flight, one for a report sent while a batch is in flight; at most two idle,
+//!   one per batch in flight, one for a report sent while a batch is in flight; at most one idle,
 //!   closed after 5 s unused). Latencies go into shared lock-free histograms.
 //! - **No node code.** Like the rest of testkit it shares nothing with the node: the batch frame
 //!   is encoded here ([`frame`]), link events are read as JSON by their `type`, and event types it
