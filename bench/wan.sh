@@ -199,7 +199,7 @@ server_name: hub
 listen: 127.0.0.1:$hub_client
 http: 127.0.0.1:$hub_http
 jetstream { store_dir: "$dir/hub", domain: hub }
-leafnodes { listen: 127.0.0.1:$hub_leafnodes, compression: $mode }
+leafnodes { listen: 127.0.0.1:$hub_leafnodes, compression: $mode, no_advertise: true }
 EOF
     cat >"$dir/leaf.conf" <<EOF
 server_name: leaf
@@ -210,6 +210,8 @@ leafnodes { reconnect: 1, remotes: [ { url: "nats-leaf://127.0.0.1:$PROXY_PORT",
 EOF
     "$NATS_BIN" -c "$dir/hub.conf" >"$dir/hub.log" 2>&1 &
     hub_pid=$!; pids+=("$hub_pid"); wait_healthy "http://127.0.0.1:$hub_http" "$hub_pid"
+    # no_advertise: the hub would otherwise tell the leaf its own leaf node address, and a leaf
+    # that lost its connection would reconnect there directly, around the proxy.
     # The line is down (no proxy yet): the leaf retries its remote every second meanwhile.
     "$NATS_BIN" -c "$dir/leaf.conf" >"$dir/leaf.log" 2>&1 &
     leaf_pid=$!; pids+=("$leaf_pid"); wait_healthy "http://127.0.0.1:$leaf_http" "$leaf_pid"
