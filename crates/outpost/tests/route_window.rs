@@ -332,8 +332,15 @@ async fn measure_route_windows() {
         );
         let _: Value = client.get("/v1/routes").await.unwrap().json();
     }
-    // A downstream that takes 5 ms per answer (a service across a network): the window overlaps
-    // the waits.
+}
+
+/// Delivery rates to a downstream that takes 5 ms per answer (a service across a network), for
+/// docs/benchmarks.md: `cargo test --release -p outpost --test route_window
+/// measure_route_windows_to_a_slow_downstream -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn measure_route_windows_to_a_slow_downstream() {
+    let line = format!("{{\"payload\":\"{}\"}}", "x".repeat(100));
     const SLOW_BACKLOG: usize = 5_000;
     for (name, extra) in [
         ("max_in_flight = 1", ""),

@@ -44,6 +44,13 @@ impl CursorCommit {
 
     /// Collects a finished commit and starts the next one if needed. Never waits.
     pub(super) fn poll(&mut self) {
+        self.poll_from(1);
+    }
+
+    /// As [`Self::poll`], but starts a commit only once at least `deliveries` positions are
+    /// uncommitted: a window delivering thousands a second commits every few dozen, not after
+    /// each answer (every commit is a write and an fsync of the store).
+    pub(super) fn poll_from(&mut self, deliveries: u64) {
         if let Some((seq, outcome)) = &mut self.running {
             let seq = *seq;
             match outcome.try_recv() {
@@ -58,7 +65,7 @@ impl CursorCommit {
                 }
             }
         }
-        if self.running.is_none() && self.wanted > self.durable {
+        if self.running.is_none() && self.wanted >= self.durable + deliveries.max(1) {
             let (store, queue, reader, seq) =
                 (self.store.clone(), self.queue.clone(), self.reader.clone(), self.wanted);
             let (outcome_tx, outcome_rx) = oneshot::channel();

@@ -8,6 +8,7 @@
 //! only when an endpoint fails with a `service_down` class. Any other failure is about the message,
 //! not the endpoint, and is returned at once.
 
+use std::collections::VecDeque;
 use std::error::Error as _;
 use std::fmt;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use bytes::Bytes;
 use outpost_core::config::RouteConfig;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 
-use crate::route::pipeline::{Answer, Pipeline};
+use crate::route::pipeline::{Answer, Pipeline, Request, Window};
 use crate::route::policy::{Class, FailureKind, RoutePolicy};
 
 pub const MESSAGE_ID_HEADER: &str = "outpost-message-id";
@@ -177,30 +178,41 @@ impl Deliverer {
         Err(DeliveryFailure { errors })
     }
 
-    /// The POSTs of a window to the endpoint the route prefers now, without failover (a window
+    /// An empty window of POSTs to the endpoint the route prefers now, without failover (a window
     /// stops at its first failure; the route's single delivery of the head,
     /// [`Deliverer::deliver`], fails over): with `max_in_flight` > 1 pipelined in order on one
-    /// connection ([`Pipeline`]), else (a window of one batch) one POST at a time. One [`Answer`]
-    /// per unit, in order.
-    pub async fn post_window(&mut self, units: &[Unit]) -> Vec<Answer> {
+    /// connection ([`Pipeline`]), else (a window of one batch at a time) one POST at a time.
+    pub fn posts(&self) -> Posts {
         let url = &self.urls[self.preferred];
-        let Some(pipeline) = &mut self.pipeline else {
-            let mut answers = Vec::with_capacity(units.len());
-            for unit in units {
-                let (headers, body) = request_of(unit);
-                match self.send(url, headers, body).await {
-                    Ok(()) => answers.push(Answer::Delivered),
+        let mode = match &self.pipeline {
+            Some(pipeline) => PostsMode::Pipelined(Box::new(pipeline.window(url))),
+            None => PostsMode::OneAtATime { waiting: VecDeque::new(), ended: false },
+        };
+        Posts { url: url.clone(), mode }
+    }
+
+    /// The answer to the oldest outstanding POST of `posts`, in the order they were pushed.
+    pub async fn next_answer(&mut self, posts: &mut Posts) -> Answer {
+        match &mut posts.mode {
+            PostsMode::Pipelined(window) => {
+                let pipeline = self.pipeline.as_mut().expect("a pipelined window has its pipeline");
+                pipeline.next_answer(window).await
+            }
+            PostsMode::OneAtATime { waiting, ended } => {
+                let (headers, body) =
+                    waiting.pop_front().expect("an answer is awaited only for a pushed POST");
+                if *ended {
+                    return Answer::Unanswered;
+                }
+                match self.send(&posts.url, headers, body).await {
+                    Ok(()) => Answer::Delivered,
                     Err(error) => {
-                        answers.push(Answer::Failed(error));
-                        answers.resize(units.len(), Answer::Unanswered);
-                        break;
+                        *ended = true;
+                        Answer::Failed(error)
                     }
                 }
             }
-            return answers;
-        };
-        let requests: Vec<_> = units.iter().map(request_of).collect();
-        pipeline.send(url, &requests).await
+        }
     }
 
     async fn post(&self, url: &str, message: &Outgoing) -> Result<(), DeliveryError> {
@@ -225,6 +237,41 @@ impl Deliverer {
         }
         let body = read_excerpt(response).await;
         Err(status_error(url, status.as_u16(), &body))
+    }
+}
+
+/// The POSTs of a route's window (see [`Deliverer::posts`]): pushed in queue order, answered in
+/// that order ([`Deliverer::next_answer`]). After an answer that is not a delivery the route
+/// pushes nothing more and takes the answers of what it pushed.
+pub struct Posts {
+    url: String,
+    mode: PostsMode,
+}
+
+enum PostsMode {
+    /// `max_in_flight` > 1: pipelined on one connection.
+    Pipelined(Box<Window>),
+    /// One POST at a time through the route's client, sent when its answer is asked for; after a
+    /// failure the rest are not sent.
+    OneAtATime { waiting: VecDeque<Request>, ended: bool },
+}
+
+impl Posts {
+    /// Appends the POST of `unit`.
+    pub fn push(&mut self, unit: &Unit) {
+        let request = request_of(unit);
+        match &mut self.mode {
+            PostsMode::Pipelined(window) => window.push(&request),
+            PostsMode::OneAtATime { waiting, .. } => waiting.push_back(request),
+        }
+    }
+
+    /// How many POSTs were pushed and not answered yet.
+    pub fn outstanding(&self) -> usize {
+        match &self.mode {
+            PostsMode::Pipelined(window) => window.outstanding(),
+            PostsMode::OneAtATime { waiting, .. } => waiting.len(),
+        }
     }
 }
 

@@ -16,11 +16,12 @@
 //!   one was delivered (2xx), failed, or the route was switched to `store`. Failed messages that an
 //!   operator resubmitted go first, ahead of the queue, with their original message id.
 //! - **A window, when configured** (`[[route]] max_in_flight` > 1 or `batch` > 1, see
-//!   [`task::RouteTask::forward_window`]): up to `max_in_flight` POSTs, each of one message or of
-//!   an NDJSON body of up to `batch`, pipelined in queue order on one keep-alive connection
-//!   ([`pipeline`]), so the downstream receives them in queue order; the answers come in that
-//!   order, the cursor moves over the delivered prefix only, and the first failure stops the
-//!   window: the rest of its answers are read but not acknowledged, and everything from the failed
+//!   [`task::RouteTask::forward_window`]): up to `max_in_flight` POSTs outstanding, each of one
+//!   message or of an NDJSON body of up to `batch`, pipelined in queue order on one keep-alive
+//!   connection ([`pipeline`]), so the downstream receives them in queue order; the answers come
+//!   in that order, the cursor moves over the delivered prefix only and the next POST is written
+//!   as each answer comes (a sliding window), and the first failure stops the window: nothing
+//!   more is written, the answers of what was are read but not acknowledged, and everything from the failed
 //!   POST on is sent again (later POSTs that succeeded are repeats the downstream drops by
 //!   `Idempotency-Key`). The failed message then goes through the policy alone, as with the
 //!   default window of one; a failed batch's messages go one by one. `max_in_flight = 1` (the

@@ -1,8 +1,14 @@
 //! Ordered HTTP/1.1 pipelining of a route's window (`[[route]] max_in_flight` > 1): the window's
-//! POSTs are written back to back, in queue order, on one keep-alive connection to the endpoint,
-//! and their answers are read in the same order. An HTTP/1.1 server handles the requests of a
-//! connection one after the other, so the downstream sees the window in queue order; the gain is
-//! that no request waits for the previous answer before it is sent.
+//! POSTs are written in queue order on one keep-alive connection to the endpoint, and their answers
+//! are read in the same order. An HTTP/1.1 server handles the requests of a connection one after
+//! the other, so the downstream sees them in queue order; the gain is that no request waits for the
+//! previous answer before it is sent.
+//!
+//! The window slides ([`Window`]): the route pushes requests and takes answers one at a time, in
+//! order, and pushes the next request as each answer comes, so the connection never drains while
+//! there is more to send. Bytes pushed are written while the next answer is read (the server may
+//! answer the first requests before it reads the last ones); requests pushed while an answer is
+//! being parsed from what was already read go out together with the next write.
 //!
 //! The requests are those of the route's one-at-a-time path ([`crate::route::delivery`]: the same
 //! headers and bodies) and failures are classified the same way ([`FailureKind`]):
@@ -15,26 +21,27 @@
 //!   answers are skipped; a 3xx is an answer like any other (no redirect is followed).
 //!
 //! Answers are framed by `Content-Length`, chunked transfer coding, or the end of the connection.
-//! Every answer of the window is read, also after a failed one, so the downstream is done with the
-//! whole window before the route sends anything else; the caller acknowledges nothing past the
-//! first answer that is not [`Answer::Delivered`].
+//! A status other than 2xx does not end the window here: the caller stops pushing and still takes
+//! the answers of what it pushed, so the downstream is done with them before the route sends
+//! anything else; it acknowledges nothing past the first answer that is not
+//! [`Answer::Delivered`].
 //!
-//! The connection is kept for the next window only when every answer was read and none said
-//! `Connection: close`; any error or timeout drops it, and the next window connects again. Requests
-//! left without an answer because the server ended the connection cleanly after an earlier answer
-//! are [`Answer::Unanswered`]: not failures, just not delivered yet. A kept connection that the
-//! server closed while it was idle (no answer at all) is replaced and the window sent once more.
+//! The connection is kept for the next window when every request pushed was answered and no
+//! answer said `Connection: close`; an error or a timeout drops it, and the next window connects
+//! again. Requests left without an answer because the server ended the connection cleanly after an
+//! earlier answer are [`Answer::Unanswered`] (not failures, just not delivered yet), and so is
+//! everything pushed to the window after that: it is never sent, so it cannot overtake them. A kept
+//! connection that the server closed while it was idle (no answer at all) is replaced and what was
+//! written on it written once more.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use futures_util::FutureExt;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use reqwest::header::HeaderMap;
-use std::os::fd::{AsRawFd, RawFd};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -68,8 +75,8 @@ pub type Request = (HeaderMap, Bytes);
 pub struct Pipeline {
     tls: tokio_rustls::TlsConnector,
     timeout: Duration,
-    /// The kept connection, taken out for a window and put back only when the window ended
-    /// cleanly (so a window abandoned half-way, its future dropped, never leaves one behind).
+    /// The kept connection, taken out by a window and put back only when every request the window
+    /// pushed was answered on it (so a window abandoned half-way, dropped, never leaves one behind).
     connection: Option<Connection>,
 }
 
@@ -122,6 +129,62 @@ impl Target {
     }
 }
 
+/// The requests of one window to one endpoint, in the order they were pushed, and where their
+/// answers stand. Owned by the route's task; [`Pipeline::next_answer`] does the I/O.
+pub struct Window {
+    url: String,
+    target: Result<Target, String>,
+    /// The connection the window is on, taken from the pipeline or made for the window.
+    open: Option<Open>,
+    /// Requests pushed and not answered yet.
+    outstanding: usize,
+    /// Pushed requests as bytes on the wire, not written yet.
+    pending: BytesMut,
+    /// The connection ended (or never came) with requests outstanding: they and everything pushed
+    /// after them are [`Answer::Unanswered`], so nothing overtakes a request that was not handled.
+    ended: bool,
+}
+
+/// A window's connection, split so that it writes while it reads.
+struct Open {
+    url: String,
+    reader: ReadHalf<Box<dyn Io>>,
+    writer: WriteHalf<Box<dyn Io>>,
+    socket: RawFd,
+    buffer: BytesMut,
+    /// How many answers were read on this connection in this window.
+    answered: usize,
+    /// Kept from an earlier window and nothing answered on it yet: the bytes written on it so far,
+    /// to be written again on a new connection if the server had closed it while it was idle.
+    replay: Option<Vec<u8>>,
+    /// Bytes were written and not flushed since (TLS holds records until flushed).
+    unflushed: bool,
+    /// A write failed: the connection is not kept, whatever its answers say.
+    write_failed: bool,
+}
+
+impl Window {
+    /// How many requests were pushed and are not answered yet.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Appends a request; its answer comes after those of every request pushed before it.
+    pub fn push(&mut self, request: &Request) {
+        self.outstanding += 1;
+        if let (Ok(target), false) = (&self.target, self.ended) {
+            serialize(&mut self.pending, target, request);
+        }
+    }
+
+    /// The rest of the window will not be answered: nothing more is written.
+    fn end(&mut self) {
+        self.ended = true;
+        self.open = None;
+        self.pending.clear();
+    }
+}
+
 impl Pipeline {
     /// `tls`: the route's TLS setting for https:// urls (`None`: no roots, as the route's client).
     pub fn new(timeout: Duration, tls: Option<&outpost_tls::ClientTls>) -> Pipeline {
@@ -140,40 +203,112 @@ impl Pipeline {
         Pipeline { tls: tokio_rustls::TlsConnector::from(Arc::new(config)), timeout, connection: None }
     }
 
+    /// An empty window to `url`; it takes the kept connection (or connects) at its first answer.
+    pub fn window(&self, url: &str) -> Window {
+        Window {
+            url: url.to_string(),
+            target: Target::parse(url),
+            open: None,
+            outstanding: 0,
+            pending: BytesMut::new(),
+            ended: false,
+        }
+    }
+
     /// Sends `requests` in order on one connection to `url` and reads their answers in order: one
-    /// [`Answer`] per request, in the same order.
+    /// [`Answer`] per request, in the same order (a window pushed all at once).
     pub async fn send(&mut self, url: &str, requests: &[Request]) -> Vec<Answer> {
-        let fail = |kind, detail: String| {
-            let mut answers = vec![Answer::Unanswered; requests.len()];
-            if let Some(first) = answers.first_mut() {
-                *first = Answer::Failed(DeliveryError { url: url.to_string(), kind, detail });
-            }
-            answers
-        };
-        let target = match Target::parse(url) {
+        let mut window = self.window(url);
+        for request in requests {
+            window.push(request);
+        }
+        let mut answers = Vec::with_capacity(requests.len());
+        while window.outstanding() > 0 {
+            answers.push(self.next_answer(&mut window).await);
+        }
+        answers
+    }
+
+    /// The answer to the window's oldest outstanding request, writing what was pushed meanwhile.
+    /// Dropping the future abandons the window's connection (it is never kept half-read).
+    pub async fn next_answer(&mut self, window: &mut Window) -> Answer {
+        assert!(window.outstanding > 0, "an answer is awaited only for a pushed request");
+        window.outstanding -= 1;
+        if window.ended {
+            return Answer::Unanswered;
+        }
+        let target = match &window.target {
             Ok(target) => target,
-            Err(detail) => return fail(FailureKind::Other, detail),
+            Err(detail) => {
+                let error = DeliveryError {
+                    url: window.url.clone(),
+                    kind: FailureKind::Other,
+                    detail: detail.clone(),
+                };
+                window.end();
+                return Answer::Failed(error);
+            }
         };
-        let bytes = serialize(&target, requests);
         loop {
-            let (connection, reused) = match self.connection.take() {
-                Some(connection) if connection.url == url => (connection, true),
-                _ => match self.connect(url, &target).await {
-                    Ok(connection) => (connection, false),
-                    Err(error) => return fail(error.kind, error.detail),
-                },
-            };
-            match exchange(connection, &bytes, requests.len(), self.timeout).await {
-                Exchange::Answered { answers, connection } => {
-                    self.connection = connection;
-                    return answers;
+            if window.open.is_none() {
+                let (connection, reused) = match self.connection.take() {
+                    Some(connection) if connection.url == window.url => (connection, true),
+                    _ => match self.connect(&window.url, target).await {
+                        Ok(connection) => (connection, false),
+                        Err(error) => {
+                            window.end();
+                            return Answer::Failed(error);
+                        }
+                    },
+                };
+                window.open = Some(Open::new(connection, reused));
+            }
+            let open = window.open.as_mut().expect("opened above");
+            match open.answer(&mut window.pending, self.timeout).await {
+                Ok(read) => {
+                    open.answered += 1;
+                    open.replay = None;
+                    let answer = if (200..300).contains(&read.status) {
+                        Answer::Delivered
+                    } else {
+                        let body = String::from_utf8_lossy(&read.excerpt).trim().to_string();
+                        Answer::Failed(status_error(&window.url, read.status, &body))
+                    };
+                    if read.close {
+                        if window.outstanding > 0 {
+                            window.end();
+                        } else {
+                            window.open = None;
+                        }
+                    } else if window.outstanding == 0 {
+                        // Every request answered: the connection waits for the next window (or
+                        // for more of this one).
+                        self.connection = window.open.take().and_then(Open::keep);
+                    }
+                    return answer;
                 }
-                // Closed while idle between windows: once more, on a new connection.
-                Exchange::ClosedBeforeAnswer { .. } if reused => {
-                    tracing::debug!(url, "the kept connection was closed by the server; connecting again");
-                    continue;
+                Err(error) => {
+                    let (kind, detail) = error.failure(self.timeout);
+                    if error.at_boundary && !matches!(error.cause, Cause::Timeout) {
+                        if let Some(replay) = open.replay.take() {
+                            // Closed while idle between windows: once more, on a new connection.
+                            tracing::debug!(url = %window.url, "the kept connection was closed by the server; connecting again");
+                            let mut again = BytesMut::from(&replay[..]);
+                            again.extend_from_slice(&window.pending);
+                            window.pending = again;
+                            window.open = None;
+                            continue;
+                        }
+                        if open.answered > 0 {
+                            // Closed after an answer: what was not answered was not handled.
+                            tracing::debug!(url = %window.url, "the connection ended after an answer: {detail}");
+                            window.end();
+                            return Answer::Unanswered;
+                        }
+                    }
+                    window.end();
+                    return Answer::Failed(DeliveryError { url: window.url.clone(), kind, detail });
                 }
-                Exchange::ClosedBeforeAnswer { kind, detail } => return fail(kind, detail),
             }
         }
     }
@@ -208,8 +343,88 @@ impl Pipeline {
     }
 }
 
+impl Open {
+    fn new(connection: Connection, reused: bool) -> Open {
+        let Connection { url, stream, socket, buffer } = connection;
+        let (reader, writer) = tokio::io::split(stream);
+        Open {
+            url,
+            reader,
+            writer,
+            socket,
+            buffer,
+            answered: 0,
+            replay: reused.then(Vec::new),
+            unflushed: false,
+            write_failed: false,
+        }
+    }
+
+    /// The connection to keep for later, if it may be: every write went through and nothing was
+    /// read beyond the last answer.
+    fn keep(self) -> Option<Connection> {
+        let Open { url, reader, writer, socket, buffer, write_failed, .. } = self;
+        (!write_failed && buffer.is_empty()).then(|| Connection {
+            url,
+            stream: reader.unsplit(writer),
+            socket,
+            buffer,
+        })
+    }
+
+    /// Reads the next answer while writing `pending` (and flushing it), reading first: an answer
+    /// already in the buffer returns at once and leaves what was pushed meanwhile to go out with
+    /// the next write.
+    async fn answer(&mut self, pending: &mut BytesMut, timeout: Duration) -> Result<Read, ReadError> {
+        let Open { reader, writer, socket, buffer, replay, unflushed, write_failed, .. } = self;
+        let mut answers =
+            AnswerReader { io: reader, buffer, socket: Some(*socket), deadline: Instant::now() + timeout };
+        let read = answers.read_answer();
+        tokio::pin!(read);
+        loop {
+            let writing = !*write_failed && (!pending.is_empty() || *unflushed);
+            tokio::select! {
+                biased;
+                read = &mut read => return read,
+                written = write_some(writer, pending, replay, unflushed), if writing => {
+                    if let Err(e) = written {
+                        // The answers tell what the server made of it.
+                        tracing::debug!("writing a window's requests failed: {e}");
+                        *write_failed = true;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes some of `pending` (recording it in `replay`), or flushes once it is all written.
+/// Cancel-safe: nothing is taken from `pending` unless the write took it.
+async fn write_some(
+    writer: &mut WriteHalf<Box<dyn Io>>,
+    pending: &mut BytesMut,
+    replay: &mut Option<Vec<u8>>,
+    unflushed: &mut bool,
+) -> io::Result<()> {
+    if pending.is_empty() {
+        writer.flush().await?;
+        *unflushed = false;
+        return Ok(());
+    }
+    let written = writer.write(pending).await?;
+    if written == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    if let Some(replay) = replay {
+        replay.extend_from_slice(&pending[..written]);
+    }
+    pending.advance(written);
+    *unflushed = true;
+    Ok(())
+}
+
 /// Asks the kernel to acknowledge what arrived at once rather than after the delayed-ACK timer.
-/// A window's requests are all written before its answers come, so the route has nothing to send
+/// A window's requests are written ahead of its answers, so the route often has nothing to send
 /// that would carry the ACK; a server that leaves Nagle's algorithm on (hyper's and axum's default)
 /// holds each answer after the first until the previous one is acknowledged, which cost a window
 /// ~40 ms per answer (180 msgs/s with 8 in flight). Linux clears the flag again by itself, hence
@@ -234,124 +449,26 @@ fn quick_ack(socket: RawFd) {
     let _ = socket;
 }
 
-/// The requests as bytes on the wire, back to back.
-fn serialize(target: &Target, requests: &[Request]) -> Vec<u8> {
-    let size = requests.iter().map(|(headers, body)| 256 + headers.len() * 64 + body.len()).sum();
-    let mut out = Vec::with_capacity(size);
-    for (headers, body) in requests {
-        out.extend_from_slice(b"POST ");
-        out.extend_from_slice(target.path.as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        out.extend_from_slice(target.authority.as_bytes());
-        out.extend_from_slice(b"\r\n");
-        for (name, value) in headers {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"user-agent: ");
-        out.extend_from_slice(USER_AGENT.as_bytes());
-        out.extend_from_slice(b"\r\naccept: */*\r\ncontent-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(body);
+/// Appends a request as bytes on the wire.
+fn serialize(out: &mut BytesMut, target: &Target, (headers, body): &Request) {
+    out.reserve(256 + headers.len() * 64 + body.len());
+    out.put_slice(b"POST ");
+    out.put_slice(target.path.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\nhost: ");
+    out.put_slice(target.authority.as_bytes());
+    out.put_slice(b"\r\n");
+    for (name, value) in headers {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
     }
-    out
-}
-
-enum Exchange {
-    /// An answer for every request (some perhaps `Unanswered`); the connection, if it may be kept.
-    Answered { answers: Vec<Answer>, connection: Option<Connection> },
-    /// The connection ended before any byte of the first answer.
-    ClosedBeforeAnswer { kind: FailureKind, detail: String },
-}
-
-/// Writes `bytes` (`count` requests) and reads `count` answers, at the same time: the server may
-/// answer the first requests before it reads the last ones.
-async fn exchange(connection: Connection, bytes: &[u8], count: usize, timeout: Duration) -> Exchange {
-    let Connection { url, stream, socket, mut buffer } = connection;
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let (reading, written) = {
-        let write = async {
-            writer.write_all(bytes).await?;
-            writer.flush().await
-        };
-        tokio::pin!(write);
-        let read = read_answers(&mut reader, &mut buffer, Some(socket), &url, count, timeout);
-        tokio::pin!(read);
-        let mut written: Option<io::Result<()>> = None;
-        let reading = loop {
-            tokio::select! {
-                biased;
-                result = &mut write, if written.is_none() => written = Some(result),
-                reading = &mut read => break reading,
-            }
-        };
-        if written.is_none() {
-            written = (&mut write).now_or_never();
-        }
-        (reading, written)
-    };
-    match reading {
-        Reading::ClosedBeforeAnswer { kind, detail } => Exchange::ClosedBeforeAnswer { kind, detail },
-        Reading::Answers { answers, keep_alive } => {
-            let keep = keep_alive && matches!(written, Some(Ok(()))) && buffer.is_empty();
-            let connection = keep.then(|| Connection { url, stream: reader.unsplit(writer), socket, buffer });
-            Exchange::Answered { answers, connection }
-        }
-    }
-}
-
-enum Reading {
-    Answers { answers: Vec<Answer>, keep_alive: bool },
-    ClosedBeforeAnswer { kind: FailureKind, detail: String },
-}
-
-async fn read_answers<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buffer: &mut BytesMut,
-    socket: Option<RawFd>,
-    url: &str,
-    count: usize,
-    timeout: Duration,
-) -> Reading {
-    let mut reader = AnswerReader { io, buffer, socket, deadline: Instant::now() + timeout };
-    let mut answers = Vec::with_capacity(count);
-    while answers.len() < count {
-        reader.deadline = Instant::now() + timeout;
-        match reader.read_answer().await {
-            Ok(answer) => {
-                answers.push(if (200..300).contains(&answer.status) {
-                    Answer::Delivered
-                } else {
-                    let body = String::from_utf8_lossy(&answer.excerpt).trim().to_string();
-                    Answer::Failed(status_error(url, answer.status, &body))
-                });
-                if answer.close {
-                    answers.resize(count, Answer::Unanswered);
-                    return Reading::Answers { answers, keep_alive: false };
-                }
-            }
-            Err(error) => {
-                let failure = error.failure(timeout);
-                if error.at_boundary && !matches!(error.cause, Cause::Timeout) {
-                    if answers.is_empty() {
-                        let (kind, detail) = failure;
-                        return Reading::ClosedBeforeAnswer { kind, detail };
-                    }
-                    // Closed after an answer: what was not answered was not handled.
-                    tracing::debug!(url, "the connection ended after an answer: {}", failure.1);
-                } else {
-                    let (kind, detail) = failure;
-                    answers.push(Answer::Failed(DeliveryError { url: url.to_string(), kind, detail }));
-                }
-                answers.resize(count, Answer::Unanswered);
-                return Reading::Answers { answers, keep_alive: false };
-            }
-        }
-    }
-    Reading::Answers { answers, keep_alive: true }
+    out.put_slice(b"user-agent: ");
+    out.put_slice(USER_AGENT.as_bytes());
+    out.put_slice(b"\r\naccept: */*\r\ncontent-length: ");
+    out.put_slice(body.len().to_string().as_bytes());
+    out.put_slice(b"\r\n\r\n");
+    out.put_slice(body);
 }
 
 /// One answer as read.
@@ -729,6 +846,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_sliding_window_pushes_as_answers_come_and_stays_in_order_on_one_connection() {
+        let (url, log) = server().await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let mut window = pipeline.window(&url);
+        let mut next_seq = 1u64;
+        while next_seq <= 8 {
+            window.push(&request(next_seq));
+            next_seq += 1;
+        }
+        let mut answered = 0;
+        while window.outstanding() > 0 {
+            assert_eq!(pipeline.next_answer(&mut window).await, Answer::Delivered);
+            answered += 1;
+            // One more for each answer, up to 100.
+            if next_seq <= 100 {
+                window.push(&request(next_seq));
+                next_seq += 1;
+            }
+            assert_eq!(window.outstanding(), (100 - answered).min(8));
+        }
+        assert_eq!(answered, 100);
+        assert_eq!(log.seqs(), (1..=100).collect::<Vec<_>>());
+        assert_eq!(log.peers().len(), 1, "one connection");
+        assert!(pipeline.connection.is_some(), "kept once every request was answered");
+    }
+
+    #[tokio::test]
+    async fn after_a_connection_closed_mid_window_nothing_pushed_later_is_sent() {
+        let (url, log) = server().await;
+        let mut pipeline = Pipeline::new(TIMEOUT, None);
+        let mut window = pipeline.window(&url);
+        for seq in [1, 3000, 3, 4] {
+            window.push(&request(seq));
+        }
+        assert_eq!(pipeline.next_answer(&mut window).await, Answer::Delivered);
+        assert_eq!(pipeline.next_answer(&mut window).await, Answer::Delivered);
+        // Pushed after the close: it would overtake 3 and 4, which the server did not handle.
+        window.push(&request(5));
+        for _ in 0..3 {
+            assert_eq!(pipeline.next_answer(&mut window).await, Answer::Unanswered);
+        }
+        assert_eq!(log.seqs(), [1, 3000]);
+    }
+
+    #[tokio::test]
     async fn a_failure_in_the_middle_is_reported_and_the_answers_after_it_are_read() {
         let (url, log) = server().await;
         let mut pipeline = Pipeline::new(TIMEOUT, None);
@@ -892,8 +1054,9 @@ mod tests {
         );
         let mut headers = HeaderMap::new();
         headers.insert(HeaderName::from_static("outpost-seq"), HeaderValue::from_static("7"));
-        let bytes = serialize(&target, &[(headers, Bytes::from_static(b"{}"))]);
-        let text = String::from_utf8(bytes).unwrap();
+        let mut bytes = BytesMut::new();
+        serialize(&mut bytes, &target, &(headers, Bytes::from_static(b"{}")));
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
         assert!(
             text.starts_with("POST /a/b?c=d HTTP/1.1\r\nhost: [::1]:8080\r\noutpost-seq: 7\r\n"),
             "{text}"

@@ -11,6 +11,7 @@ use outpost_core::metrics::{Metrics, RouteLabel};
 use outpost_core::time::now_unix_ms;
 use outpost_link::Jitter;
 use outpost_store::{FailedEntry, FailedQuery, FailedStatus, NewFailure, Store, StoreError, StoredMessage};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -30,6 +31,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(1);
 const STORE_RETRY_PAUSE: Duration = Duration::from_secs(1);
 /// How long a task that lost its lease waits for its cursor commit before letting go of it.
 const LEASE_LOST_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A window starts a cursor commit once this many deliveries are uncommitted (and when it ends),
+/// half the bound, so the commit is done before the bound would stop the window from growing.
+const WINDOW_COMMIT_EVERY: u64 = MAX_UNCOMMITTED_DELIVERIES / 2;
 /// `changed_by` of the task's own switches.
 const CHANGED_BY_SERVICE_DOWN: &str = "auto:service_down";
 const CHANGED_BY_PROBE: &str = "auto:probe";
@@ -89,6 +93,14 @@ impl Head {
     }
 }
 
+/// Why a window has no next POST.
+enum NoUnit {
+    /// Nothing read ahead (the queue may have more later).
+    Empty,
+    /// The next message expired: it is failed as a head, outside the window.
+    Expired,
+}
+
 /// The head and how often it was tried.
 struct Current {
     head: Head,
@@ -121,6 +133,8 @@ pub(super) struct RouteTask {
     deliverer: Deliverer,
     store: Store,
     metrics: Arc<Metrics>,
+    /// `outpost_messages_delivered{route}` of this route.
+    delivered_counter: Counter,
     modes: Arc<RouteModes>,
     /// The stop, the mode, the lease, commits and resubmit notices: what the task waits on.
     signals: Signals,
@@ -172,6 +186,10 @@ impl RouteTask {
             deliverer,
             store: store.clone(),
             metrics: metrics.clone(),
+            delivered_counter: metrics
+                .messages_delivered
+                .get_or_create(&RouteLabel { route: route.name.clone() })
+                .clone(),
             modes: modes.clone(),
             signals: Signals {
                 stop,
@@ -284,10 +302,14 @@ impl RouteTask {
             .await;
     }
 
-    fn take_notices(&mut self) {
+    /// Takes the resubmit notices that came; says whether any did.
+    fn take_notices(&mut self) -> bool {
+        let mut any = false;
         while self.signals.resubmit_notices.try_recv().is_ok() {
             self.resubmits_pending = true;
+            any = true;
         }
+        any
     }
 
     /// Forward mode: deliver the head, or wait for work.
@@ -338,16 +360,25 @@ impl RouteTask {
         }
     }
 
-    /// Delivers the head and the messages after it as a window: up to `max_in_flight` POSTs, each
-    /// of one message or (`batch` > 1) an NDJSON body of up to `batch`, pipelined in queue order on
-    /// one connection ([`crate::route::pipeline`]), so the downstream receives them in queue order.
-    /// The answers come in that order too: the cursor moves over the delivered prefix only, and
-    /// the first answer that is not a delivery stops the window there. Everything from that POST on
-    /// goes back in line (POSTs after it that succeeded are sent again later: repeats, which the
-    /// downstream drops by `Idempotency-Key`, never a skip). A failed single message is judged by
-    /// the policy as a single delivery would be; a failed batch sends its first message alone next,
-    /// so the policy judges messages, not batches; a POST the server did not answer (it closed the
-    /// connection after an earlier answer) is not a failure and goes first in the next window.
+    /// Delivers the head and the messages after it as a sliding window: up to `max_in_flight`
+    /// POSTs outstanding, each of one message or (`batch` > 1) an NDJSON body of up to `batch`,
+    /// pipelined in queue order on one connection ([`crate::route::pipeline`]), so the downstream
+    /// receives them in queue order. The answers come in that order too: as each comes, the cursor
+    /// moves over it (the delivered prefix only) and the next POST goes out, so the connection
+    /// never drains while the queue has more. The first answer that is not a delivery stops the
+    /// window there: nothing more is pushed, the answers of what was are taken but not
+    /// acknowledged, and everything from that POST on goes back in line (POSTs after it that
+    /// succeeded are sent again later: repeats, which the downstream drops by `Idempotency-Key`,
+    /// never a skip). A failed single message is judged by the policy as a single delivery would
+    /// be; a failed batch sends its first message alone next, so the policy judges messages, not
+    /// batches; a POST the server did not answer (it closed the connection after an earlier
+    /// answer) is not a failure and goes first in the next window.
+    ///
+    /// The window also stops growing (and ends once its answers are in) when the route has
+    /// something else to do first: a mode change, resubmitted entries, an expired message next in
+    /// line, the queue running out. It pushes a POST only while the acknowledged deliveries not yet
+    /// committed and the messages in flight stay within [`MAX_UNCOMMITTED_DELIVERIES`] plus one
+    /// window (`max_in_flight` × `batch`): what a crash may deliver again.
     async fn forward_window(&mut self) -> Result<(), StoreError> {
         if !self.signals.lease.borrow().is_valid() {
             return Ok(());
@@ -356,80 +387,111 @@ impl RouteTask {
         let Some(Current { head: Head::Queued(first), .. }) = self.head.take() else {
             unreachable!("a window starts at a fresh queued head")
         };
-        let wanted = self.max_in_flight * self.batch;
-        if self.read_ahead.len() + 1 < wanted {
-            self.top_up_read_ahead(wanted - 1).await?;
-        }
-        // The window's messages: the head, then what follows, stopping before an expired one
-        // (it is failed as the head of a later step).
-        let mut messages = vec![first];
-        while messages.len() < wanted {
-            match self.read_ahead.front() {
-                Some(next) if !self.expired(next) => {
-                    messages.push(self.read_ahead.pop_front().expect("front"))
-                }
-                _ => break,
-            }
-        }
-        let units = self.units_of(&messages);
-        let outgoing: Vec<Unit> = units
-            .iter()
-            .map(|range| match range.len() {
-                1 => Unit::Single(Head::Queued(messages[range.start].clone()).outgoing()),
-                _ => Unit::Batch(
-                    messages[range.clone()].iter().map(|m| Head::Queued(m.clone()).outgoing()).collect(),
-                ),
-            })
-            .collect();
-        // Stopping, or the lease running out (as in `attempt`): nothing of the window counts, the
-        // cursor has not moved over it, and the next holder starts from the cursor.
-        let answers = {
-            let posts = self.deliverer.post_window(&outgoing);
-            tokio::pin!(posts);
-            loop {
-                let lease = *self.signals.lease.borrow();
-                if !lease.is_valid() {
-                    tracing::warn!(route = %self.name, "the route's lease ran out during a window of deliveries: abandoning it to the next holder");
-                    return Ok(());
-                }
-                match self.signals.wait_or(Until::stop_or_lease().or_lease_end(lease), &mut posts).await {
-                    Ok(answers) => {
-                        if !self.signals.lease.borrow().is_valid() {
-                            return Ok(());
+        self.read_ahead.push_front(first);
+        let mut posts = self.deliverer.posts();
+        // The messages of the POSTs in flight, in order, and how many each POST holds; after a
+        // failure also those of the failed POST and every one after it (they go back in line).
+        let mut sent: VecDeque<StoredMessage> = VecDeque::new();
+        let mut sizes: VecDeque<usize> = VecDeque::new();
+        let mut growing = true;
+        let mut acknowledging = true;
+        let mut failure: Option<(usize, DeliveryFailure)> = None;
+        let mut store_error = None;
+        let repeat_bound = MAX_UNCOMMITTED_DELIVERIES + (self.max_in_flight * self.batch) as u64;
+        loop {
+            while growing && posts.outstanding() < self.max_in_flight {
+                // What a crash now would deliver again: the acknowledged deliveries not yet
+                // committed and the messages in flight, with the next POST at most `batch` more.
+                let repeats = |task: &Self, in_flight: usize| {
+                    task.cursor.uncommitted() + (in_flight + task.batch) as u64
+                };
+                if repeats(self, sent.len()) > repeat_bound {
+                    self.cursor.poll();
+                    if repeats(self, sent.len()) > repeat_bound {
+                        if posts.outstanding() > 0 {
+                            break; // an answer first; the commit may be done by then
                         }
-                        break answers;
+                        self.cursor.flush().await;
                     }
-                    Err(Wake::Stopped) => return Ok(()),
-                    // Renewed, or its end passed: look again.
-                    Err(_) => {}
                 }
-            }
-        };
-        let mut delivered = 0usize;
-        let mut failure = None;
-        for (range, answer) in units.iter().zip(answers) {
-            match answer {
-                Answer::Delivered => {
-                    let last = &messages[range.end - 1];
-                    self.delivered_through = last.seq;
-                    self.cursor.want(last.seq);
-                    delivered += range.len();
-                }
-                Answer::Failed(error) => {
-                    failure = Some((range.len(), DeliveryFailure { errors: vec![error] }));
+                if self.signals.mode.has_changed().unwrap_or(true) || self.take_notices() {
+                    growing = false;
                     break;
                 }
-                Answer::Unanswered => break,
+                if self.read_ahead.len() < self.batch {
+                    let after = sent.back().map_or(self.delivered_through, |m| m.seq);
+                    let window = self.max_in_flight * self.batch;
+                    if let Err(e) = self.read_more(after, self.batch, window).await {
+                        store_error = Some(e);
+                        growing = false;
+                        break;
+                    }
+                }
+                match self.next_unit() {
+                    Ok(unit) => {
+                        posts.push(&unit);
+                        sizes.push_back(unit.len());
+                        sent.extend(self.read_ahead.drain(..unit.len()));
+                    }
+                    // Nothing more now: the answers to come may find more.
+                    Err(NoUnit::Empty) => break,
+                    Err(NoUnit::Expired) => {
+                        growing = false;
+                        break;
+                    }
+                }
+            }
+            let Some(size) = sizes.pop_front() else { break };
+            // Stopping, or the lease running out (as in `attempt`): nothing more of the window
+            // counts, the cursor does not move over it, and the next holder starts from the cursor.
+            let answer = {
+                let next = self.deliverer.next_answer(&mut posts);
+                tokio::pin!(next);
+                loop {
+                    let lease = *self.signals.lease.borrow();
+                    if !lease.is_valid() {
+                        tracing::warn!(route = %self.name, "the route's lease ran out during a window of deliveries: abandoning it to the next holder");
+                        break None;
+                    }
+                    match self.signals.wait_or(Until::stop_or_lease().or_lease_end(lease), &mut next).await {
+                        Ok(answer) => break self.signals.lease.borrow().is_valid().then_some(answer),
+                        Err(Wake::Stopped) => break None,
+                        // Renewed, or its end passed: look again.
+                        Err(_) => {}
+                    }
+                }
+            };
+            let Some(answer) = answer else {
+                self.back_in_line(sent);
+                return Ok(());
+            };
+            match answer {
+                Answer::Delivered if acknowledging => {
+                    let last = sent.drain(..size).last().expect("a POST holds at least one message");
+                    self.delivered_through = last.seq;
+                    self.cursor.want(last.seq);
+                    self.cursor.poll_from(WINDOW_COMMIT_EVERY);
+                    self.delivered_counter.inc_by(size as u64);
+                }
+                // After the window stopped: answered, not acknowledged.
+                Answer::Delivered => {}
+                Answer::Failed(error) => {
+                    if acknowledging {
+                        failure = Some((size, DeliveryFailure { errors: vec![error] }));
+                    }
+                    acknowledging = false;
+                    growing = false;
+                }
+                Answer::Unanswered => {
+                    acknowledging = false;
+                    growing = false;
+                }
             }
         }
-        self.metrics
-            .messages_delivered
-            .get_or_create(&RouteLabel { route: self.name.clone() })
-            .inc_by(delivered as u64);
         self.cursor.poll();
-        // Everything not delivered goes back in line, in order.
-        for message in messages.drain(delivered..).rev() {
-            self.read_ahead.push_front(message);
+        self.back_in_line(sent);
+        if let Some(e) = store_error {
+            return Err(e);
         }
         let Some((unit_len, error)) = failure else { return Ok(()) };
         let head = self.read_ahead.pop_front().expect("the failed POST's messages went back in line");
@@ -447,40 +509,51 @@ impl RouteTask {
         Ok(())
     }
 
-    /// The POSTs of a window: ranges of `messages`, each of up to `batch` messages; a payload with a
-    /// line break cannot be an NDJSON line and goes alone.
-    fn units_of(&self, messages: &[StoredMessage]) -> Vec<std::ops::Range<usize>> {
-        let mut units: Vec<std::ops::Range<usize>> = Vec::new();
-        for (i, message) in messages.iter().enumerate() {
-            let alone = self.batch == 1 || message.payload.contains(&b'\n');
-            match units.last_mut() {
-                Some(unit)
-                    if !alone
-                        && unit.len() < self.batch
-                        && !messages[unit.start].payload.contains(&b'\n') =>
-                {
-                    unit.end = i + 1
-                }
-                _ => units.push(i..i + 1),
-            }
-            if units.len() > self.max_in_flight {
-                units.pop();
-                break;
-            }
+    /// Messages taken for a window and not delivered go back first in line, in order.
+    fn back_in_line(&mut self, messages: VecDeque<StoredMessage>) {
+        for message in messages.into_iter().rev() {
+            self.read_ahead.push_front(message);
         }
-        units
     }
 
-    /// Reads more of the queue into the read-ahead until it holds `count` messages or the queue
-    /// has no more.
-    async fn top_up_read_ahead(&mut self, count: usize) -> Result<(), StoreError> {
+    /// The next POST of a window from the front of the read-ahead: up to `batch` messages, stopping
+    /// before an expired one (it is failed as the head of a later step); a payload with a line
+    /// break cannot be an NDJSON line and goes alone. The messages stay in the read-ahead.
+    fn next_unit(&self) -> Result<Unit, NoUnit> {
+        let first = self.read_ahead.front().ok_or(NoUnit::Empty)?;
+        if self.expired(first) {
+            return Err(NoUnit::Expired);
+        }
+        let outgoing = |message: &StoredMessage| Head::Queued(message.clone()).outgoing();
+        if self.batch == 1 || first.payload.contains(&b'\n') {
+            return Ok(Unit::Single(outgoing(first)));
+        }
+        let messages: Vec<Outgoing> = self
+            .read_ahead
+            .iter()
+            .take(self.batch)
+            .take_while(|m| !self.expired(m) && !m.payload.contains(&b'\n'))
+            .map(outgoing)
+            .collect();
+        Ok(match messages.len() {
+            1 => Unit::Single(messages.into_iter().next().expect("one")),
+            _ => Unit::Batch(messages),
+        })
+    }
+
+    /// Reads the queue after `after` into the read-ahead until it holds `count` messages or the
+    /// queue has no more, [`Self::read_ahead_limit`] or `window` messages at a time at least (so a
+    /// window of batches does not go to the store for every POST).
+    async fn read_more(&mut self, after: u64, count: usize, window: usize) -> Result<(), StoreError> {
         while self.read_ahead.len() < count {
-            let after = self.read_ahead.back().map_or(self.delivered_through, |m| m.seq);
+            let after = self.read_ahead.back().map_or(after, |m| m.seq);
             let has_more = self.store.queue(&self.queue).is_some_and(|stats| stats.last_seq > after);
             if !has_more {
                 break;
             }
-            let limit = (count - self.read_ahead.len()).min(READ_AHEAD_MESSAGES * 4);
+            let limit = (count - self.read_ahead.len())
+                .max(self.read_ahead_limit.max(window))
+                .min(READ_AHEAD_MESSAGES * 4);
             let messages = self.store.read(&self.queue, after, limit).await?;
             if messages.is_empty() {
                 break;
@@ -609,7 +682,7 @@ impl RouteTask {
 
     async fn delivered(&mut self) -> Result<(), StoreError> {
         let current = self.head.take().expect("delivered needs a head");
-        self.metrics.messages_delivered.get_or_create(&RouteLabel { route: self.name.clone() }).inc();
+        self.delivered_counter.inc();
         match current.head {
             Head::Queued(message) => {
                 self.delivered_through = message.seq;
