@@ -12,6 +12,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc instead of glibc's malloc: each request on the ingest path allocates and frees a
+/// handful of small buffers (headers, body, id, answer) on the tokio workers, and glibc's
+/// malloc/free took ~7 % of their time under `outpost bench` (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit codes of CONTRACT section 1.
 pub mod exit {
     pub const FATAL: u8 = 1;
