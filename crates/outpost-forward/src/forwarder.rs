@@ -81,6 +81,26 @@ impl QueueProgress {
     fn waits_for_room(&self, last_seq: u64, max_in_flight: u32) -> bool {
         self.next_to_send <= last_seq && self.in_flight >= max_in_flight
     }
+
+    /// The central holds the queue through `stored_through`; returns whether that is news. The next
+    /// batch starts after it too: with several batches in flight, one sent before a resend can be
+    /// stored after it and carry the central past what the resend went back to, and this edge may
+    /// release what the central holds, so it must never read from before that again.
+    fn stored_through(&mut self, stored_through: u64) -> bool {
+        if stored_through <= self.acked {
+            return false;
+        }
+        self.acked = stored_through;
+        self.next_to_send = self.next_to_send.max(stored_through + 1);
+        true
+    }
+
+    /// The central expects `expected_seq` next, before what a batch assumed: send again from there
+    /// (never from before what it already confirmed holding).
+    fn resend_from(&mut self, expected_seq: u64) {
+        self.acked = self.acked.max(expected_seq.saturating_sub(1));
+        self.next_to_send = self.next_to_send.min(expected_seq).max(self.acked + 1);
+    }
 }
 
 /// Forwards until a request fails for a reason other than a gap; returns that error.
@@ -288,8 +308,7 @@ impl Forwarder {
     /// Moves the `upstream` cursor to what the central now holds and tells the driver.
     async fn on_ack(&mut self, queue: String, ack: BatchAck, payload_bytes: u64) {
         let entry = self.queues.get_mut(&queue).expect("a queue with a batch in flight has progress");
-        if ack.stored_through > entry.acked {
-            entry.acked = ack.stored_through;
+        if entry.stored_through(ack.stored_through) {
             if let Err(e) = self.store.advance_cursor(&queue, UPSTREAM_READER, entry.acked).await {
                 tracing::warn!(%queue, "cannot advance the upstream cursor: {e}");
             }
@@ -317,9 +336,10 @@ impl Forwarder {
         // The central holds less than a batch assumed (its predecessor failed or is late):
         // go back and resend from where it is; it drops what it already has.
         tracing::debug!(%queue, expected_seq, "central asked to resend");
-        let entry = self.queues.get_mut(queue).expect("a queue with a batch in flight has progress");
-        entry.acked = entry.acked.max(expected_seq.saturating_sub(1));
-        entry.next_to_send = entry.next_to_send.min(expected_seq).max(entry.acked + 1);
+        self.queues
+            .get_mut(queue)
+            .expect("a queue with a batch in flight has progress")
+            .resend_from(expected_seq);
         Ok(())
     }
 }
@@ -367,4 +387,43 @@ async fn send_batch(
     let started = tokio::time::Instant::now();
     let result = client.send_frame(&batch.queue, frame.into(), encoding.as_deref(), bucket).await;
     (batch.queue, last_seq, payload_bytes, started.elapsed(), result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::QueueProgress;
+
+    fn progress(acked: u64) -> QueueProgress {
+        QueueProgress { acked, next_to_send: acked + 1, in_flight: 0 }
+    }
+
+    #[test]
+    fn a_batch_stored_after_a_resend_moves_the_next_batch_past_it() {
+        // Batches 1..=190, 191..=220 and 221..=254 in flight; the last one arrives first and the
+        // central asks for 191 (it holds 1..=190 by then).
+        let mut queue = progress(0);
+        queue.next_to_send = 255;
+        queue.resend_from(191);
+        assert_eq!((queue.acked, queue.next_to_send), (190, 191));
+        // The resend's first batch, 191..=205, goes out.
+        queue.next_to_send = 206;
+        // Then the old 191..=220 batch, which was still on its way, is stored and acknowledged:
+        // this edge releases through 220, so the next batch must start at 221, not 206.
+        assert!(queue.stored_through(220));
+        assert_eq!((queue.acked, queue.next_to_send), (220, 221));
+        // An older, smaller answer changes nothing.
+        assert!(!queue.stored_through(205));
+        assert_eq!((queue.acked, queue.next_to_send), (220, 221));
+    }
+
+    #[test]
+    fn a_resend_never_goes_back_before_what_the_central_confirmed() {
+        let mut queue = progress(0);
+        queue.next_to_send = 300;
+        assert!(queue.stored_through(250));
+        assert_eq!(queue.next_to_send, 300, "batches already sent past the ack stay sent");
+        // A gap answer computed before that ack arrives late.
+        queue.resend_from(191);
+        assert_eq!((queue.acked, queue.next_to_send), (250, 251));
+    }
 }
