@@ -87,10 +87,10 @@ fi
 edge_url="http://127.0.0.1:$EDGE_PORT"
 central_url="http://127.0.0.1:$CENTRAL_PORT"
 now_ms() { date +%s%3N; }
-wait_ready() { # url pid
+wait_ready() { # url pid [path, default /readyz (nats-server: /healthz)]
   for _ in $(seq 1 300); do
-    kill -0 "$2" 2>/dev/null || { echo "the node for $1 exited (port taken?); see $work/*.log" >&2; KEEP=1; exit 1; }
-    curl -sf "$1/readyz" >/dev/null && return 0
+    kill -0 "$2" 2>/dev/null || { echo "the server for $1 exited (port taken?); see $work/*.log, $work/nats-*/*.log" >&2; KEEP=1; exit 1; }
+    curl -sf "$1${3:-/readyz}" >/dev/null && return 0
     sleep 0.05
   done
   echo "not ready: $1" >&2; exit 1
@@ -184,14 +184,6 @@ if [ "$NATS" = 1 ]; then
   hub_client=$NATS_PORT hub_http=$((NATS_PORT + 1)) hub_leafnodes=$((NATS_PORT + 2))
   leaf_client=$((NATS_PORT + 3)) leaf_http=$((NATS_PORT + 4))
   echo "nats: $("$NATS_BIN" --version), file streams with default sync_interval (2 min)"
-  wait_healthy() { # monitoring url pid
-    for _ in $(seq 1 300); do
-      kill -0 "$2" 2>/dev/null || { echo "nats-server for $1 exited (port taken?); see $work/nats-*/*.log" >&2; KEEP=1; exit 1; }
-      curl -sf "$1/healthz" >/dev/null && return 0
-      sleep 0.05
-    done
-    echo "not healthy: $1" >&2; exit 1
-  }
   for mode in $NATS_COMPRESSION; do
     dir="$work/nats-$mode"; mkdir -p "$dir"
     cat >"$dir/hub.conf" <<EOF
@@ -209,12 +201,12 @@ jetstream { store_dir: "$dir/leaf", domain: leaf }
 leafnodes { reconnect: 1, remotes: [ { url: "nats-leaf://127.0.0.1:$PROXY_PORT", compression: $mode } ] }
 EOF
     "$NATS_BIN" -c "$dir/hub.conf" >"$dir/hub.log" 2>&1 &
-    hub_pid=$!; pids+=("$hub_pid"); wait_healthy "http://127.0.0.1:$hub_http" "$hub_pid"
+    hub_pid=$!; pids+=("$hub_pid"); wait_ready "http://127.0.0.1:$hub_http" "$hub_pid" /healthz
     # no_advertise: the hub would otherwise tell the leaf its own leaf node address, and a leaf
     # that lost its connection would reconnect there directly, around the proxy.
     # The line is down (no proxy yet): the leaf retries its remote every second meanwhile.
     "$NATS_BIN" -c "$dir/leaf.conf" >"$dir/leaf.log" 2>&1 &
-    leaf_pid=$!; pids+=("$leaf_pid"); wait_healthy "http://127.0.0.1:$leaf_http" "$leaf_pid"
+    leaf_pid=$!; pids+=("$leaf_pid"); wait_ready "http://127.0.0.1:$leaf_http" "$leaf_pid" /healthz
     "$NATS_PY" "$here/wan.py" nats-backlog "nats://127.0.0.1:$leaf_client" ORDERS orders.created "$work"/backlog-*.ndjson \
       >"$dir/backlog.log" || { cat "$dir/backlog.log"; exit 1; }
     "$NATS_PY" "$here/wan.py" nats-source "nats://127.0.0.1:$hub_client" ORDERS ORDERS leaf
