@@ -67,7 +67,10 @@ impl Downstream {
 
     async fn start_with(shared: Shared) -> Downstream {
         let shared = Arc::new(shared);
-        let app = Router::new().route("/in", axum::routing::post(receive)).with_state(shared.clone());
+        let app = Router::new()
+            .route("/in", axum::routing::post(receive))
+            .layer(axum::extract::DefaultBodyLimit::disable())
+            .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/in", listener.local_addr().unwrap());
         // As most servers (Go's, nginx's keep-alive), unless the test asks for Nagle.
@@ -292,6 +295,43 @@ async fn a_window_to_a_downstream_that_leaves_nagle_on_does_not_wait_for_delayed
     let took = started.elapsed();
     eprintln!("{BACKLOG} messages, 8 in flight, to a downstream with Nagle on: {took:.2?}");
     assert!(took < Duration::from_secs(10), "{BACKLOG} messages took {took:?}: waiting for delayed ACKs?");
+}
+
+/// Large messages and a large `batch`: a POST holds `batch` messages only while its body stays
+/// within 4 MiB (`MAX_POST_BYTES`), so 1,000 messages of up to `max_message_bytes` never make one
+/// body of a gigabyte; everything still goes once, in queue order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_large_messages_stops_at_four_mib_per_post() {
+    const MESSAGES: usize = 24;
+    const SIZE: usize = 700 * 1024; // 5 fit in 4 MiB, 6 do not
+    const MAX_POST_BYTES: usize = 4 << 20;
+    let downstream = Downstream::start().await;
+    let node = start_edge(&route_toml(&downstream.url, "batch = 1000\nmax_in_flight = 4")).await;
+    let client = node.client();
+    switch(&client, "store").await;
+    let payloads: Vec<String> =
+        (0..MESSAGES).map(|i| format!("{{\"order\":{i},\"lines\":\"{}\"}}", "x".repeat(SIZE))).collect();
+    for payload in &payloads {
+        client.post_message("orders", payload.clone().into_bytes()).await.unwrap().accepted();
+    }
+    switch(&client, "forward").await;
+    wait_until_async(WAIT, "route backlog 0", || async { route_backlog(&client).await == 0 }).await;
+
+    let log = downstream.log();
+    assert!(
+        log.iter().all(|r| r.status == 200),
+        "statuses {:?}",
+        log.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let lines: Vec<String> =
+        log.iter().flat_map(|r| r.lines.iter().map(|l| String::from_utf8(l.clone()).unwrap())).collect();
+    assert!(lines == payloads, "every message once, in queue order");
+    let per_post: Vec<usize> = log.iter().map(|r| r.lines.len()).collect();
+    for request in &log {
+        let body: usize = request.lines.iter().map(|l| l.len() + 1).sum();
+        assert!(body <= MAX_POST_BYTES, "a POST of {body} bytes ({per_post:?} messages per POST)");
+    }
+    assert!(per_post.contains(&5), "batches still fill up to the bound: {per_post:?}");
 }
 
 /// Delivery rates for docs/benchmarks.md: `cargo test --release -p outpost --test route_window

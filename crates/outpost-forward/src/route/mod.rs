@@ -106,6 +106,17 @@ pub const READ_AHEAD_MESSAGES: usize = 256;
 /// divided by the average payload of the last one (at least 1), so 1 MiB messages are read a few
 /// at a time and small ones 256 at a time.
 pub const READ_AHEAD_BYTES: usize = 4 << 20;
+/// The most payload bytes of one batch POST (`[[route]] batch`): a batch of `batch` messages
+/// stops short of it (a message larger than it goes alone), so a downstream never gets a body
+/// of `batch` × `limits.max_message_bytes`.
+pub const MAX_POST_BYTES: usize = 4 << 20;
+/// About the most a window (`[[route]] max_in_flight`) holds in flight, counted as payload bytes
+/// plus [`MESSAGE_FOOTPRINT`] per message: it pushes no further POST beyond it while one is
+/// outstanding, so 256 POSTs of 10,000 messages cannot hold gigabytes.
+pub const MAX_WINDOW_BYTES: usize = 16 << 20;
+/// What a message read ahead or in flight costs besides its payload (its id, queue, origin and
+/// content type, and the request's headers), for [`MAX_WINDOW_BYTES`].
+pub const MESSAGE_FOOTPRINT: usize = 256;
 /// How long [`RouteTasks::stop`] lets a task finish its cursor commit.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The cluster event published after entries of a route were resubmitted; body `{"route": name}`.

@@ -21,7 +21,10 @@ use super::modes::{Mode, ModeState, RouteModes, CHANGED_BY_OPERATOR};
 use super::pipeline::Answer;
 use super::policy::{Class, RoutePolicy, Verdict};
 use super::wait::{Signals, Until, Wake};
-use super::{reader_name, MAX_UNCOMMITTED_DELIVERIES, READ_AHEAD_BYTES, READ_AHEAD_MESSAGES};
+use super::{
+    reader_name, MAX_POST_BYTES, MAX_UNCOMMITTED_DELIVERIES, MAX_WINDOW_BYTES, MESSAGE_FOOTPRINT,
+    READ_AHEAD_BYTES, READ_AHEAD_MESSAGES,
+};
 
 /// The count of a route's first read, before it knows the payload sizes.
 const FIRST_READ_MESSAGES: usize = 16;
@@ -101,6 +104,11 @@ enum NoUnit {
     Expired,
 }
 
+/// What `messages` hold in memory, for [`MAX_WINDOW_BYTES`].
+fn footprint<'a>(messages: impl Iterator<Item = &'a StoredMessage>) -> usize {
+    messages.map(|m| m.payload.len() + MESSAGE_FOOTPRINT).sum()
+}
+
 /// The head and how often it was tried.
 struct Current {
     head: Head,
@@ -146,6 +154,10 @@ pub(super) struct RouteTask {
     read_ahead: VecDeque<StoredMessage>,
     /// How many messages the next read asks for (see [`READ_AHEAD_BYTES`]).
     read_ahead_limit: usize,
+    /// The most messages a window's read asks for: [`READ_AHEAD_BYTES`] of the last read's
+    /// average payload (not capped at [`READ_AHEAD_MESSAGES`], so small messages are read a
+    /// window at a time, large ones a few at a time).
+    window_read_limit: usize,
     cursor: CursorCommit,
     /// Resubmitted entries may be waiting (set at start and by every notice).
     resubmits_pending: bool,
@@ -203,6 +215,7 @@ impl RouteTask {
             delivered_through: store.cursor(&route.queue, &reader_name(&route.name)),
             read_ahead: VecDeque::new(),
             read_ahead_limit: FIRST_READ_MESSAGES,
+            window_read_limit: FIRST_READ_MESSAGES,
             cursor: CursorCommit::new(store, &route.queue, &reader_name(&route.name)),
             resubmits_pending: true,
             head: None,
@@ -269,6 +282,7 @@ impl RouteTask {
         self.delivered_through = position;
         self.read_ahead.clear();
         self.read_ahead_limit = FIRST_READ_MESSAGES;
+        self.window_read_limit = FIRST_READ_MESSAGES;
         self.cursor = CursorCommit::new(&self.store, &self.queue, &self.reader);
         self.singles_after_failed_batch = 0;
         self.head = None;
@@ -393,6 +407,8 @@ impl RouteTask {
         // failure also those of the failed POST and every one after it (they go back in line).
         let mut sent: VecDeque<StoredMessage> = VecDeque::new();
         let mut sizes: VecDeque<usize> = VecDeque::new();
+        // What the POSTs in flight hold, for [`MAX_WINDOW_BYTES`].
+        let mut in_flight_bytes = 0;
         let mut growing = true;
         let mut acknowledging = true;
         let mut failure: Option<(usize, DeliveryFailure)> = None;
@@ -400,6 +416,9 @@ impl RouteTask {
         let repeat_bound = MAX_UNCOMMITTED_DELIVERIES + (self.max_in_flight * self.batch) as u64;
         loop {
             while growing && posts.outstanding() < self.max_in_flight {
+                if in_flight_bytes >= MAX_WINDOW_BYTES && posts.outstanding() > 0 {
+                    break; // an answer first
+                }
                 // What a crash now would deliver again: the acknowledged deliveries not yet
                 // committed and the messages in flight, with the next POST at most `batch` more.
                 let repeats = |task: &Self, in_flight: usize| {
@@ -431,6 +450,7 @@ impl RouteTask {
                     Ok(unit) => {
                         posts.push(&unit);
                         sizes.push_back(unit.len());
+                        in_flight_bytes += footprint(self.read_ahead.iter().take(unit.len()));
                         sent.extend(self.read_ahead.drain(..unit.len()));
                     }
                     // Nothing more now: the answers to come may find more.
@@ -467,6 +487,7 @@ impl RouteTask {
             };
             match answer {
                 Answer::Delivered if acknowledging => {
+                    in_flight_bytes -= footprint(sent.iter().take(size));
                     let last = sent.drain(..size).last().expect("a POST holds at least one message");
                     self.delivered_through = last.seq;
                     self.cursor.want(last.seq);
@@ -516,9 +537,10 @@ impl RouteTask {
         }
     }
 
-    /// The next POST of a window from the front of the read-ahead: up to `batch` messages, stopping
-    /// before an expired one (it is failed as the head of a later step); a payload with a line
-    /// break cannot be an NDJSON line and goes alone. The messages stay in the read-ahead.
+    /// The next POST of a window from the front of the read-ahead: up to `batch` messages and
+    /// [`MAX_POST_BYTES`] of body (at least one message), stopping before an expired one (it is
+    /// failed as the head of a later step); a payload with a line break cannot be an NDJSON line
+    /// and goes alone. The messages stay in the read-ahead.
     fn next_unit(&self) -> Result<Unit, NoUnit> {
         let first = self.read_ahead.front().ok_or(NoUnit::Empty)?;
         if self.expired(first) {
@@ -528,11 +550,17 @@ impl RouteTask {
         if self.batch == 1 || first.payload.contains(&b'\n') {
             return Ok(Unit::Single(outgoing(first)));
         }
+        let mut body_bytes = 0;
         let messages: Vec<Outgoing> = self
             .read_ahead
             .iter()
             .take(self.batch)
             .take_while(|m| !self.expired(m) && !m.payload.contains(&b'\n'))
+            .take_while(|m| {
+                let first = body_bytes == 0;
+                body_bytes += m.payload.len() + 1; // and its line break
+                first || body_bytes <= MAX_POST_BYTES
+            })
             .map(outgoing)
             .collect();
         Ok(match messages.len() {
@@ -541,11 +569,24 @@ impl RouteTask {
         })
     }
 
-    /// Reads the queue after `after` into the read-ahead until it holds `count` messages or the
-    /// queue has no more, [`Self::read_ahead_limit`] or `window` messages at a time at least (so a
-    /// window of batches does not go to the store for every POST).
+    /// Sets the counts of the next reads from the average payload of `messages` (if any).
+    fn learn_sizes(&mut self, messages: &[StoredMessage]) {
+        if messages.is_empty() {
+            return;
+        }
+        let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+        let average_bytes = (bytes / messages.len()).max(1);
+        self.read_ahead_limit = (READ_AHEAD_BYTES / average_bytes).clamp(1, READ_AHEAD_MESSAGES);
+        self.window_read_limit = (READ_AHEAD_BYTES / average_bytes).max(1);
+    }
+
+    /// Reads the queue after `after` into the read-ahead until it holds `count` messages or
+    /// [`MAX_POST_BYTES`] of payload, or the queue has no more: `window` messages at a time at
+    /// least (so a window of batches does not go to the store for every POST), but no more than
+    /// about [`READ_AHEAD_BYTES`] of payload per read.
     async fn read_more(&mut self, after: u64, count: usize, window: usize) -> Result<(), StoreError> {
-        while self.read_ahead.len() < count {
+        let mut bytes: usize = self.read_ahead.iter().take(count).map(|m| m.payload.len()).sum();
+        while self.read_ahead.len() < count && bytes < MAX_POST_BYTES {
             let after = self.read_ahead.back().map_or(after, |m| m.seq);
             let has_more = self.store.queue(&self.queue).is_some_and(|stats| stats.last_seq > after);
             if !has_more {
@@ -553,11 +594,14 @@ impl RouteTask {
             }
             let limit = (count - self.read_ahead.len())
                 .max(self.read_ahead_limit.max(window))
+                .min(self.window_read_limit)
                 .min(READ_AHEAD_MESSAGES * 4);
             let messages = self.store.read(&self.queue, after, limit).await?;
             if messages.is_empty() {
                 break;
             }
+            self.learn_sizes(&messages);
+            bytes += messages.iter().map(|m| m.payload.len()).sum::<usize>();
             self.read_ahead.extend(messages);
         }
         Ok(())
@@ -616,11 +660,7 @@ impl RouteTask {
             }
             let messages =
                 self.store.read(&self.queue, self.delivered_through, self.read_ahead_limit).await?;
-            if !messages.is_empty() {
-                let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
-                let average_bytes = (bytes / messages.len()).max(1);
-                self.read_ahead_limit = (READ_AHEAD_BYTES / average_bytes).clamp(1, READ_AHEAD_MESSAGES);
-            }
+            self.learn_sizes(&messages);
             if let Some(first) = messages.first() {
                 if first.seq != self.delivered_through + 1 && self.delivered_through != 0 {
                     // Only a route added after messages were released starts past a gap.
