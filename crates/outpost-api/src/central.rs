@@ -54,7 +54,7 @@ fn hub(state: &ApiState) -> Result<&Arc<CentralHub>, ApiError> {
 }
 
 /// The central's routes (they answer 404 on an edge).
-pub fn routes() -> Router<ApiState> {
+pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route(wire::LINK_PATH, post(link::open_link))
         .route(wire::LINK_MESSAGES_PATH, post(link::post_batch))

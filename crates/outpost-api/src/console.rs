@@ -6,6 +6,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use std::sync::Arc;
 
 use crate::ApiState;
 
@@ -15,7 +16,7 @@ const CONSOLE_JS: &str = include_str!("console/console.js");
 
 /// The page and its two assets. They need no token: they hold no data, and every call the page
 /// makes is authorized by the API itself.
-pub fn routes() -> Router<ApiState> {
+pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX_HTML) }))
         .route("/console.css", get(|| async { asset("text/css; charset=utf-8", CONSOLE_CSS) }))

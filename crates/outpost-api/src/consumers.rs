@@ -15,6 +15,7 @@ use base64::Engine;
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
 use outpost_store::consumers::{self, ConsumerView, Settle, MAX_SETTLE_IDS, MAX_VISIBILITY_MS};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
@@ -24,7 +25,7 @@ use crate::ApiState;
 /// The largest JSON body of the consumer endpoints (10,000 lease ids fit).
 const MAX_BODY_BYTES: u64 = 1 << 20;
 
-pub fn routes() -> Router<ApiState> {
+pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/queues/{queue}/consumers", get(list))
         .route("/v1/queues/{queue}/consumers/{name}", axum::routing::delete(delete))
@@ -93,7 +94,7 @@ fn count(body: &Value, field: &str) -> Result<Option<u64>, ApiError> {
 /// `POST /v1/queues/{queue}/consumers/{name}/lease`, body `{"max":100,"visibility":"30s","max_deliveries":10}`
 /// (every field optional).
 async fn lease(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -141,7 +142,7 @@ fn lease_ids(body: &Value) -> Result<Vec<String>, ApiError> {
 }
 
 async fn settle(
-    state: ApiState,
+    state: Arc<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -172,7 +173,7 @@ async fn settle(
 
 /// `POST …/ack`, body `{"lease_ids":[…]}`.
 async fn ack(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -182,7 +183,7 @@ async fn ack(
 
 /// `POST …/nack`, body `{"lease_ids":[…],"delay":"5s"}` (no delay: visible again at once).
 async fn nack(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -204,7 +205,7 @@ pub(crate) fn consumer_json(view: &ConsumerView) -> Value {
 
 /// `GET /v1/queues/{queue}/consumers`.
 async fn list(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -217,7 +218,7 @@ async fn list(
 
 /// `DELETE /v1/queues/{queue}/consumers/{name}`.
 async fn delete(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

@@ -94,7 +94,8 @@ pub fn router(state: ApiState) -> Router {
         .merge(consumers::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(state)
+        // Shared, not cloned per request: a request's `State` is one reference count.
+        .with_state(Arc::new(state))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight
@@ -129,7 +130,7 @@ async fn healthz() -> Response {
     (StatusCode::OK, axum::Json(serde_json::json!({"status": "ok"}))).into_response()
 }
 
-async fn readyz(State(state): State<ApiState>) -> Response {
+async fn readyz(State(state): State<Arc<ApiState>>) -> Response {
     if state.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, axum::Json(serde_json::json!({"status": "ready"}))).into_response()
     } else {
@@ -139,7 +140,7 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 
 /// `GET /metrics`: the Prometheus text format 0.0.4, or OpenMetrics 1.0 when the request's
 /// `Accept` names `application/openmetrics-text` (as Prometheus does when it prefers it).
-async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+async fn metrics(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Response {
     status::refresh_backlog_metrics(&state);
     if let Some(hub) = &state.central {
         hub.refresh_edge_metrics_now(now_unix_ms());

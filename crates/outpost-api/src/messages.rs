@@ -12,6 +12,7 @@ use outpost_core::metrics::QueueLabel;
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
 use outpost_store::NewMessage;
 use serde_json::json;
+use std::sync::Arc;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::auth::{authorize, Access};
@@ -143,7 +144,7 @@ async fn write_permit(state: &ApiState) -> Result<OwnedSemaphorePermit, ApiError
 }
 
 pub async fn post_message(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -172,7 +173,7 @@ struct Accepted<'a> {
 }
 
 pub async fn post_batch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -207,7 +208,10 @@ fn split_lines(body: &Bytes) -> Vec<Bytes> {
     lines
 }
 
-pub async fn list_queues(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn list_queues(
+    State(state): State<Arc<ApiState>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let now_ms = now_unix_ms();
     let queues: Vec<_> = state
@@ -230,7 +234,7 @@ pub async fn list_queues(State(state): State<ApiState>, headers: HeaderMap) -> R
 }
 
 pub async fn read_messages(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     query: QueryPairs,
     headers: HeaderMap,

@@ -17,6 +17,7 @@ use outpost_forward::route::modes::{Mode, RouteError};
 use outpost_forward::route::{RouteView, Routes};
 use outpost_store::{FailedEntry, FailedSelector};
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
@@ -31,7 +32,7 @@ pub const MAX_REASON_CHARS: usize = 1000;
 /// The largest JSON body of the route and failed endpoints (10,000 ids fit comfortably).
 const MAX_BODY_BYTES: usize = 256 << 10;
 
-pub fn routes() -> Router<ApiState> {
+pub fn routes() -> Router<Arc<ApiState>> {
     Router::new()
         .route("/v1/routes", get(list_routes))
         .route("/v1/routes/{name}/store", post(store_route))
@@ -100,7 +101,7 @@ fn failed_json(entry: &FailedEntry) -> Value {
     json
 }
 
-async fn list_routes(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn list_routes(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let Some(routes) = routes_of(&state) else { return Ok(Json(json!([])).into_response()) };
     let views = routes.list().await?;
@@ -108,7 +109,7 @@ async fn list_routes(State(state): State<ApiState>, headers: HeaderMap) -> Resul
 }
 
 async fn store_route(
-    state: State<ApiState>,
+    state: State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -117,7 +118,7 @@ async fn store_route(
 }
 
 async fn forward_route(
-    state: State<ApiState>,
+    state: State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -127,7 +128,7 @@ async fn forward_route(
 
 /// Optional body `{"reason": "…"}`; without one the reason says an operator asked.
 async fn switch_route(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -157,7 +158,7 @@ async fn switch_route(
 /// `GET /v1/failed?route=R&limit=100&after_id=0` (`after_id` pages by entry id; `R` may be
 /// `consumer:<name>`, `:` percent-escaped or not).
 async fn list_failed(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -205,7 +206,7 @@ fn entry_id(path: Result<Path<String>, PathRejection>) -> Result<i64, ApiError> 
 }
 
 async fn resubmit_one(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -222,7 +223,7 @@ async fn resubmit_one(
 /// Body `{"route": R}` (every failed entry of R) or `{"ids": [..]}` (all of them, or none if one is
 /// unknown).
 async fn resubmit_many(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -276,7 +277,7 @@ async fn resubmit_many(
 /// `GET /v1/failed/{id}`: one failed entry with the message's origin, content type, acceptance
 /// time and payload (`payload_base64`).
 async fn show_failed(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -298,7 +299,7 @@ async fn show_failed(
 }
 
 async fn discard(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

@@ -7,6 +7,7 @@ use axum::Json;
 use outpost_core::metrics::QueueLabel;
 use outpost_core::time::{now_unix_ms, rfc3339_from_unix_ms};
 use serde_json::json;
+use std::sync::Arc;
 
 use outpost_forward::pacing::{
     describe_drain, drain_estimates, drain_seconds, unforwarded_bytes, QueueDrain,
@@ -17,7 +18,7 @@ use crate::auth::{authorize, Access};
 use crate::error::ApiError;
 use crate::ApiState;
 
-pub async fn status(State(state): State<ApiState>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn status(State(state): State<Arc<ApiState>>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;
     let mut link = state.link.borrow().clone();
     if let Some(hub) = state.central.as_ref().filter(|hub| hub.maintenance()) {
@@ -121,7 +122,7 @@ fn drain_view(state: &ApiState, link: &outpost_core::status::LinkStatus) -> Opti
 /// `POST /v1/admin/transition-online` (edge): start a transition to online now, ignoring
 /// `failed_transition_wait`.
 pub async fn transition_online(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(state.config.auth.as_ref(), &headers, Access::Admin)?;

@@ -10,6 +10,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_core::time::now_unix_ms;
 use serde_json::json;
+use std::sync::Arc;
 
 use super::hub;
 use crate::auth::{authorize, Access};
@@ -26,7 +27,7 @@ fn edge_and_queue(path: Result<Path<(String, String)>, PathRejection>) -> Result
 }
 
 async fn post_for_edge(
-    state: ApiState,
+    state: Arc<ApiState>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -61,7 +62,7 @@ async fn read(state: &ApiState, headers: &HeaderMap, body: Body, batch: bool) ->
 
 /// `POST /v1/edges/{id}/queues/{queue}/messages`.
 pub(crate) async fn post_message(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -71,7 +72,7 @@ pub(crate) async fn post_message(
 
 /// `POST /v1/edges/{id}/queues/{queue}/batch`.
 pub(crate) async fn post_batch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -80,7 +81,7 @@ pub(crate) async fn post_batch(
 }
 
 async fn broadcast(
-    state: ApiState,
+    state: Arc<ApiState>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -98,7 +99,7 @@ async fn broadcast(
 
 /// `POST /v1/broadcast/queues/{queue}/messages`: answers `{"count": edges}`.
 pub(crate) async fn broadcast_message(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -108,7 +109,7 @@ pub(crate) async fn broadcast_message(
 
 /// `POST /v1/broadcast/queues/{queue}/batch`.
 pub(crate) async fn broadcast_batch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
@@ -118,7 +119,7 @@ pub(crate) async fn broadcast_batch(
 
 /// `GET /v1/edges/{id}/downlink`: `[{"queue","pending","oldest_age_seconds","delivered_seq"}]`.
 pub(crate) async fn edge_downlink(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

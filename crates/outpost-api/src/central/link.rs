@@ -141,7 +141,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes, what: &str) -> Resul
 
 /// `POST /v1/link`: the handshake; answers with the link's event stream.
 pub(crate) async fn open_link(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
@@ -221,7 +221,7 @@ impl LinkStream {
 
 /// `POST /v1/link/messages`: one batch of one queue, stored exactly once and in order.
 pub(crate) async fn post_batch(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
@@ -302,7 +302,7 @@ pub(crate) async fn post_batch(
 /// of `Q` through `A` (default `N`); answers the entries after `N` as a batch frame, or 204 when
 /// nothing more waits.
 pub(crate) async fn pull_downlink(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     peer: Option<Extension<PeerIdentity>>,
     query: QueryPairs,
     headers: HeaderMap,
@@ -354,7 +354,7 @@ pub(crate) async fn pull_downlink(
 
 /// `POST /v1/link/report`: the edge's state, backlog and offline log.
 pub(crate) async fn post_report(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
@@ -369,7 +369,7 @@ pub(crate) async fn post_report(
 
 /// `GET /v1/link/probe`: is the central there, does it accept this edge, is it in maintenance.
 pub(crate) async fn probe(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

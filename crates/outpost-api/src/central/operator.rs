@@ -9,6 +9,7 @@ use axum::Json;
 use outpost_core::time::rfc3339_from_unix_ms;
 use serde::Deserialize;
 use serde_json::json;
+use std::sync::Arc;
 
 use outpost_central::{EdgeQuery, EdgeView, EDGE_STATES};
 use outpost_core::time::now_unix_ms;
@@ -55,7 +56,7 @@ fn edge_json(edge: &EdgeView, downlink_pending: u64) -> serde_json::Value {
 /// the page; when more edges match after it, the answer carries the header `Outpost-Next-After`
 /// with the `after` of the next page.
 pub(crate) async fn list_edges(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     query: QueryPairs,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -112,7 +113,7 @@ fn parse_edge_query(pairs: Vec<(String, String)>) -> Result<EdgeQuery, ApiError>
 
 /// `GET /v1/edges/{id}`: one edge, shaped as in the list; 404 if it is neither known nor listed.
 pub(crate) async fn get_edge(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -132,7 +133,7 @@ pub(crate) async fn get_edge(
 /// `POST /v1/edges/{id}/transition-online`: "send transition to online" to a known edge: 202 with
 /// `delivery: "link"` when sent on its open link, `"next_probe"` when held for its next probe.
 pub(crate) async fn transition_online(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -158,7 +159,7 @@ struct MaintenanceRequest {
 
 /// `POST /v1/admin/maintenance` with `{"enabled": bool}`.
 pub(crate) async fn set_maintenance(
-    State(state): State<ApiState>,
+    State(state): State<Arc<ApiState>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
