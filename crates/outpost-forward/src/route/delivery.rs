@@ -116,7 +116,7 @@ impl fmt::Display for DeliveryFailure {
 /// Sends a route's messages to its endpoints.
 pub struct Deliverer {
     http: reqwest::Client,
-    /// With `max_in_flight` > 1: the connection a window's POSTs are pipelined on.
+    /// With `max_in_flight` > 1: the connection a window's POSTs go on.
     pipeline: Option<Pipeline>,
     urls: Vec<String>,
     timeout: Duration,
@@ -180,8 +180,9 @@ impl Deliverer {
 
     /// An empty window of POSTs to the endpoint the route prefers now, without failover (a window
     /// stops at its first failure; the route's single delivery of the head,
-    /// [`Deliverer::deliver`], fails over): with `max_in_flight` > 1 pipelined in order on one
-    /// connection ([`Pipeline`]), else (a window of one batch at a time) one POST at a time.
+    /// [`Deliverer::deliver`], fails over): with `max_in_flight` > 1 sent in order on one
+    /// connection ([`Pipeline`]: pipelined over HTTP/1.1, or HTTP/2 streams), else (a window of
+    /// one batch at a time) one POST at a time.
     pub fn posts(&self) -> Posts {
         let url = &self.urls[self.preferred];
         let mode = match &self.pipeline {
@@ -249,7 +250,7 @@ pub struct Posts {
 }
 
 enum PostsMode {
-    /// `max_in_flight` > 1: pipelined on one connection.
+    /// `max_in_flight` > 1: in order on one connection (HTTP/1.1 pipelined, or HTTP/2 streams).
     Pipelined(Box<Window>),
     /// One POST at a time through the route's client, sent when its answer is asked for; after a
     /// failure the rest are not sent.
@@ -261,7 +262,7 @@ impl Posts {
     pub fn push(&mut self, unit: &Unit) {
         let request = request_of(unit);
         match &mut self.mode {
-            PostsMode::Pipelined(window) => window.push(&request),
+            PostsMode::Pipelined(window) => window.push(request),
             PostsMode::OneAtATime { waiting, .. } => waiting.push_back(request),
         }
     }

@@ -7,8 +7,9 @@
 //! task: one `wait(until) -> Wake` over the stop, the lease, the mode, new work and a deadline),
 //! `cursor` (its cursor commits), `cluster` (the follower of other centrals' changes), [`policy`]
 //! (the pure failure policy), [`modes`] (durable route modes), [`delivery`] (one HTTP delivery
-//! with endpoint failover) and [`pipeline`] (a window's POSTs pipelined in order on one
-//! connection).
+//! with endpoint failover), [`pipeline`] (a window's POSTs sent in order on one connection,
+//! pipelined over HTTP/1.1) and [`http2`] (the same window as HTTP/2 streams, when an https
+//! endpoint speaks HTTP/2).
 //!
 //! # How a route moves through its queue
 //!
@@ -17,11 +18,13 @@
 //!   operator resubmitted go first, ahead of the queue, with their original message id.
 //! - **A window, when configured** (`[[route]] max_in_flight` > 1 or `batch` > 1, see
 //!   [`task::RouteTask::forward_window`]): up to `max_in_flight` POSTs outstanding, each of one
-//!   message or of an NDJSON body of up to `batch`, pipelined in queue order on one keep-alive
-//!   connection ([`pipeline`]), so the downstream receives them in queue order; the answers come
-//!   in that order, the cursor moves over the delivered prefix only and the next POST is written
-//!   as each answer comes (a sliding window), and the first failure stops the window: nothing
-//!   more is written, the answers of what was are read but not acknowledged, and everything from the failed
+//!   message or of an NDJSON body of up to `batch`, sent in queue order on one connection
+//!   ([`pipeline`]: pipelined on one HTTP/1.1 keep-alive connection, so the downstream receives and
+//!   handles them in queue order; or as HTTP/2 streams opened in queue order, [`http2`], which the
+//!   downstream may handle at once); the answers are taken in that order, the cursor moves over
+//!   the delivered prefix only and the next POST is sent as each answer comes (a sliding window),
+//!   and the first failure stops the window: nothing more is sent, the answers of what was are
+//!   taken but not acknowledged, and everything from the failed
 //!   POST on is sent again (later POSTs that succeeded are repeats the downstream drops by
 //!   `Idempotency-Key`). The failed message then goes through the policy alone, as with the
 //!   default window of one; a failed batch's messages go one by one. `max_in_flight = 1` (the
@@ -71,6 +74,7 @@
 mod cluster;
 mod cursor;
 pub mod delivery;
+pub mod http2;
 pub mod modes;
 pub mod pipeline;
 pub mod policy;

@@ -376,8 +376,9 @@ impl RouteTask {
 
     /// Delivers the head and the messages after it as a sliding window: up to `max_in_flight`
     /// POSTs outstanding, each of one message or (`batch` > 1) an NDJSON body of up to `batch`,
-    /// pipelined in queue order on one connection ([`crate::route::pipeline`]), so the downstream
-    /// receives them in queue order. The answers come in that order too: as each comes, the cursor
+    /// sent in queue order on one connection ([`crate::route::pipeline`]: pipelined over HTTP/1.1,
+    /// or HTTP/2 streams the downstream may handle at once). The answers are taken in that order
+    /// too, whatever order they finished in: as each comes, the cursor
     /// moves over it (the delivered prefix only) and the next POST goes out, so the connection
     /// never drains while the queue has more. The first answer that is not a delivery stops the
     /// window there: nothing more is pushed, the answers of what was are taken but not
@@ -385,8 +386,9 @@ impl RouteTask {
     /// succeeded are sent again later: repeats, which the downstream drops by `Idempotency-Key`,
     /// never a skip). A failed single message is judged by the policy as a single delivery would
     /// be; a failed batch sends its first message alone next, so the policy judges messages, not
-    /// batches; a POST the server did not answer (it closed the connection after an earlier
-    /// answer) is not a failure and goes first in the next window.
+    /// batches; a POST the server did not handle (it closed the connection, refused the stream or
+    /// went away past it, after an earlier answer) is not a failure and goes first in the next
+    /// window.
     ///
     /// The window also stops growing (and ends once its answers are in) when the route has
     /// something else to do first: a mode change, resubmitted entries, an expired message next in
