@@ -64,7 +64,6 @@ impl Sqlite {
             data_dir: data_dir.to_path_buf(),
             release_chunk_bytes: wal_limit_bytes / 4,
             reserve_bytes: 2 * wal_limit_bytes,
-            measured_at: None,
         };
         // Checkpoints beside the writer rather than inside its commits, within the same bound.
         let checkpoints = crate::checkpoint::Checkpoints::start(&conn, &path, wal_limit_bytes)?;

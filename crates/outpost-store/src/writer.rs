@@ -40,6 +40,9 @@ pub(crate) struct State {
     /// inside the database, minus the reserve, less the payloads stored since it was measured
     /// ([`DiskBounds::refresh`]).
     disk_room_bytes: u64,
+    /// When `disk_room_bytes` was measured; `None` for a state just loaded (at start, and after a
+    /// failed commit), which measures before its first write.
+    disk_measured_at: Option<Instant>,
 }
 
 impl State {
@@ -71,6 +74,7 @@ impl State {
             })? as u64,
             releases_due: BTreeSet::new(),
             disk_room_bytes: u64::MAX,
+            disk_measured_at: None,
         };
         // A release interrupted by a crash or a full disk goes on after a restart.
         let queues: Vec<String> = state.stats.keys().cloned().collect();
@@ -130,20 +134,18 @@ pub struct DiskBounds {
     /// Space kept free for checkpoints and releases: new messages get 507 before they would
     /// take it.
     pub reserve_bytes: u64,
-    /// When the free space was last measured.
-    pub measured_at: Option<Instant>,
 }
 
 impl DiskBounds {
-    /// Measures the room again unless there is plenty and it was measured less than
-    /// [`ROOM_MEASURE_EVERY`] ago (`room` is then the last figure less what was stored since).
-    fn refresh(&mut self, conn: &Connection, room: &mut u64) {
-        let recent = self.measured_at.is_some_and(|at| at.elapsed() < ROOM_MEASURE_EVERY);
-        if recent && *room >= ROOM_PLENTY_BYTES {
+    /// Measures the state's room again unless there is plenty and it was measured less than
+    /// [`ROOM_MEASURE_EVERY`] ago (it is then the last figure less what was stored since).
+    fn refresh(&self, conn: &Connection, state: &mut State) {
+        let recent = state.disk_measured_at.is_some_and(|at| at.elapsed() < ROOM_MEASURE_EVERY);
+        if recent && state.disk_room_bytes >= ROOM_PLENTY_BYTES {
             return;
         }
-        *room = self.room_bytes(conn);
-        self.measured_at = Some(Instant::now());
+        state.disk_room_bytes = self.room_bytes(conn);
+        state.disk_measured_at = Some(Instant::now());
     }
 
     /// Bytes new messages may take now; `u64::MAX` when the free space cannot be read.
@@ -373,7 +375,7 @@ impl Writer {
     /// shutdown reply if the group asked to stop.
     fn commit_group(&mut self, group: Vec<Op>) -> Option<oneshot::Sender<()>> {
         let started = Instant::now();
-        self.disk.refresh(&self.conn, &mut self.state.disk_room_bytes);
+        self.disk.refresh(&self.conn, &mut self.state);
         match self.apply_group(&group) {
             Ok((outcomes, changes)) => {
                 if !changes.is_empty() {
@@ -847,38 +849,44 @@ fn load_queue_ids(conn: &Connection) -> Result<HashMap<String, i64>, StoreError>
 mod tests {
     use super::*;
 
-    fn bounds(dir: &std::path::Path, measured_at: Option<Instant>) -> DiskBounds {
-        DiskBounds { data_dir: dir.to_path_buf(), release_chunk_bytes: 0, reserve_bytes: 0, measured_at }
+    /// A loaded state and the bounds of a store in a temporary directory.
+    fn store() -> (tempfile::TempDir, Connection, DiskBounds, State) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("outpost.db")).unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        let options = StoreOptions::keep_everything(u64::MAX, "test");
+        let state = State::load(&conn, &options).unwrap();
+        let disk =
+            DiskBounds { data_dir: dir.path().to_path_buf(), release_chunk_bytes: 0, reserve_bytes: 0 };
+        (dir, conn, disk, state)
     }
 
     #[test]
     fn free_space_is_measured_each_group_when_room_is_short_and_once_a_second_when_plentiful() {
-        let dir = tempfile::tempdir().unwrap();
-        let conn = Connection::open_in_memory().unwrap();
-        let actual = bounds(dir.path(), None).room_bytes(&conn);
-        assert_ne!(actual, 0);
+        let (_dir, conn, disk, mut state) = store();
+        let actual = disk.room_bytes(&conn);
+        assert!(actual != 0 && actual != u64::MAX);
 
-        // Never measured: measured now.
-        let mut disk = bounds(dir.path(), None);
-        let mut room = 7;
-        disk.refresh(&conn, &mut room);
-        assert!(room != 7 && disk.measured_at.is_some());
+        // A state just loaded (at start, or rebuilt after a failed commit) measures first, though
+        // it says "no limit" until then.
+        assert_eq!((state.disk_room_bytes, state.disk_measured_at), (u64::MAX, None));
+        disk.refresh(&conn, &mut state);
+        assert!(state.disk_room_bytes != u64::MAX && state.disk_measured_at.is_some());
 
         // Plenty, measured just now: the figure less what was stored since stands.
-        let mut disk = bounds(dir.path(), Some(Instant::now()));
-        let mut room = ROOM_PLENTY_BYTES + 5;
-        disk.refresh(&conn, &mut room);
-        assert_eq!(room, ROOM_PLENTY_BYTES + 5);
+        state.disk_room_bytes = ROOM_PLENTY_BYTES + 5;
+        disk.refresh(&conn, &mut state);
+        assert_eq!(state.disk_room_bytes, ROOM_PLENTY_BYTES + 5);
 
         // Short of room: measured at every group, however recent the last measurement.
-        let mut room = ROOM_PLENTY_BYTES - 1;
-        disk.refresh(&conn, &mut room);
-        assert_ne!(room, ROOM_PLENTY_BYTES - 1);
+        state.disk_room_bytes = ROOM_PLENTY_BYTES - 1;
+        disk.refresh(&conn, &mut state);
+        assert_ne!(state.disk_room_bytes, ROOM_PLENTY_BYTES - 1);
 
-        // Plenty, but the measurement is older than a second: measured again.
-        let mut disk = bounds(dir.path(), Instant::now().checked_sub(ROOM_MEASURE_EVERY));
-        let mut room = ROOM_PLENTY_BYTES + 5;
-        disk.refresh(&conn, &mut room);
-        assert_ne!(room, ROOM_PLENTY_BYTES + 5);
+        // Plenty, but measured a second ago or more: measured again.
+        state.disk_room_bytes = ROOM_PLENTY_BYTES + 5;
+        state.disk_measured_at = Instant::now().checked_sub(ROOM_MEASURE_EVERY);
+        disk.refresh(&conn, &mut state);
+        assert_ne!(state.disk_room_bytes, ROOM_PLENTY_BYTES + 5);
     }
 }
