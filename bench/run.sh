@@ -23,7 +23,7 @@
 #   nats-new-always-wide  sync always again, with BATCH_CONCURRENCY x BATCH publishes in flight (as many
 #                         messages outstanding as outpost's batch run)
 #   nats-new-default-wide default sync, BATCH_CONCURRENCY x BATCH publishes in flight (the peer for the
-#                         batch run: BATCH acks in flight per publisher)
+#                         batch run: as many publishes in flight in total, one per publisher)
 #   rabbit-single         RabbitMQ (already running at RABBIT_URL, not started here) durable quorum
 #                         queue, persistent messages, publisher confirms (a quorum queue confirms
 #                         after its log is fsynced): CONCURRENCY publishers, each waiting for each
@@ -345,8 +345,9 @@ run_nats() { # name, server binary, sync ("default" or "always"), [publishes in 
 if wanted nats-2.9; then run_nats nats-2.9 "$NATS_OLD" default; fi
 if wanted nats-new-always; then run_nats nats-new-always "$NATS_NEW" always; fi
 if wanted nats-new-default; then run_nats nats-new-default "$NATS_NEW" default; fi
-# As many messages in flight as outpost's batch run has (BATCH_CONCURRENCY requests x BATCH): the
-# issue's "100 acks in flight per publisher".
+# As many messages in flight as outpost's batch run has (BATCH_CONCURRENCY requests x BATCH), the
+# issue's "100 acks in flight per publisher" in total: nats-compare runs that many publishers with
+# one publish in flight each, on one connection.
 if wanted nats-new-always-wide; then
     run_nats nats-new-always-wide "$NATS_NEW" always $((BATCH_CONCURRENCY * BATCH))
 fi

@@ -37,7 +37,7 @@ pub use error::ApiError;
 /// the memory held by request bodies; further writers wait for a permit.
 pub const MAX_CONCURRENT_WRITES: usize = 1024;
 
-/// Everything the handlers reach. Cloned per request (all fields are shared handles).
+/// Everything the handlers reach, shared by every request as one `Arc<ApiState>` (see [`router`]).
 #[derive(Clone)]
 pub struct ApiState {
     pub config: Arc<Config>,

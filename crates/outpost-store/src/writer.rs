@@ -92,10 +92,12 @@ const RELEASE_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// While the disk has [`ROOM_PLENTY_BYTES`] of room or more, its free space is measured at most
 /// this often; below that, at the start of every group.
 const ROOM_MEASURE_EVERY: Duration = Duration::from_secs(1);
-/// Room above which a measurement of the free space may be a second old: a second of the fastest
-/// ingest (a few hundred MB of payload, about twice that on disk with the WAL) stays far below it,
-/// so a write is never accepted into the reserve on a stale figure. Measuring costs a `statfs` and
-/// a query, about a tenth of the writer's time per commit with single messages.
+/// Room above which a measurement of the free space may be a second old. Between measurements only
+/// the payloads stored are counted off, not their WAL copy, indexes and keys, nor other writers on
+/// the filesystem; a second of the fastest ingest (a few hundred MB of payload, about twice that on
+/// disk) stays well below this margin, so on a stale figure a write can at worst reach into the
+/// reserve by what other programs wrote meanwhile. Measuring costs a `statfs` and a query, about a
+/// tenth of the writer's time per commit with single messages.
 const ROOM_PLENTY_BYTES: u64 = 1 << 30;
 /// How often expired idempotency keys are pruned (at most; a short TTL prunes more often).
 const KEY_PRUNE_INTERVAL: Duration = Duration::from_secs(60);

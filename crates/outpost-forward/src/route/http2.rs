@@ -32,6 +32,10 @@ use crate::route::pipeline::{QuickAckTcp, Request};
 use crate::route::policy::FailureKind;
 
 type Body = Full<Bytes>;
+
+/// The most request-body bytes a window keeps in streams behind its oldest one (see
+/// [`Streams::may_send`]): half the smallest connection window a server may have.
+const BODY_BYTES_BEHIND_OLDEST: usize = 32 * 1024;
 type ResponseResult = Result<hyper::Response<hyper::body::Incoming>, TrySendError<hyper::Request<Body>>>;
 type ResponseFuture = Pin<Box<dyn Future<Output = ResponseResult> + Send>>;
 
@@ -99,6 +103,8 @@ impl Http2Connection {
 pub(super) struct Streams {
     connection: Http2Connection,
     in_flight: VecDeque<ResponseFuture>,
+    /// The body length of each stream in `in_flight`, in the same order.
+    body_bytes: VecDeque<usize>,
     /// How many answers were taken on this connection in this window.
     pub(super) answered: usize,
     /// Kept from an earlier window and nothing answered on it yet: the requests sent on it so far,
@@ -129,7 +135,13 @@ pub(super) enum StreamFailure {
 
 impl Streams {
     pub(super) fn new(connection: Http2Connection, reused: bool) -> Streams {
-        Streams { connection, in_flight: VecDeque::new(), answered: 0, replay: reused.then(Vec::new) }
+        Streams {
+            connection,
+            in_flight: VecDeque::new(),
+            body_bytes: VecDeque::new(),
+            answered: 0,
+            replay: reused.then(Vec::new),
+        }
     }
 
     /// Opens the stream of `request` (or queues it, in order, behind the streams the server's
@@ -152,11 +164,32 @@ impl Streams {
         sent.insert(ACCEPT, HeaderValue::from_static("*/*"));
         sent.insert(CONTENT_LENGTH, HeaderValue::from(length));
         self.in_flight.push_back(Box::pin(self.connection.sender.try_send_request(http)));
+        self.body_bytes.push_back(length);
+    }
+
+    /// Whether a request with a body of `length` bytes may open its stream now: when no stream is
+    /// open, or when the bodies of the streams behind the oldest one, with it, stay within
+    /// [`BODY_BYTES_BEHIND_OLDEST`]. Every stream's body shares the connection's flow-control
+    /// window, which the server gives back only as its handlers read; a server that handles one
+    /// stream at a time reads the oldest, so the bodies behind it must leave room for it in the
+    /// smallest window a server may have (the spec's 65,535 bytes), or the oldest never finishes.
+    /// Small messages still go many at once; bodies larger than that go one after another.
+    pub(super) fn may_send(&self, length: usize) -> bool {
+        let behind_oldest: usize = self.body_bytes.iter().skip(1).sum();
+        self.in_flight.is_empty() || behind_oldest + length <= BODY_BYTES_BEHIND_OLDEST
+    }
+
+    /// A failure of the oldest stream alone was taken as its answer: the connection is known to
+    /// work, as after any answer.
+    pub(super) fn answered_with_failure(&mut self) {
+        self.answered += 1;
+        self.replay = None;
     }
 
     /// The answer to the oldest stream, by `deadline`; the streams after it go on meanwhile.
     pub(super) async fn answer(&mut self, deadline: Instant) -> Result<Answered, StreamFailure> {
         let oldest = self.in_flight.pop_front().expect("an answer is awaited only for a sent request");
+        self.body_bytes.pop_front();
         let response = match tokio::time::timeout_at(deadline, oldest).await {
             Err(_) => return Err(StreamFailure::Timeout),
             Ok(Err(error)) => return Err(classify(error)),
@@ -349,6 +382,8 @@ mod tests {
                         log.requests.lock().unwrap().push((seq, connection_number));
                         match seq {
                             4000 => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                            // Reset on the first connection only, answered on the others.
+                            7000 if connection_number == 1 => respond.send_reset(h2::Reason::INTERNAL_ERROR),
                             5000 => return,
                             3000 | 6000 => {
                                 answer(request, respond, seq, log.clone()).await;
@@ -615,5 +650,95 @@ mod tests {
         let text = seen.lock().unwrap()[0].clone();
         assert!(text.starts_with("POST /in HTTP/1.1\r\nhost: localhost:"), "{text}");
         assert!(text.find("\"n\":1").unwrap() < text.find("\"n\":2").unwrap());
+    }
+
+    /// A stream the server reset is that request's answer: on a kept connection it proves the
+    /// connection alive, so a stream refused after it is sent again alone later, not the whole
+    /// window on a new connection (which sent the reset request twice and gave every later
+    /// answer to the request before it: a refused request came back `Delivered`).
+    #[tokio::test]
+    async fn a_reset_stream_is_its_requests_answer_and_the_answers_after_it_stay_in_place() {
+        let certs = certs();
+        let (url, log) = server(&certs, 100).await;
+        let mut pipeline = Pipeline::new(TIMEOUT, Some(&client_tls(&certs)));
+        assert_eq!(pipeline.send(&url, &requests([2])).await, [Answer::Delivered]);
+        // On the kept connection: 7000 is reset (its answer), 4000 refused, 5 answered.
+        let answers = pipeline.send(&url, &requests([7000, 4000, 5])).await;
+        let seen = log.requests.lock().unwrap().clone();
+        assert!(
+            matches!(&answers[..], [Answer::Failed(e), Answer::Unanswered, Answer::Delivered] if e.kind == FailureKind::Reset),
+            "{answers:?}; the server saw {seen:?}"
+        );
+        assert_eq!(
+            seen,
+            vec![(2, 1), (7000, 1), (4000, 1), (5, 1)],
+            "each request once, on the kept connection"
+        );
+    }
+
+    /// An HTTP/2 server that handles one stream at a time (a lock taken before the body is read),
+    /// with the spec's default connection window (65,535 bytes).
+    async fn sequential_server(certs: &tempfile::TempDir) -> String {
+        let acceptor = acceptor(certs, &[b"h2"]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("https://localhost:{}/in", listener.local_addr().unwrap().port());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else { return };
+                    let mut connection = h2::server::handshake(tls).await.unwrap();
+                    let lock = Arc::new(tokio::sync::Mutex::new(()));
+                    while let Some(Ok((request, mut respond))) = connection.accept().await {
+                        let lock = lock.clone();
+                        tokio::spawn(async move {
+                            let _one_at_a_time = lock.lock().await;
+                            let mut body = request.into_body();
+                            while let Some(data) = body.data().await {
+                                let data = data.unwrap();
+                                body.flow_control().release_capacity(data.len()).unwrap();
+                            }
+                            let response = hyper::Response::builder().status(200).body(()).unwrap();
+                            let _ = respond.send_response(response, true);
+                        });
+                    }
+                });
+            }
+        });
+        url
+    }
+
+    /// Bodies larger than the connection window to a server that handles one stream at a time:
+    /// sent all at once, the later bodies filled the window and the first never finished (a
+    /// timeout, and the route in store mode); held back behind the oldest stream, all go through.
+    #[tokio::test]
+    async fn large_bodies_reach_a_server_that_handles_one_stream_at_a_time() {
+        let certs = certs();
+        let url = sequential_server(&certs).await;
+        let mut pipeline = Pipeline::new(Duration::from_secs(5), Some(&client_tls(&certs)));
+        let big: Vec<Request> = (2..=5)
+            .map(|seq| {
+                let (headers, _) = request(seq);
+                (headers, Bytes::from(vec![b'x'; 1024 * 1024]))
+            })
+            .collect();
+        let answers = pipeline.send(&url, &big).await;
+        assert_eq!(answers, vec![Answer::Delivered; 4]);
+    }
+
+    /// Small bodies still open their streams together (the server handles them one by one).
+    #[tokio::test]
+    async fn small_bodies_to_a_server_that_handles_one_stream_at_a_time_go_together() {
+        let certs = certs();
+        let url = sequential_server(&certs).await;
+        let mut pipeline = Pipeline::new(Duration::from_secs(5), Some(&client_tls(&certs)));
+        let small: Vec<Request> = (2..=5)
+            .map(|seq| {
+                let (headers, _) = request(seq);
+                (headers, Bytes::from(vec![b'x'; 8 * 1024]))
+            })
+            .collect();
+        assert_eq!(pipeline.send(&url, &small).await, vec![Answer::Delivered; 4]);
     }
 }

@@ -225,7 +225,12 @@ impl Window {
             return;
         }
         match (&mut self.open, &self.target) {
-            (Some(Open::Http2(streams)), Ok(target)) => streams.send(&target.uri, request),
+            // Behind a request held back, in order.
+            (Some(Open::Http2(streams)), Ok(target))
+                if self.unsent.is_empty() && streams.may_send(request.1.len()) =>
+            {
+                streams.send(&target.uri, request)
+            }
             _ => self.unsent.push_back(request),
         }
     }
@@ -330,7 +335,11 @@ impl Pipeline {
                     Self::answer_http1(open, &mut window.pending, &window.url, self.timeout).await
                 }
                 Open::Http2(streams) => {
-                    for request in window.unsent.drain(..) {
+                    while let Some(request) = window.unsent.pop_front() {
+                        if !streams.may_send(request.1.len()) {
+                            window.unsent.push_front(request);
+                            break;
+                        }
                         streams.send(&target.uri, request);
                     }
                     Self::answer_http2(streams, &window.url, self.timeout).await
@@ -432,7 +441,10 @@ impl Pipeline {
             StreamFailure::Timeout => {
                 Outcome::End(failed(FailureKind::Timeout, format!("no complete answer within {timeout:?}")))
             }
-            StreamFailure::Stream(kind, detail) => Outcome::Answer(failed(kind, detail)),
+            StreamFailure::Stream(kind, detail) => {
+                streams.answered_with_failure();
+                Outcome::Answer(failed(kind, detail))
+            }
             StreamFailure::NotProcessed(_) | StreamFailure::Broken(..) if streams.replay.is_some() => {
                 Outcome::Replay
             }
