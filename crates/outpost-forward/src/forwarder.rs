@@ -225,7 +225,11 @@ impl Forwarder {
         while entry.in_flight < self.settings.in_flight && entry.next_to_send <= stats.last_seq {
             let limit = self.settings.batch_messages as usize;
             let budget_bytes = self.sizer.budget_bytes();
-            let messages = match self.store.read(&stats.name, entry.next_to_send - 1, limit).await {
+            // No more payload than one batch may carry: `batch_messages` of the largest messages
+            // would be a gigabyte.
+            let read =
+                self.store.read_within(&stats.name, entry.next_to_send - 1, limit, budget_bytes as usize);
+            let messages = match read.await {
                 Ok(messages) => messages,
                 Err(e) => {
                     tracing::error!(queue = %stats.name, "cannot read messages to forward: {e}");

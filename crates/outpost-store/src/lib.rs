@@ -592,11 +592,21 @@ impl Store {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.read_blocking_within(queue, after_seq, limit, usize::MAX)
+    }
+
+    fn read_blocking_within(
+        &self,
+        queue: &str,
+        after_seq: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let limit = limit.min(MAX_READ_LIMIT);
         match &self.inner.backend {
-            Backend::Sqlite(sqlite) => sqlite.read(queue, after_seq, limit),
+            Backend::Sqlite(sqlite) => sqlite.read(queue, after_seq, limit, max_bytes),
             Backend::Postgres(pg) => {
-                tokio::runtime::Handle::current().block_on(pg.read(queue, after_seq, limit))
+                tokio::runtime::Handle::current().block_on(pg.read(queue, after_seq, limit, max_bytes))
             }
         }
     }
@@ -608,12 +618,26 @@ impl Store {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.read_within(queue, after_seq, limit, usize::MAX).await
+    }
+
+    /// As [`Store::read`], but stops before the message that would take the payloads read past
+    /// `max_bytes` (the first message is read whatever its size): what a reader that holds its
+    /// reads in memory asks for, so a count sized for small messages cannot load a thousand large
+    /// ones.
+    pub async fn read_within(
+        &self,
+        queue: &str,
+        after_seq: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         if let Backend::Postgres(pg) = &self.inner.backend {
-            return pg.read(queue, after_seq, limit.min(MAX_READ_LIMIT)).await;
+            return pg.read(queue, after_seq, limit.min(MAX_READ_LIMIT), max_bytes).await;
         }
         let store = self.clone();
         let queue = queue.to_string();
-        tokio::task::spawn_blocking(move || store.read_blocking(&queue, after_seq, limit))
+        tokio::task::spawn_blocking(move || store.read_blocking_within(&queue, after_seq, limit, max_bytes))
             .await
             .map_err(|_| StoreError::Closed)?
     }

@@ -108,8 +108,9 @@ impl Sqlite {
         queue: &str,
         after_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.with_reader(|conn| read_messages(conn, queue, after_seq, limit))
+        self.with_reader(|conn| read_messages(conn, queue, after_seq, limit, max_bytes))
     }
 }
 
@@ -207,13 +208,22 @@ fn read_messages(
     queue: &str,
     after_seq: u64,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Vec<StoredMessage>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT m.seq, m.id, m.origin, m.origin_seq, m.content_type, m.accepted_at_ms, m.payload
          FROM messages m JOIN queues q ON q.queue_id = m.queue_id
          WHERE q.name = ?1 AND m.seq > ?2 ORDER BY m.seq LIMIT ?3",
     )?;
-    let rows =
-        stmt.query_map(params![queue, after_seq as i64, limit as i64], |row| message_from_row(queue, row))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from_sqlite)
+    let mut rows = stmt.query(params![queue, after_seq as i64, limit as i64])?;
+    let (mut messages, mut bytes) = (Vec::new(), 0usize);
+    while let Some(row) = rows.next()? {
+        let message = message_from_row(queue, row)?;
+        bytes = bytes.saturating_add(message.payload.len());
+        if bytes > max_bytes && !messages.is_empty() {
+            break;
+        }
+        messages.push(message);
+    }
+    Ok(messages)
 }

@@ -134,3 +134,46 @@ async fn skip_entries_move_the_position_and_store_nothing_on_postgres() {
     check_skip_entries(&store).await;
     store.shutdown().await;
 }
+
+/// `read_within` stops before the message that would take the payloads past its byte budget (the
+/// first is read whatever its size), so a reader's count sized for small messages cannot load a
+/// thousand large ones; the prefix it returns is contiguous, in order.
+async fn check_reads_within_a_byte_budget(store: &Store) {
+    let sizes = [10usize, 500, 600, 100, 5000, 1];
+    let messages: Vec<NewMessage> = sizes
+        .iter()
+        .map(|size| NewMessage {
+            payload: Bytes::from(vec![b'x'; *size]),
+            content_type: "text/plain".into(),
+            origin: None,
+            id: None,
+        })
+        .collect();
+    store.append("orders", messages, None).await.unwrap();
+    let seqs = |read: Vec<outpost_store::StoredMessage>| read.iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(store.read_within("orders", 0, 100, 1110).await.unwrap()), [1, 2, 3]);
+    assert_eq!(seqs(store.read_within("orders", 0, 100, 1109).await.unwrap()), [1, 2]);
+    assert_eq!(seqs(store.read_within("orders", 0, 2, usize::MAX).await.unwrap()), [1, 2]);
+    // The first message alone when it is larger than the budget; never nothing.
+    assert_eq!(seqs(store.read_within("orders", 4, 100, 10).await.unwrap()), [5]);
+    assert_eq!(seqs(store.read_within("orders", 3, 100, 5100).await.unwrap()), [4, 5]);
+    assert_eq!(seqs(store.read("orders", 0, 100).await.unwrap()), [1, 2, 3, 4, 5, 6]);
+}
+
+#[tokio::test]
+async fn reads_stay_within_a_byte_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), StoreOptions::keep_everything(1 << 30, "edge"), None).unwrap();
+    check_reads_within_a_byte_budget(&store).await;
+    store.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_stay_within_a_byte_budget_on_postgres() {
+    let database = testkit::postgres::TestDatabase::create().await;
+    let store = Store::open_postgres(&database.url, StoreOptions::keep_everything(1 << 30, "central"), None)
+        .await
+        .unwrap();
+    check_reads_within_a_byte_budget(&store).await;
+    store.shutdown().await;
+}

@@ -598,7 +598,7 @@ impl RouteTask {
                 .max(self.read_ahead_limit.max(window))
                 .min(self.window_read_limit)
                 .min(READ_AHEAD_MESSAGES * 4);
-            let messages = self.store.read(&self.queue, after, limit).await?;
+            let messages = self.store.read_within(&self.queue, after, limit, READ_AHEAD_BYTES).await?;
             if messages.is_empty() {
                 break;
             }
@@ -660,8 +660,10 @@ impl RouteTask {
             if !has_more {
                 return Ok(None);
             }
-            let messages =
-                self.store.read(&self.queue, self.delivered_through, self.read_ahead_limit).await?;
+            let messages = self
+                .store
+                .read_within(&self.queue, self.delivered_through, self.read_ahead_limit, READ_AHEAD_BYTES)
+                .await?;
             self.learn_sizes(&messages);
             if let Some(first) = messages.first() {
                 if first.seq != self.delivered_through + 1 && self.delivered_through != 0 {

@@ -31,19 +31,28 @@ impl Postgres {
         queue: &str,
         after_seq: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let client = self.client().await?;
+        // The payloads before a row (`octet_length` reads a stored value's size, not the value)
+        // decide whether it is returned: the first always is.
         let statement = client
             .prepare_cached(
-                "SELECT m.seq, m.id, m.origin, m.origin_seq, m.content_type, m.accepted_at_ms, m.payload
-                 FROM outpost_messages m
-                 WHERE m.queue_id = (SELECT queue_id FROM outpost_queues WHERE name = $1) AND m.seq > $2
-                 ORDER BY m.seq LIMIT $3",
+                "SELECT seq, id, origin, origin_seq, content_type, accepted_at_ms, payload FROM (
+                   SELECT m.seq, m.id, m.origin, m.origin_seq, m.content_type, m.accepted_at_ms, m.payload,
+                          sum(octet_length(m.payload)) OVER (ORDER BY m.seq) - octet_length(m.payload) AS before
+                   FROM outpost_messages m
+                   WHERE m.queue_id = (SELECT queue_id FROM outpost_queues WHERE name = $1) AND m.seq > $2
+                   ORDER BY m.seq LIMIT $3
+                 ) r
+                 WHERE r.before = 0 OR r.before + octet_length(r.payload) <= $4
+                 ORDER BY seq",
             )
             .await
             .map_err(|e| pg_error(&self.url(), e))?;
+        let max_bytes = i64::try_from(max_bytes).unwrap_or(i64::MAX);
         let rows = client
-            .query(&statement, &[&queue, &(after_seq as i64), &(limit as i64)])
+            .query(&statement, &[&queue, &(after_seq as i64), &(limit as i64), &max_bytes])
             .await
             .map_err(|e| pg_error(&self.url(), e))?;
         Ok(rows.iter().map(|row| message_from_row(queue, row)).collect())
