@@ -225,8 +225,8 @@ impl Forwarder {
         while entry.in_flight < self.settings.in_flight && entry.next_to_send <= stats.last_seq {
             let limit = self.settings.batch_messages as usize;
             let budget_bytes = self.sizer.budget_bytes();
-            // No more payload than one batch may carry: `batch_messages` of the largest messages
-            // would be a gigabyte.
+            // The longest run within the batch's budget of payload (at least one message, however
+            // large): `batch_messages` of the largest messages would be a gigabyte.
             let read =
                 self.store.read_within(&stats.name, entry.next_to_send - 1, limit, budget_bytes as usize);
             let messages = match read.await {
@@ -236,7 +236,7 @@ impl Forwarder {
                     break;
                 }
             };
-            let batch_messages = batch_within_budget(messages, budget_bytes);
+            let batch_messages: Vec<BatchMessage> = messages.into_iter().map(batch_message).collect();
             let (Some(first), Some(last)) = (batch_messages.first(), batch_messages.last()) else {
                 break;
             };
@@ -348,27 +348,13 @@ impl Forwarder {
     }
 }
 
-/// The longest run of `messages` within `budget_bytes` of payload (at least one message, however
-/// large), downlink messages as skip entries that carry no payload.
-fn batch_within_budget(messages: Vec<StoredMessage>, budget_bytes: u64) -> Vec<BatchMessage> {
-    let mut bytes = 0u64;
-    messages
-        .into_iter()
-        .take_while(|m| {
-            if m.origin == DOWNLINK_ORIGIN {
-                return true; // sent as a skip entry, without its payload
-            }
-            bytes += m.payload.len() as u64;
-            bytes <= budget_bytes || bytes == m.payload.len() as u64
-        })
-        .map(|m| {
-            if m.origin == DOWNLINK_ORIGIN {
-                // Downlink is never forwarded back up; the central still needs the seq.
-                return BatchMessage::skip(m.seq, m.id);
-            }
-            BatchMessage { seq: m.seq, id: m.id, content_type: m.content_type, payload: m.payload }
-        })
-        .collect()
+/// A stored message as a batch carries it; downlink as a skip entry without its payload (it is
+/// never forwarded back up, but the central still needs the seq).
+fn batch_message(m: StoredMessage) -> BatchMessage {
+    if m.origin == DOWNLINK_ORIGIN {
+        return BatchMessage::skip(m.seq, m.id);
+    }
+    BatchMessage { seq: m.seq, id: m.id, content_type: m.content_type, payload: m.payload }
 }
 
 /// Encodes (and compresses, when the link agreed on an encoding) one batch, sends it through the

@@ -106,9 +106,8 @@ use task::RouteTask;
 pub const MAX_UNCOMMITTED_DELIVERIES: u64 = 64;
 /// The most queue messages a route reads ahead at once.
 pub const READ_AHEAD_MESSAGES: usize = 256;
-/// About how many payload bytes a route holds read ahead: the count of the next read is this
-/// divided by the average payload of the last one (at least 1), so 1 MiB messages are read a few
-/// at a time and small ones 256 at a time.
+/// The most payload bytes of one read of a route ([`outpost_store::Store::read_within`]), so 1 MiB
+/// messages are read a few at a time and small ones 256 at a time.
 pub const READ_AHEAD_BYTES: usize = 4 << 20;
 /// The most payload bytes of one batch POST (`[[route]] batch`): a batch of `batch` messages
 /// stops short of it (a message larger than it goes alone), so a downstream never gets a body

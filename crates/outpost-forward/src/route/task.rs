@@ -26,8 +26,6 @@ use super::{
     READ_AHEAD_BYTES, READ_AHEAD_MESSAGES,
 };
 
-/// The count of a route's first read, before it knows the payload sizes.
-const FIRST_READ_MESSAGES: usize = 16;
 /// How long an idle route waits before looking again when no commit or notice woke it.
 const IDLE_RECHECK: Duration = Duration::from_secs(1);
 /// Pause before trying again after the store refused an operation (disk full, shutting down).
@@ -151,13 +149,9 @@ pub(super) struct RouteTask {
     jitter: Jitter,
     /// Highest queue seq delivered or failed; ahead of the durable cursor by the commits in flight.
     delivered_through: u64,
+    /// Read from the queue, not yet delivered: each read at most [`READ_AHEAD_MESSAGES`] (a window's
+    /// up to four times that) and [`READ_AHEAD_BYTES`] of payload.
     read_ahead: VecDeque<StoredMessage>,
-    /// How many messages the next read asks for (see [`READ_AHEAD_BYTES`]).
-    read_ahead_limit: usize,
-    /// The most messages a window's read asks for: [`READ_AHEAD_BYTES`] of the last read's
-    /// average payload (not capped at [`READ_AHEAD_MESSAGES`], so small messages are read a
-    /// window at a time, large ones a few at a time).
-    window_read_limit: usize,
     cursor: CursorCommit,
     /// Resubmitted entries may be waiting (set at start and by every notice).
     resubmits_pending: bool,
@@ -214,8 +208,6 @@ impl RouteTask {
             jitter,
             delivered_through: store.cursor(&route.queue, &reader_name(&route.name)),
             read_ahead: VecDeque::new(),
-            read_ahead_limit: FIRST_READ_MESSAGES,
-            window_read_limit: FIRST_READ_MESSAGES,
             cursor: CursorCommit::new(store, &route.queue, &reader_name(&route.name)),
             resubmits_pending: true,
             head: None,
@@ -281,8 +273,6 @@ impl RouteTask {
         let position = self.store.fresh_cursor(&self.queue, &self.reader).await?;
         self.delivered_through = position;
         self.read_ahead.clear();
-        self.read_ahead_limit = FIRST_READ_MESSAGES;
-        self.window_read_limit = FIRST_READ_MESSAGES;
         self.cursor = CursorCommit::new(&self.store, &self.queue, &self.reader);
         self.singles_after_failed_batch = 0;
         self.head = None;
@@ -571,21 +561,10 @@ impl RouteTask {
         })
     }
 
-    /// Sets the counts of the next reads from the average payload of `messages` (if any).
-    fn learn_sizes(&mut self, messages: &[StoredMessage]) {
-        if messages.is_empty() {
-            return;
-        }
-        let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
-        let average_bytes = (bytes / messages.len()).max(1);
-        self.read_ahead_limit = (READ_AHEAD_BYTES / average_bytes).clamp(1, READ_AHEAD_MESSAGES);
-        self.window_read_limit = (READ_AHEAD_BYTES / average_bytes).max(1);
-    }
-
     /// Reads the queue after `after` into the read-ahead until it holds `count` messages or
-    /// [`MAX_POST_BYTES`] of payload, or the queue has no more: `window` messages at a time at
-    /// least (so a window of batches does not go to the store for every POST), but no more than
-    /// about [`READ_AHEAD_BYTES`] of payload per read.
+    /// [`MAX_POST_BYTES`] of payload, or the queue has no more: a whole `window` of messages per
+    /// read where it can (so a window of batches does not go to the store for every POST), between
+    /// [`READ_AHEAD_MESSAGES`] and four times that, and at most [`READ_AHEAD_BYTES`] of payload.
     async fn read_more(&mut self, after: u64, count: usize, window: usize) -> Result<(), StoreError> {
         let mut bytes: usize = self.read_ahead.iter().take(count).map(|m| m.payload.len()).sum();
         while self.read_ahead.len() < count && bytes < MAX_POST_BYTES {
@@ -595,14 +574,12 @@ impl RouteTask {
                 break;
             }
             let limit = (count - self.read_ahead.len())
-                .max(self.read_ahead_limit.max(window))
-                .min(self.window_read_limit)
-                .min(READ_AHEAD_MESSAGES * 4);
+                .max(window)
+                .clamp(READ_AHEAD_MESSAGES, READ_AHEAD_MESSAGES * 4);
             let messages = self.store.read_within(&self.queue, after, limit, READ_AHEAD_BYTES).await?;
             if messages.is_empty() {
                 break;
             }
-            self.learn_sizes(&messages);
             bytes += messages.iter().map(|m| m.payload.len()).sum::<usize>();
             self.read_ahead.extend(messages);
         }
@@ -662,9 +639,8 @@ impl RouteTask {
             }
             let messages = self
                 .store
-                .read_within(&self.queue, self.delivered_through, self.read_ahead_limit, READ_AHEAD_BYTES)
+                .read_within(&self.queue, self.delivered_through, READ_AHEAD_MESSAGES, READ_AHEAD_BYTES)
                 .await?;
-            self.learn_sizes(&messages);
             if let Some(first) = messages.first() {
                 if first.seq != self.delivered_through + 1 && self.delivered_through != 0 {
                     // Only a route added after messages were released starts past a gap.
