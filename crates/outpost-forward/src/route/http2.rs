@@ -147,7 +147,7 @@ impl Streams {
     /// Opens the stream of `request` (or queues it, in order, behind the streams the server's
     /// limit holds back). Connection-specific headers are not sent (HTTP/2 forbids them): the
     /// requests carry none, and `Host` is the `:authority` of `uri`.
-    pub(super) fn send(&mut self, uri: &hyper::Uri, request: Request) {
+    fn send(&mut self, uri: &hyper::Uri, request: Request) {
         if let Some(replay) = &mut self.replay {
             replay.push(request.clone());
         }
@@ -167,6 +167,15 @@ impl Streams {
         self.body_bytes.push_back(length);
     }
 
+    /// Opens the streams of the requests waiting in `unsent`, in order, as far as
+    /// [`Self::may_send`] lets them; the rest wait for an answer.
+    pub(super) fn open(&mut self, unsent: &mut VecDeque<Request>, uri: &hyper::Uri) {
+        while unsent.front().is_some_and(|request| self.may_send(request.1.len())) {
+            let request = unsent.pop_front().expect("a front request");
+            self.send(uri, request);
+        }
+    }
+
     /// Whether a request with a body of `length` bytes may open its stream now: when no stream is
     /// open, or when the bodies of the streams behind the oldest one, with it, stay within
     /// [`BODY_BYTES_BEHIND_OLDEST`]. Every stream's body shares the connection's flow-control
@@ -174,7 +183,7 @@ impl Streams {
     /// stream at a time reads the oldest, so the bodies behind it must leave room for it in the
     /// smallest window a server may have (the spec's 65,535 bytes), or the oldest never finishes.
     /// Small messages still go many at once; bodies larger than that go one after another.
-    pub(super) fn may_send(&self, length: usize) -> bool {
+    fn may_send(&self, length: usize) -> bool {
         let behind_oldest: usize = self.body_bytes.iter().skip(1).sum();
         self.in_flight.is_empty() || behind_oldest + length <= BODY_BYTES_BEHIND_OLDEST
     }
@@ -292,7 +301,7 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
-    use crate::route::delivery::{request_of, Outgoing, Unit};
+    use crate::route::pipeline::tests::{request, requests};
     use crate::route::pipeline::{Answer, Pipeline, Request};
     use crate::route::policy::FailureKind;
 
@@ -423,21 +432,6 @@ mod tests {
         let response = hyper::Response::builder().status(status).header("x-length", length).body(()).unwrap();
         let Ok(mut stream) = respond.send_response(response, false) else { return };
         let _ = stream.send_data(Bytes::from(format!("status {status} and more")), true);
-    }
-
-    fn request(seq: u64) -> Request {
-        request_of(&Unit::Single(Outgoing {
-            message_id: format!("m-{seq}"),
-            queue: "orders".into(),
-            origin: "edge-1".into(),
-            origin_seq: seq,
-            content_type: "application/json".into(),
-            payload: Bytes::from(format!("{{\"n\":{seq}}}")),
-        }))
-    }
-
-    fn requests(seqs: impl IntoIterator<Item = u64>) -> Vec<Request> {
-        seqs.into_iter().map(request).collect()
     }
 
     #[tokio::test]
@@ -714,31 +708,26 @@ mod tests {
     /// timeout, and the route in store mode); held back behind the oldest stream, all go through.
     #[tokio::test]
     async fn large_bodies_reach_a_server_that_handles_one_stream_at_a_time() {
-        let certs = certs();
-        let url = sequential_server(&certs).await;
-        let mut pipeline = Pipeline::new(Duration::from_secs(5), Some(&client_tls(&certs)));
-        let big: Vec<Request> = (2..=5)
-            .map(|seq| {
-                let (headers, _) = request(seq);
-                (headers, Bytes::from(vec![b'x'; 1024 * 1024]))
-            })
-            .collect();
-        let answers = pipeline.send(&url, &big).await;
-        assert_eq!(answers, vec![Answer::Delivered; 4]);
+        assert_eq!(four_bodies_to_a_sequential_server(1024 * 1024).await, vec![Answer::Delivered; 4]);
     }
 
-    /// Small bodies still open their streams together (the server handles them one by one).
+    /// Small bodies, whose streams are not held back, reach it too.
     #[tokio::test]
-    async fn small_bodies_to_a_server_that_handles_one_stream_at_a_time_go_together() {
+    async fn small_bodies_reach_a_server_that_handles_one_stream_at_a_time() {
+        assert_eq!(four_bodies_to_a_sequential_server(8 * 1024).await, vec![Answer::Delivered; 4]);
+    }
+
+    /// The answers to a window of four bodies of `size` bytes to [`sequential_server`].
+    async fn four_bodies_to_a_sequential_server(size: usize) -> Vec<Answer> {
         let certs = certs();
         let url = sequential_server(&certs).await;
         let mut pipeline = Pipeline::new(Duration::from_secs(5), Some(&client_tls(&certs)));
-        let small: Vec<Request> = (2..=5)
+        let bodies: Vec<Request> = (2..=5)
             .map(|seq| {
                 let (headers, _) = request(seq);
-                (headers, Bytes::from(vec![b'x'; 8 * 1024]))
+                (headers, Bytes::from(vec![b'x'; size]))
             })
             .collect();
-        assert_eq!(pipeline.send(&url, &small).await, vec![Answer::Delivered; 4]);
+        pipeline.send(&url, &bodies).await
     }
 }

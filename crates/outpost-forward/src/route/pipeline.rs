@@ -224,14 +224,9 @@ impl Window {
         if self.ended || self.target.is_err() {
             return;
         }
-        match (&mut self.open, &self.target) {
-            // Behind a request held back, in order.
-            (Some(Open::Http2(streams)), Ok(target))
-                if self.unsent.is_empty() && streams.may_send(request.1.len()) =>
-            {
-                streams.send(&target.uri, request)
-            }
-            _ => self.unsent.push_back(request),
+        self.unsent.push_back(request);
+        if let (Some(Open::Http2(streams)), Ok(target)) = (&mut self.open, &self.target) {
+            streams.open(&mut self.unsent, &target.uri);
         }
     }
 
@@ -335,13 +330,7 @@ impl Pipeline {
                     Self::answer_http1(open, &mut window.pending, &window.url, self.timeout).await
                 }
                 Open::Http2(streams) => {
-                    while let Some(request) = window.unsent.pop_front() {
-                        if !streams.may_send(request.1.len()) {
-                            window.unsent.push_front(request);
-                            break;
-                        }
-                        streams.send(&target.uri, request);
-                    }
+                    streams.open(&mut window.unsent, &target.uri);
                     Self::answer_http2(streams, &window.url, self.timeout).await
                 }
             };
@@ -937,7 +926,7 @@ impl Head {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::net::SocketAddr;
     use std::sync::Mutex;
@@ -1013,7 +1002,8 @@ mod tests {
         (url, log)
     }
 
-    fn request(seq: u64) -> Request {
+    /// The request of message `seq` of queue `orders` (body `{"n":seq}`).
+    pub(in crate::route) fn request(seq: u64) -> Request {
         request_of(&Unit::Single(Outgoing {
             message_id: format!("m-{seq}"),
             queue: "orders".into(),
@@ -1024,7 +1014,7 @@ mod tests {
         }))
     }
 
-    fn requests(seqs: impl IntoIterator<Item = u64>) -> Vec<Request> {
+    pub(in crate::route) fn requests(seqs: impl IntoIterator<Item = u64>) -> Vec<Request> {
         seqs.into_iter().map(request).collect()
     }
 
