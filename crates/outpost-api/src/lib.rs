@@ -12,6 +12,7 @@ mod messages;
 mod openapi;
 mod query;
 mod routes;
+mod single_write;
 mod status;
 
 use std::future::Future;
@@ -78,6 +79,11 @@ impl ApiState {
 
 /// The node's routes.
 pub fn router(state: ApiState) -> Router {
+    router_with(Arc::new(state))
+}
+
+/// The node's routes, sharing `state` (a request's `State` is one reference count).
+fn router_with(state: Arc<ApiState>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -94,8 +100,7 @@ pub fn router(state: ApiState) -> Router {
         .merge(consumers::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Shared, not cloned per request: a request's `State` is one reference count.
-        .with_state(Arc::new(state))
+        .with_state(state)
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and lets in-flight
@@ -109,13 +114,14 @@ pub async fn serve(
     let ready = state.ready.clone();
     let central = state.central.clone();
     let state_limits = state.config.limits.clone();
-    let app = router(state);
+    let state = Arc::new(state);
+    let app = router_with(state.clone());
     ready.store(true, Ordering::SeqCst);
     let limits = listener::ListenerLimits {
         max_connections: state_limits.max_connections,
         request_timeout: state_limits.request_timeout,
     };
-    listener::serve(listener, app, limits, tls, async move {
+    listener::serve(listener, app, Some(state), limits, tls, async move {
         shutdown.await;
         ready.store(false, Ordering::SeqCst);
         // Edge link streams never end by themselves; graceful shutdown waits for them.

@@ -4,7 +4,9 @@
 //! and stops gracefully: no new connections, in-flight requests finish. With TLS (`[tls]`) each
 //! connection's handshake must also finish within `request_timeout`, takes the certificates in use
 //! at that moment (so reloaded files reach new connections), and a verified client certificate
-//! reaches the handlers as a [`PeerIdentity`] request extension.
+//! reaches the handlers as a [`PeerIdentity`] request extension. Each HTTP/1.1 connection starts in
+//! the single-write lane ([`crate::single_write`]), which serves `POST /v1/queues/{q}/messages`
+//! itself and hands the connection to hyper and the router at the first other request.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -24,6 +26,9 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Sleep;
 use tower_service::Service;
 
+use crate::single_write::{self, LaneEnd};
+use crate::ApiState;
+
 /// Idle time before TCP keepalive probes on accepted connections (edge links are long-lived).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one.
@@ -37,10 +42,12 @@ pub struct ListenerLimits {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then closes the listener and waits for
-/// open connections to finish their requests.
+/// open connections to finish their requests. With `lane` (the state `app` was built with), single
+/// writes are served by the single-write lane.
 pub async fn serve(
     listener: TcpListener,
     app: Router,
+    lane: Option<Arc<ApiState>>,
     limits: ListenerLimits,
     tls: Option<Arc<ServerTls>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -83,16 +90,17 @@ pub async fn serve(
         let stop = stop_rx.clone();
         let open = open_rx.clone();
         let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+        let lane = lane.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _open = open;
             let Some(acceptor) = acceptor else {
-                return serve_connection(TokioIo::new(stream), app, None, request_timeout, stop).await;
+                return serve_connection(stream, app, lane, None, request_timeout, stop).await;
             };
             match tokio::time::timeout(request_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
                     let identity = stream.get_ref().1.peer_certificates().and_then(PeerIdentity::from_chain);
-                    serve_connection(TokioIo::new(stream), app, identity, request_timeout, stop).await;
+                    serve_connection(stream, app, lane, identity, request_timeout, stop).await;
                 }
                 Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
                 Err(_) => tracing::info!(%peer, "TLS handshake not finished within limits.request_timeout"),
@@ -106,16 +114,26 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it ends, or gracefully once `stop` turns true.
+/// Serves one connection until it ends, or gracefully once `stop` turns true: in the single-write
+/// lane while it has `lane` and the requests are single writes, then with hyper and `app`.
 async fn serve_connection<IO>(
-    io: TokioIo<IO>,
+    mut io: IO,
     app: Router,
+    lane: Option<Arc<ApiState>>,
     identity: Option<PeerIdentity>,
     request_timeout: Duration,
     mut stop: watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let unread = match &lane {
+        Some(state) => match single_write::serve(&mut io, state, request_timeout, &mut stop).await {
+            LaneEnd::Closed => return,
+            LaneEnd::Handoff(unread) => unread,
+        },
+        None => Bytes::new(),
+    };
+    let io = TokioIo::new(Prefixed { unread, io });
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut app = app.clone();
         let mut request = request.map(|body| Body::new(DeadlineBody::new(body, request_timeout)));
@@ -147,6 +165,58 @@ async fn serve_connection<IO>(
                 }
             }
         }
+    }
+}
+
+/// A connection whose first bytes were already read (by the single-write lane): reads return
+/// `unread` first, then what the connection brings.
+struct Prefixed<IO> {
+    unread: Bytes,
+    io: IO,
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(buf.remaining());
+            buf.put_slice(&self.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

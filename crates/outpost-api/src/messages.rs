@@ -30,11 +30,15 @@ const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
 pub(crate) fn queue_name(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(queue) = path.map_err(|e| ApiError::invalid_name(format!("bad queue name in path: {e}")))?;
-    outpost_core::validate_name(&queue).map_err(|e| ApiError::invalid_name(format!("queue {e}")))?;
+    valid_queue_name(&queue)?;
     Ok(queue)
 }
 
-fn check_writes_allowed(state: &ApiState) -> Result<(), ApiError> {
+pub(crate) fn valid_queue_name(queue: &str) -> Result<(), ApiError> {
+    outpost_core::validate_name(queue).map_err(|e| ApiError::invalid_name(format!("queue {e}")))
+}
+
+pub(crate) fn check_writes_allowed(state: &ApiState) -> Result<(), ApiError> {
     if let Some(seconds) = state.link.borrow().writes_blocked_retry_after_seconds {
         return Err(ApiError::unavailable(
             "writes are blocked while this edge changes its online state (block_during_transition = true); retry shortly",
@@ -73,6 +77,17 @@ pub(crate) struct Incoming {
     pub _permit: OwnedSemaphorePermit,
 }
 
+/// A single-message write's headers, checked before its body is read.
+pub(crate) struct SingleHead {
+    pub key: Option<String>,
+    pub content_type: String,
+}
+
+/// Reads a single-message write's `Idempotency-Key` and `Content-Type`.
+pub(crate) fn single_head(headers: &HeaderMap) -> Result<SingleHead, ApiError> {
+    Ok(SingleHead { key: idempotency_key(headers)?, content_type: content_type(headers)? })
+}
+
 /// Reads a single-message write: `Idempotency-Key`, `Content-Type` and the payload within
 /// `limits.max_message_bytes`.
 pub(crate) async fn read_single(
@@ -80,16 +95,24 @@ pub(crate) async fn read_single(
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Incoming, ApiError> {
-    let key = idempotency_key(headers)?;
-    let content_type = content_type(headers)?;
+    let head = single_head(headers)?;
     // The body first, then the write permit: a client that stops sending holds no permit (its
     // body has `limits.request_timeout` to arrive), so it cannot starve the other writers.
     let payload =
         crate::body::read_bounded(headers, body, state.config.limits.max_message_bytes, "the message")
             .await?;
+    single_incoming(state, head, payload).await
+}
+
+/// A single write whose payload is read, once it holds a write permit.
+pub(crate) async fn single_incoming(
+    state: &ApiState,
+    head: SingleHead,
+    payload: Bytes,
+) -> Result<Incoming, ApiError> {
     let permit = write_permit(state).await?;
-    let message = NewMessage { payload, content_type, origin: None, id: None };
-    Ok(Incoming { messages: vec![message], key, _permit: permit })
+    let message = NewMessage { payload, content_type: head.content_type, origin: None, id: None };
+    Ok(Incoming { messages: vec![message], key: head.key, _permit: permit })
 }
 
 /// Reads an NDJSON batch write (all or nothing: one payload per non-empty line, within the limits);
@@ -153,14 +176,27 @@ pub async fn post_message(
     let queue = queue_name(path)?;
     check_writes_allowed(&state)?;
     let incoming = read_single(&state, &headers, body).await?;
+    let (status, answer) = store_single(&state, queue, incoming).await?;
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], answer).into_response())
+}
+
+/// Stores a single write's message and counts it: the status (202, or 200 for a repeated
+/// idempotency key) and the JSON of the answer. Shared by [`post_message`] and the listener's
+/// single-write lane (`crate::single_write`), so both answer alike.
+pub(crate) async fn store_single(
+    state: &ApiState,
+    queue: String,
+    incoming: Incoming,
+) -> Result<(StatusCode, Vec<u8>), ApiError> {
     let appended = state.store.append(&queue, incoming.messages, incoming.key).await?;
     let status = if appended.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
-    let body = Json(Accepted { id: &appended.ids[0], queue: &queue, seq: appended.first_seq });
-    let response = (status, body).into_response();
+    let answer =
+        serde_json::to_vec(&Accepted { id: &appended.ids[0], queue: &queue, seq: appended.first_seq })
+            .map_err(|e| ApiError::internal(format!("cannot encode the answer: {e}")))?;
     if !appended.duplicate {
         state.metrics.messages_accepted.get_or_create(&QueueLabel { queue }).inc();
     }
-    Ok(response)
+    Ok((status, answer))
 }
 
 /// The answer to a single-message write, serialized without building a `serde_json::Value` (one
@@ -198,7 +234,7 @@ fn split_lines(body: &Bytes) -> Vec<Bytes> {
     let mut lines = Vec::new();
     let mut start = 0;
     while start < body.len() {
-        let end = body[start..].iter().position(|b| *b == b'\n').map_or(body.len(), |p| start + p);
+        let end = memchr::memchr(b'\n', &body[start..]).map_or(body.len(), |p| start + p);
         let line_end = if end > start && body[end - 1] == b'\r' { end - 1 } else { end };
         if !body[start..line_end].iter().all(u8::is_ascii_whitespace) {
             lines.push(body.slice(start..line_end));
