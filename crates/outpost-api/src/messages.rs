@@ -25,6 +25,9 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
 /// The default and the largest `limit` of a message read.
 pub const DEFAULT_READ_LIMIT: usize = 100;
 pub const MAX_READ_LIMIT: usize = 1000;
+/// About the most payload bytes one read answers with (always at least one message): a thousand
+/// messages of 1 MiB would otherwise be read into memory, then base64-encoded into one answer.
+pub const MAX_READ_BYTES: usize = 16 << 20;
 
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -299,7 +302,7 @@ pub async fn read_messages(
     let messages = if after_seq > i64::MAX as u64 {
         Vec::new()
     } else {
-        state.store.read(&queue, after_seq, limit).await?
+        state.store.read_within(&queue, after_seq, limit, MAX_READ_BYTES).await?
     };
     let next_after_seq = messages.last().map(|m| m.seq).unwrap_or(after_seq);
     let engine = base64::engine::general_purpose::STANDARD;

@@ -50,6 +50,8 @@ pub const EXPIRY_LEASE: &str = "downlink-expiry";
 pub const EXPIRY_INTERVAL: Duration = Duration::from_secs(1);
 /// The most expired messages looked at per queue and round.
 const EXPIRY_BATCH: usize = 1000;
+/// About the most payload bytes one expiry pass reads per queue (the rest waits for the next).
+const EXPIRY_READ_BYTES: usize = 16 << 20;
 
 /// The store queue holding edge `edge`'s downlink messages of `queue`.
 pub fn downlink_queue(edge: &str, queue: &str) -> String {
@@ -181,7 +183,7 @@ impl CentralHub {
         if after_seq >= i64::MAX as u64 {
             return Ok(Vec::new());
         }
-        let messages = self.store.read(&name, after_seq, limit).await?;
+        let messages = self.store.read_within(&name, after_seq, limit, MAX_PULL_BYTES as usize).await?;
         let mut entries = Vec::with_capacity(messages.len());
         let mut next = after_seq + 1;
         let mut bytes = 0u64;
@@ -286,7 +288,8 @@ impl CentralHub {
                 continue;
             }
             let after = self.store.cursor(&stats.name, DOWNLINK_READER);
-            for message in self.store.read(&stats.name, after, EXPIRY_BATCH).await? {
+            for message in self.store.read_within(&stats.name, after, EXPIRY_BATCH, EXPIRY_READ_BYTES).await?
+            {
                 if now_ms - message.accepted_at_ms <= ttl.as_millis() as i64 {
                     break;
                 }

@@ -146,6 +146,30 @@ async fn reading_past_the_end_returns_an_empty_page_for_every_after_seq() {
     assert_eq!((page["messages"][0]["seq"].as_u64(), page["next_after_seq"].as_u64()), (Some(2), Some(2)));
 }
 
+/// A page of large messages stops at about 16 MiB of payload (not a thousand 1 MiB messages read
+/// into memory and base64-encoded into one answer), and reading on from `next_after_seq` gets the
+/// rest.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_page_of_large_messages_stops_at_about_16_mib() {
+    let node = edge().start().await;
+    let client = node.client();
+    let payload = vec![b'x'; 1_000_000];
+    for _ in 0..18 {
+        client.post_message("large", payload.clone()).await.unwrap().expect_status(202);
+    }
+    let page = client.get("/v1/queues/large/messages?limit=1000").await.unwrap();
+    page.expect_status(200);
+    let page = page.json();
+    let seqs: Vec<u64> =
+        page["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=16).collect::<Vec<u64>>(), "16 x 1 MB fit in 16 MiB, a 17th would not");
+    assert_eq!(page["next_after_seq"], 16);
+    let rest = client.get("/v1/queues/large/messages?after_seq=16&limit=1000").await.unwrap().json();
+    let seqs: Vec<u64> =
+        rest["messages"].as_array().unwrap().iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, [17, 18]);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_repeated_idempotency_key_answers_200_with_the_original_and_stores_nothing_twice() {
     let node = edge().start().await;
