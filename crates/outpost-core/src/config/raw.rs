@@ -22,7 +22,7 @@ pub(super) struct RawConfig {
     pub(super) auth: Option<RawAuth>,
     #[serde(default)]
     pub(super) limits: RawLimits,
-    /// `None`: not given (an edge then uses [`DEFAULT_CENTRAL_URL`]); `Some(empty)`: explicitly none.
+    /// `None`: not given (an edge then uses [`DEFAULT_CENTRAL_URL`](super::DEFAULT_CENTRAL_URL)); `Some(empty)`: explicitly none.
     #[serde(default, deserialize_with = "de_upstreams")]
     pub(super) upstream: Option<Vec<RawUpstream>>,
     #[serde(default)]

@@ -51,7 +51,7 @@ struct Args {
     /// Edge ids are PREFIX00000, PREFIX00001, …; default: sim + a random tag + "-".
     #[arg(long)]
     edge_prefix: Option<String>,
-    /// Edge id X sends `Authorization: Bearer {PREFIX}X` (for a central with [[edge]] entries).
+    /// Edge id X sends `Authorization: Bearer {PREFIX}X` (for a central with `[[edge]]` entries).
     #[arg(long)]
     token_prefix: Option<String>,
     /// Admin token for reading the queues back.
