@@ -184,6 +184,11 @@ impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<IO> {
         if !self.unread.is_empty() {
             let n = self.unread.len().min(buf.remaining());
             buf.put_slice(&self.unread.split_to(n));
+            if self.unread.is_empty() {
+                // An empty slice still holds the lane's whole read buffer: let it go (a link
+                // connection lives for days).
+                self.unread = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.io).poll_read(cx, buf)
