@@ -6,8 +6,10 @@
 #     SETUP    one   = one central on the embedded store (SQLite)
 #              pg1   = one central on PostgreSQL
 #              pg2   = two centrals on one PostgreSQL database (half the edges on each)
-#     EDGES    simulated edges (each with its own HTTP client, pooled like a real edge's: the link
-#              stream, one connection for batches, one more while a report overlaps a batch)
+#     EDGES    simulated edges (each with its own HTTP client, like a real edge's: HTTP/2, so the link
+#              stream, batches and reports are streams of one connection per edge; with
+#              EXTRA="--http1" HTTP/1.1 as edges before that: the link stream, one connection for
+#              batches, one more while a report overlaps a batch)
 #     RATE     messages per second per edge
 #     SECONDS  generation time (default 60)
 #     PING     ping interval the edges ask for (default 10s; an edge's default is 300s)
@@ -15,12 +17,13 @@
 # Environment: BIN_DIR (default target/release; needs `cargo build --release -p outpost -p testkit`),
 # OUTPOST_TEST_POSTGRES (admin URL, default postgres://postgres@127.0.0.1:5432/test; each run creates
 # and drops the database outpost_edges_bench), SIMS (simulator processes sharing the edges, default 1:
-# each simulated edge holds about 2 sockets, and one process may not open more than its `ulimit -n`,
-# which a machine without CAP_SYS_RESOURCE cannot raise past the hard limit), SIZE (payload bytes,
+# each simulated edge holds one socket (about 2 with --http1), and one process may not open more
+# than its `ulimit -n`, which a machine without CAP_SYS_RESOURCE cannot raise past the hard limit; the
+# simulator also needs descriptors of its own), SIZE (payload bytes,
 # default 256), QUEUES (queue names, default 64), EXTRA (more outpost-edgesim arguments), CENTRAL_ENV
-# (environment for the central(s), e.g. "OUTPOST_LIMITS__MAX_CONNECTIONS=50000": each edge holds about
-# 2 connections and the default limits.max_connections = 4096 would refuse the rest past ~2,000
-# edges), KEEP=1 keeps the work directory.
+# (environment for the central(s), e.g. "OUTPOST_LIMITS__MAX_CONNECTIONS=50000": each edge holds one
+# connection (about 2 with --http1) and the default limits.max_connections = 4096 would refuse the
+# rest past ~4,000 edges), KEEP=1 keeps the work directory.
 #
 # Prints one summary block: the simulator's figures (end-to-end latency = message due at the edge →
 # the central's acknowledgement, which follows its commit; ping lateness = gap between two pings
@@ -46,7 +49,7 @@ base=${base%/*}
 db=outpost_edges_bench
 work=$(mktemp -d /tmp/outpost-edges-bench.XXXXXX)
 pids=()
-# Ten thousand edges are 20,000+ sockets on each side of loopback.
+# Ten thousand edges are 10,000+ sockets on each side of loopback (20,000+ with --http1).
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done

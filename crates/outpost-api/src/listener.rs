@@ -1,25 +1,35 @@
 //! The HTTP listener: accepts connections up to `limits.max_connections` (more are closed at
 //! accept while the others are served on), sets TCP keepalive, gives every request
 //! `limits.request_timeout` for its headers and again for its body (a body that stops gets 408),
-//! and stops gracefully: no new connections, in-flight requests finish. With TLS (`[tls]`) each
+//! closes a connection that has no request in progress for `request_timeout`, and stops
+//! gracefully: no new connections, in-flight requests finish. With TLS (`[tls]`) each
 //! connection's handshake must also finish within `request_timeout`, takes the certificates in use
 //! at that moment (so reloaded files reach new connections), and a verified client certificate
 //! reaches the handlers as a [`PeerIdentity`] request extension. Each HTTP/1.1 connection starts in
 //! the single-write lane ([`crate::single_write`]), which serves `POST /v1/queues/{q}/messages`
-//! itself and hands the connection to hyper and the router at the first other request.
+//! itself and hands the connection to hyper and the router at the first other request (an HTTP/2
+//! preface included; a TLS connection that picked `h2` by ALPN skips the lane).
+//!
+//! Every connection speaks HTTP/1.1 or HTTP/2 on the same port: cleartext by the HTTP/2 preface
+//! (prior knowledge), TLS by ALPN (`h2`, `http/1.1`). An edge's link (its event stream, batches,
+//! reports, probes and downlink reads) is then one TCP connection at its central. The limits hold
+//! for both: `max_connections` counts TCP connections; HTTP/2 adds a bound on concurrent streams
+//! and on the header list of each, keepalive PINGs that close the connection of a peer that stopped
+//! answering, and a GOAWAY on shutdown and idle close (a peer that ignores it is cut off after
+//! `CLOSE_GRACE`).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::Router;
 use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use outpost_tls::{PeerIdentity, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -33,6 +43,25 @@ use crate::ApiState;
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// HTTP/2 streams one connection may have open at once (a stream past it is refused). An edge uses
+/// one for its link stream, one per batch in flight (`forwarding.in_flight` per queue), one per
+/// report, probe and downlink read; a client that wants more waits for a stream to end. Each stream
+/// may hold a request body of its own, so this also bounds what one connection can make the node
+/// buffer.
+const HTTP2_MAX_CONCURRENT_STREAMS: u32 = 64;
+/// The largest header list (HPACK-decoded) of one HTTP/2 request; HTTP/1.1 headers are bounded by
+/// hyper's read buffer (about 400 KiB, at most 100 headers).
+const HTTP2_MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
+/// A connection whose peer sent nothing for this long gets an HTTP/2 PING...
+const HTTP2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// ...and is closed if the answer has not come within this. An edge on a thin line may have a
+/// whole receive window (1 MiB) of batch data queued ahead of its answer in its socket: 1 MiB at
+/// 64 kbit/s is 131 s, so anything shorter would cut off slow, live edges (CONTRACT section 5).
+const HTTP2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a closing connection (shutdown, or idle for `request_timeout`) with no request in
+/// progress may take to say goodbye before it is dropped: an HTTP/2 peer that never answers the
+/// GOAWAY's PING would otherwise hold it open.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 /// What `serve` needs from the limits.
 #[derive(Clone, Copy, Debug)]
@@ -100,6 +129,8 @@ pub async fn serve(
             match tokio::time::timeout(request_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(stream)) => {
                     let identity = stream.get_ref().1.peer_certificates().and_then(PeerIdentity::from_chain);
+                    // HTTP/2 by ALPN: no HTTP/1.1 request will come for the lane to serve.
+                    let lane = lane.filter(|_| stream.get_ref().1.alpn_protocol() != Some(b"h2"));
                     serve_connection(stream, app, lane, identity, request_timeout, stop).await;
                 }
                 Ok(Err(e)) => tracing::info!(%peer, "TLS handshake failed: {e}"),
@@ -114,8 +145,10 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection until it ends, or gracefully once `stop` turns true: in the single-write
-/// lane while it has `lane` and the requests are single writes, then with hyper and `app`.
+/// Serves one connection until it ends: in the single-write lane while it has `lane` and the
+/// requests are single writes, then with hyper (HTTP/1.1 or HTTP/2) and `app`; gracefully once
+/// `stop` turns true or once it has had no request in progress for `request_timeout`, and at the
+/// latest [`CLOSE_GRACE`] after that with no request in progress.
 async fn serve_connection<IO>(
     mut io: IO,
     app: Router,
@@ -134,23 +167,47 @@ async fn serve_connection<IO>(
         None => Bytes::new(),
     };
     let io = TokioIo::new(Prefixed { unread, io });
+    let (activity_tx, mut activity) = watch::channel(Activity { in_progress: 0, idle_since: Instant::now() });
+    let activity_tx = Arc::new(activity_tx);
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut app = app.clone();
+        let guard = InProgress::start(activity_tx.clone());
         let mut request = request.map(|body| Body::new(DeadlineBody::new(body, request_timeout)));
         if let Some(identity) = &identity {
             request.extensions_mut().insert(identity.clone());
         }
-        async move { Ok::<_, Infallible>(app.call(request).await.unwrap_or_else(|never| match never {})) }
+        async move {
+            let response = app.call(request).await.unwrap_or_else(|never| match never {});
+            // The request is in progress until its answer has been sent (for an edge's link
+            // stream: until the link closes).
+            Ok::<_, Infallible>(response.map(|body| TrackedBody { inner: body, _guard: guard }))
+        }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(request_timeout);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(request_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(HTTP2_MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(HTTP2_MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(HTTP2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(HTTP2_KEEP_ALIVE_TIMEOUT);
     let connection = builder.serve_connection(io, service);
     let mut connection = std::pin::pin!(connection);
-    let mut stopping = *stop.borrow();
-    if stopping {
+    let mut closing_since: Option<Instant> = None;
+    if *stop.borrow() {
+        closing_since = Some(Instant::now());
         connection.as_mut().graceful_shutdown();
     }
     loop {
+        let deadline = {
+            let now = activity.borrow_and_update();
+            match (now.in_progress, closing_since) {
+                (0, None) => Some(now.idle_since + request_timeout),
+                (0, Some(since)) => Some(since.max(now.idle_since) + CLOSE_GRACE),
+                _ => None,
+            }
+        };
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
@@ -158,11 +215,20 @@ async fn serve_connection<IO>(
                 }
                 break;
             }
-            changed = stop.changed(), if !stopping => {
+            changed = stop.changed(), if closing_since.is_none() => {
                 if changed.is_err() || *stop.borrow() {
-                    stopping = true;
+                    closing_since = Some(Instant::now());
                     connection.as_mut().graceful_shutdown();
                 }
+            }
+            _ = activity.changed() => {}
+            () = sleep_until_option(deadline) => {
+                if closing_since.is_some() {
+                    tracing::debug!("connection did not close within {CLOSE_GRACE:?} of its goodbye; dropped");
+                    break;
+                }
+                closing_since = Some(Instant::now());
+                connection.as_mut().graceful_shutdown();
             }
         }
     }
@@ -222,6 +288,68 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<IO> {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+async fn sleep_until_option(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Requests of one connection whose answers are not sent yet, and since when there were none.
+#[derive(Clone, Copy, Debug)]
+struct Activity {
+    in_progress: usize,
+    idle_since: Instant,
+}
+
+/// Counts one request as in progress from its headers until it is dropped: with its answer's body
+/// once that is sent, or with the request's future when the peer gives up first.
+struct InProgress(Arc<watch::Sender<Activity>>);
+
+impl InProgress {
+    fn start(activity: Arc<watch::Sender<Activity>>) -> InProgress {
+        activity.send_modify(|a| a.in_progress += 1);
+        InProgress(activity)
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.send_modify(|a| {
+            a.in_progress -= 1;
+            if a.in_progress == 0 {
+                a.idle_since = Instant::now();
+            }
+        });
+    }
+}
+
+/// An answer's body that keeps its request counted as in progress until it is dropped.
+struct TrackedBody {
+    inner: Body,
+    _guard: InProgress,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

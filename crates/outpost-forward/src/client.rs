@@ -1,7 +1,20 @@
 //! The edge's HTTP client for its central: handshake and event stream, batches, reports, probes.
 //! Every failure is classified ([`LinkError`]) so the driver decides on data, not on strings.
+//!
+//! The link is one connection: HTTP/2 carries the event stream, batches, reports, probes and
+//! downlink reads as streams of it ([`LinkHttp`]). To an `http://` central the client speaks
+//! HTTP/2 with prior knowledge, to an `https://` one it offers `h2` by ALPN. When a handshake or
+//! probe over HTTP/2 fails other than by not connecting (an older central, an HTTP/1.1-only proxy:
+//! they answer the HTTP/2 preface with an error, close, never answer, or refuse `h2` in the TLS
+//! handshake), the same request goes again over HTTP/1.1 (ALPN `http/1.1`) and, if that is
+//! answered, the endpoint is remembered as HTTP/1.1-only.
+//! Requests on an open link use what its handshake found; a handshake tries HTTP/2 again
+//! [`HTTP1_RECHECK_INTERVAL`] after, so a central upgraded in place is found without a restart.
+//! Over HTTP/1.1 the link holds what it always did: the event stream's connection and one pooled
+//! connection for the rest.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use outpost_core::config::Upstream;
@@ -16,6 +29,158 @@ use reqwest::StatusCode;
 const MAX_EVENT_LINE_BYTES: usize = 64 << 10;
 /// The largest decompressed downlink frame this edge reads (a central's own bound is 64 MiB).
 const MAX_DOWNLINK_FRAME_BYTES: u64 = 64 << 20;
+
+/// How long an endpoint found HTTP/1.1-only stays so before a handshake tries HTTP/2 again.
+pub const HTTP1_RECHECK_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// The HTTP clients of one central endpoint and the protocol it speaks.
+#[derive(Clone)]
+pub struct LinkHttp {
+    /// HTTP/2 only: with prior knowledge on `http://`, offering `h2` by ALPN on `https://`. (Not
+    /// "whatever ALPN picks": a client that learns the protocol only once connected opens a
+    /// connection per request made meanwhile, where an HTTP/2-only one waits for the first.) Its
+    /// pool keeps a connection however long it goes unused: the
+    /// link's connection carries the event stream all the time, and a pool that dropped it after
+    /// a quiet spell would open a second connection for the next request. The central closes a
+    /// connection with no request in progress (after `limits.request_timeout`, with a GOAWAY that
+    /// tells the client which requests it took, so none is lost to the race).
+    preferred: reqwest::Client,
+    /// HTTP/1.1 only (ALPN `http/1.1` on `https://`), pooled like the edge's client always was:
+    /// one idle connection, closed by the edge before the central's own idle close.
+    http1: reqwest::Client,
+    /// Since when this endpoint is known not to speak HTTP/2.
+    http1_only_since: Arc<Mutex<Option<Instant>>>,
+}
+
+/// Which requests may find out the protocol: the ones that start talking to a central.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Discovery {
+    /// The link handshake: tries HTTP/2 again once [`HTTP1_RECHECK_INTERVAL`] has passed.
+    Handshake,
+    /// A probe: tries HTTP/2 unless the endpoint is known not to speak it.
+    Probe,
+    /// Everything on an open link: the protocol its handshake found.
+    None,
+}
+
+impl LinkHttp {
+    /// The clients for `url`, from `builder` (timeouts, keepalive, pool) and the endpoint's TLS.
+    pub fn build(
+        url: &str,
+        builder: impl Fn() -> reqwest::ClientBuilder,
+        tls: Option<&outpost_tls::ClientTls>,
+    ) -> Result<LinkHttp, reqwest::Error> {
+        let (preferred, http1) = (builder().http2_prior_knowledge(), builder().http1_only());
+        let (preferred, http1) = match tls {
+            Some(tls) if !url.starts_with("http://") => {
+                let alpn = |protocol: &[u8]| {
+                    let mut config = tls.config();
+                    config.alpn_protocols = vec![protocol.to_vec()];
+                    config
+                };
+                (preferred.use_preconfigured_tls(alpn(b"h2")), http1.use_preconfigured_tls(alpn(b"http/1.1")))
+            }
+            _ => (preferred, http1),
+        };
+        Ok(LinkHttp {
+            preferred: preferred.pool_idle_timeout(None).build()?,
+            http1: http1.build()?,
+            http1_only_since: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    fn http1_only_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.http1_only_since.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether this endpoint is known to speak HTTP/1.1 only.
+    pub fn http1_only(&self) -> bool {
+        self.http1_only_since().is_some()
+    }
+
+    /// Whether a request tries HTTP/2 (else it goes straight over HTTP/1.1).
+    fn tries_http2(&self, discovery: Discovery) -> bool {
+        match (*self.http1_only_since(), discovery) {
+            (None, _) => true,
+            (Some(since), Discovery::Handshake) => since.elapsed() >= HTTP1_RECHECK_INTERVAL,
+            (Some(_), _) => false,
+        }
+    }
+
+    /// Notes what the endpoint answered a discovering request with.
+    fn learned(&self, speaks_http2: bool, discovery: Discovery, why: impl FnOnce() -> String) {
+        let mut since = self.http1_only_since();
+        if speaks_http2 {
+            *since = None;
+        } else if since.is_none() || discovery == Discovery::Handshake {
+            tracing::info!("the central does not speak HTTP/2 ({}): HTTP/1.1 to it from now on", why());
+            *since = Some(Instant::now());
+        }
+    }
+
+    /// Sends the request `build` makes on a client, each try answered within `answer_timeout`;
+    /// see the module's documentation for when HTTP/1.1 is tried.
+    async fn send(
+        &self,
+        discovery: Discovery,
+        answer_timeout: Duration,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, SendError> {
+        let attempt = |client: &reqwest::Client| {
+            let request = build(client).send();
+            async move {
+                match tokio::time::timeout(answer_timeout, request).await {
+                    Ok(Ok(response)) => Ok(response),
+                    Ok(Err(e)) if could_not_connect(&e) => Err((SendError::Request(request_error(e)), true)),
+                    Ok(Err(e)) => Err((SendError::Request(request_error(e)), false)),
+                    Err(_) => Err((SendError::NoAnswer(answer_timeout), false)),
+                }
+            }
+        };
+        if !self.tries_http2(discovery) {
+            return attempt(&self.http1).await.map_err(|(e, _)| e);
+        }
+        let first = attempt(&self.preferred).await;
+        if discovery == Discovery::None {
+            return first.map_err(|(e, _)| e);
+        }
+        let first_error = match first {
+            Ok(response) => {
+                self.learned(true, discovery, String::new);
+                return Ok(response);
+            }
+            // Nothing listens there (or the host is down): HTTP/1.1 would not connect either.
+            Err((e, true)) => return Err(e),
+            Err((e, false)) => e,
+        };
+        match attempt(&self.http1).await {
+            Ok(response) => {
+                self.learned(false, discovery, || first_error.detail());
+                Ok(response)
+            }
+            // Neither answered: HTTP/1.1's failure says what is wrong, as it did before the link
+            // spoke HTTP/2 (over HTTP/2 a refused client certificate, say, shows as the connection
+            // closing under the request, without the TLS alert).
+            Err((error, _)) => Err(error),
+        }
+    }
+}
+
+/// A request that got no answer.
+enum SendError {
+    /// It failed: what [`request_error`] says of it.
+    Request(String),
+    NoAnswer(Duration),
+}
+
+impl SendError {
+    fn detail(&self) -> String {
+        match self {
+            SendError::Request(detail) => detail.clone(),
+            SendError::NoAnswer(timeout) => format!("no answer within {timeout:?}"),
+        }
+    }
+}
 
 /// Why a request to a central failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +214,7 @@ impl LinkError {
 /// One central endpoint as this edge talks to it.
 #[derive(Clone)]
 pub struct CentralClient {
-    http: reqwest::Client,
+    http: LinkHttp,
     url: String,
     token: String,
     edge_id: String,
@@ -60,7 +225,7 @@ pub struct CentralClient {
 
 impl CentralClient {
     pub fn new(
-        http: reqwest::Client,
+        http: LinkHttp,
         upstream: &Upstream,
         edge_id: &str,
         request_timeout: Duration,
@@ -89,13 +254,34 @@ impl CentralClient {
         &self.url
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    /// Whether this endpoint is known to speak HTTP/1.1 only.
+    pub fn http1_only(&self) -> bool {
+        self.http.http1_only()
+    }
+
+    fn request(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
         let mut request =
-            self.http.request(method, format!("{}{path}", self.url)).header(EDGE_ID_HEADER, &self.edge_id);
+            http.request(method, format!("{}{path}", self.url)).header(EDGE_ID_HEADER, &self.edge_id);
         if !self.token.is_empty() {
             request = request.bearer_auth(&self.token);
         }
         request
+    }
+
+    /// Sends a request on the link's protocol (`discovery`: whether it may find that out).
+    async fn send(
+        &self,
+        discovery: Discovery,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, LinkError> {
+        // Each request carries `request_timeout` itself; the bound here is a backstop.
+        let backstop = self.request_timeout + Duration::from_secs(1);
+        self.http.send(discovery, backstop, build).await.map_err(|e| self.unreachable(e.detail()))
     }
 
     fn unreachable(&self, detail: impl ToString) -> LinkError {
@@ -116,15 +302,18 @@ impl CentralClient {
         // timeout; the handshake's answer does: a central (or load balancer, or half-open
         // connection) that takes the request and never answers must not hold the edge's connect
         // round for ever.
-        let response = tokio::time::timeout(
-            self.request_timeout,
-            self.request(reqwest::Method::POST, LINK_PATH).json(hello).send(),
-        )
-        .await
-        .map_err(|_| {
-            self.unreachable(format!("no answer to the link handshake within {:?}", self.request_timeout))
-        })?
-        .map_err(|e| self.unreachable(request_error(e)))?;
+        let response = self
+            .http
+            .send(Discovery::Handshake, self.request_timeout, |http| {
+                self.request(http, reqwest::Method::POST, LINK_PATH).json(hello)
+            })
+            .await
+            .map_err(|e| match e {
+                SendError::NoAnswer(timeout) => {
+                    self.unreachable(format!("no answer to the link handshake within {timeout:?}"))
+                }
+                e => self.unreachable(e.detail()),
+            })?;
         if !response.status().is_success() {
             return Err(self.refusal(response).await);
         }
@@ -158,19 +347,21 @@ impl CentralClient {
         encoding: Option<&str>,
         bucket: Option<std::sync::Arc<crate::pacing::TokenBucket>>,
     ) -> Result<BatchAck, LinkError> {
-        let mut request = self
-            .request(reqwest::Method::POST, LINK_MESSAGES_PATH)
-            .header(reqwest::header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
-            .header(reqwest::header::CONTENT_LENGTH, frame.len())
-            .timeout(self.request_timeout);
-        if let Some(encoding) = encoding {
-            request = request.header(reqwest::header::CONTENT_ENCODING, encoding);
-        }
-        request = match bucket {
-            Some(bucket) => request.body(crate::pacing::paced_body(frame, bucket)),
-            None => request.body(frame),
+        let build = |http: &reqwest::Client| {
+            let mut request = self
+                .request(http, reqwest::Method::POST, LINK_MESSAGES_PATH)
+                .header(reqwest::header::CONTENT_TYPE, BATCH_CONTENT_TYPE)
+                .header(reqwest::header::CONTENT_LENGTH, frame.len())
+                .timeout(self.request_timeout);
+            if let Some(encoding) = encoding {
+                request = request.header(reqwest::header::CONTENT_ENCODING, encoding);
+            }
+            match &bucket {
+                Some(bucket) => request.body(crate::pacing::paced_body(frame.clone(), bucket.clone())),
+                None => request.body(frame.clone()),
+            }
         };
-        let response = request.send().await.map_err(|e| self.unreachable(request_error(e)))?;
+        let response = self.send(Discovery::None, build).await?;
         if response.status() == StatusCode::UNSUPPORTED_MEDIA_TYPE {
             // The central took the encoding in the handshake and now refuses it (replaced by an
             // older or differently configured central behind the same URL): a new link renegotiates.
@@ -206,11 +397,14 @@ impl CentralClient {
     ) -> Result<Option<Batch>, LinkError> {
         let path =
             format!("{LINK_DOWNLINK_PATH}?queue={queue}&after_seq={after_seq}&acked={acked}&limit={limit}");
-        let mut request = self.request(reqwest::Method::GET, &path).timeout(self.request_timeout);
-        if let Some(encoding) = &self.batch_encoding {
-            request = request.header(reqwest::header::ACCEPT_ENCODING, encoding);
-        }
-        let response = request.send().await.map_err(|e| self.unreachable(request_error(e)))?;
+        let build = |http: &reqwest::Client| {
+            let request = self.request(http, reqwest::Method::GET, &path).timeout(self.request_timeout);
+            match &self.batch_encoding {
+                Some(encoding) => request.header(reqwest::header::ACCEPT_ENCODING, encoding),
+                None => request,
+            }
+        };
+        let response = self.send(Discovery::None, build).await?;
         match response.status() {
             StatusCode::NO_CONTENT => Ok(None),
             StatusCode::OK => {
@@ -243,12 +437,12 @@ impl CentralClient {
     /// Tells the central this edge's state, backlog and offline log.
     pub async fn report(&self, report: &EdgeReport) -> Result<(), LinkError> {
         let response = self
-            .request(reqwest::Method::POST, LINK_REPORT_PATH)
-            .timeout(self.request_timeout)
-            .json(report)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(request_error(e)))?;
+            .send(Discovery::None, |http| {
+                self.request(http, reqwest::Method::POST, LINK_REPORT_PATH)
+                    .timeout(self.request_timeout)
+                    .json(report)
+            })
+            .await?;
         if response.status().is_success() {
             Ok(())
         } else {
@@ -259,11 +453,10 @@ impl CentralClient {
     /// Checks that the central answers and accepts this edge.
     pub async fn probe(&self) -> Result<ProbeAnswer, LinkError> {
         let response = self
-            .request(reqwest::Method::GET, LINK_PROBE_PATH)
-            .timeout(self.request_timeout)
-            .send()
-            .await
-            .map_err(|e| self.unreachable(request_error(e)))?;
+            .send(Discovery::Probe, |http| {
+                self.request(http, reqwest::Method::GET, LINK_PROBE_PATH).timeout(self.request_timeout)
+            })
+            .await?;
         if !response.status().is_success() {
             return Err(self.refusal(response).await);
         }
@@ -315,11 +508,38 @@ impl EventStream {
     }
 }
 
-/// An error with its causes, e.g. "error sending request: connection refused".
-/// A request's error with its causes, without the request's URL: the endpoint is named once, by
-/// whoever reports the error (`LinkError`'s text, the failover round's list).
+/// A request's error with its causes, e.g. "error sending request: connection refused", without
+/// the request's URL: the endpoint is named once, by whoever reports the error (`LinkError`'s
+/// text, the failover round's list).
 fn request_error(error: reqwest::Error) -> String {
     outpost_tls::explain(&error_chain(&error.without_url()))
+}
+
+/// Whether `error` is a failure to reach the peer at all (refused, unreachable, connect timeout),
+/// where another protocol would fare no better.
+fn could_not_connect(error: &reqwest::Error) -> bool {
+    use std::io::ErrorKind;
+    if !error.is_connect() {
+        return false;
+    }
+    if error.is_timeout() {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::TimedOut
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::AddrNotAvailable
+            );
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

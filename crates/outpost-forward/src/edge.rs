@@ -23,7 +23,7 @@ use outpost_store::Store;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::client::{CentralClient, EventStream, LinkError};
+use crate::client::{CentralClient, EventStream, LinkError, LinkHttp};
 use crate::downlink;
 use crate::forwarder::{self, Forwarded, LinkSettings};
 use crate::pacing::RateMeter;
@@ -36,13 +36,14 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 /// How long a connection to a central may sit unused in the client's pool before it is closed.
 /// Below the central's own idle close (`limits.request_timeout`, 30 s by default), so the edge
 /// closes first and never sends a request on a connection the central is closing; and short,
-/// because every idle connection is a descriptor at a central serving thousands of edges.
+/// because every idle connection is a descriptor at a central serving thousands of edges. Over
+/// HTTP/2 the link's connection is never idle while its event stream is open.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections kept per central: one, which batches and control requests (reports, probes)
-/// share. A control request made while a batch is in flight opens a connection of its own, so it
-/// never waits behind data, and that connection closes when it is done, as do the extra ones of
-/// batches pipelined during a catch-up: a central holds the link stream and about one connection
-/// per edge.
+/// Idle connections kept per central. Over HTTP/2 (see `client`) every request of the link is a
+/// stream of the one connection that carries the event stream, so a central holds one connection
+/// per edge. Over HTTP/1.1 (a central that does not speak HTTP/2) batches and control requests
+/// share one pooled connection beside the link stream; a control request made while a batch is in
+/// flight opens one of its own, which closes when it is done.
 const POOL_MAX_IDLE: usize = 1;
 /// Bound of the driver's event channel.
 const EVENT_CHANNEL_CAPACITY: usize = 256;
@@ -160,18 +161,17 @@ pub async fn start(
     // One HTTP client per upstream: each has its own TLS files (ca_file, client certificate).
     let mut clients = Vec::with_capacity(config.upstreams.len());
     for (i, upstream) in config.upstreams.iter().enumerate() {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(config.failover.connect_timeout)
-            // A central whose host vanished leaves a half-open connection: keepalive probes find it.
-            .tcp_keepalive(TCP_KEEPALIVE)
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
-        if let Some(tls) = tls.get(i) {
-            builder = builder.use_preconfigured_tls(tls.config());
-        }
-        let http =
-            builder.build().map_err(|e| format!("upstream[{i}]: cannot build the HTTP client: {e}"))?;
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(config.failover.connect_timeout)
+                // A central whose host vanished leaves a half-open connection: keepalive probes find it.
+                .tcp_keepalive(TCP_KEEPALIVE)
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(POOL_MAX_IDLE)
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        };
+        let http = LinkHttp::build(&upstream.url, builder, tls.get(i).map(|t| &**t))
+            .map_err(|e| format!("upstream[{i}]: cannot build the HTTP client: {e}"))?;
         clients.push(CentralClient::new(http, upstream, &config.node_id, config.forwarding.request_timeout));
     }
 

@@ -211,7 +211,9 @@ impl ServerTls {
         };
         let mut config =
             builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certified)));
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // The listener serves both (an edge's link is one HTTP/2 connection); a client that
+        // offers no ALPN gets HTTP/1.1 or, with the HTTP/2 preface, HTTP/2.
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(config)
     }
 
@@ -344,7 +346,8 @@ impl ClientTls {
         Ok((verifier, cert))
     }
 
-    /// A rustls client configuration using this setting (HTTP/1.1).
+    /// A rustls client configuration using this setting, offering `h2` then `http/1.1` by ALPN
+    /// (the server chooses; a client that speaks only one of them sets its own list).
     pub fn config(&self) -> rustls::ClientConfig {
         let builder = rustls::ClientConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -353,7 +356,7 @@ impl ClientTls {
             .dangerous()
             .with_custom_certificate_verifier(self.verifier.clone())
             .with_client_cert_resolver(self.cert.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         config
     }
 

@@ -595,6 +595,12 @@ async fn garbage_never_crashes_the_node_and_stores_nothing() {
     for i in 0..20 {
         let len = rng.between(1, 8192) as usize;
         cases.push((format!("random bytes #{i} ({len} bytes)"), rng.bytes(len), Ending::HalfClose));
+        // The node speaks HTTP/2 too: random frames after the preface.
+        cases.push((
+            format!("HTTP/2 preface and random bytes #{i} ({len} bytes)"),
+            [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &rng.bytes(len)].concat(),
+            Ending::HalfClose,
+        ));
         // Random bytes after a valid request line and headers: the body decides nothing here
         // because the Content-Type is not NDJSON.
         let body = rng.bytes(len);
@@ -611,7 +617,10 @@ async fn garbage_never_crashes_the_node_and_stores_nothing() {
 
     for (what, bytes, ending) in &cases {
         let answer = exchange(addr, bytes, *ending, RAW_TIMEOUT).await;
-        if let Some(status) = answer.status() {
+        if what.starts_with("HTTP/2 preface") {
+            // An HTTP/2 connection: the node's first frame is its SETTINGS (type 4).
+            assert_eq!(answer.bytes.get(3), Some(&4), "{what}: the node's answer {:?}", answer.text());
+        } else if let Some(status) = answer.status() {
             assert!((400..500).contains(&status), "{what}: answered {status}: {}", answer.text());
         } else {
             assert!(

@@ -30,6 +30,7 @@ pub mod postgres;
 pub mod proxy;
 pub mod raw;
 pub mod rng;
+pub mod sockets;
 pub mod wait;
 pub mod webdriver;
 

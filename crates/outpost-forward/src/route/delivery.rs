@@ -134,9 +134,14 @@ impl Deliverer {
             .user_agent(USER_AGENT)
             // A redirect would turn the POST into a GET elsewhere: a 3xx is an answer to classify.
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(route.timeout);
+            .connect_timeout(route.timeout)
+            // One POST at a time, retries and probes stay HTTP/1.1 (docs/routes.md); the windows
+            // of `pipeline` choose by ALPN.
+            .http1_only();
         if let Some(tls) = tls {
-            builder = builder.use_preconfigured_tls(tls.config());
+            let mut config = tls.config();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            builder = builder.use_preconfigured_tls(config);
         }
         let http = builder.build()?;
         let pipeline = (route.max_in_flight.get() > 1).then(|| Pipeline::new(route.timeout, tls));

@@ -72,6 +72,9 @@ struct Args {
     /// Skip reading the queues back.
     #[arg(long)]
     no_verify: bool,
+    /// Speak HTTP/1.1 only, as edges before the link was one HTTP/2 connection.
+    #[arg(long)]
+    http1: bool,
     /// Print progress to stderr this often.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     progress: Duration,
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         edges_per_source_ip: args.edges_per_source_ip,
         verify: !args.no_verify,
         progress_every: Some(args.progress),
+        http1: args.http1,
         ..SimConfig::default()
     };
     if let Some(prefix) = args.edge_prefix {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,13 @@ pub(super) struct EdgeSpec {
     central: String,
     token: Option<String>,
     queues: Vec<String>,
-    http: reqwest::Client,
+    /// HTTP/2 with prior knowledge, as a real edge speaks to an `http://` central; `None` with
+    /// `SimConfig::http1` (an edge from before the link was one connection).
+    http2: Option<reqwest::Client>,
+    http1: reqwest::Client,
+    /// The central did not speak HTTP/2 at a handshake: HTTP/1.1 from then on (a real edge tries
+    /// HTTP/2 again an hour later; a run is shorter).
+    http1_only: AtomicBool,
     link_at: Instant,
     /// Message k (0-based, over all queues) is due at `generation_start + (k + phase) / rate`.
     generation_start: Instant,
@@ -49,26 +55,47 @@ impl EdgeSpec {
         generation_end: Instant,
         drain_deadline: Instant,
     ) -> Result<EdgeSpec, String> {
-        // Pooled like a real edge's client (outpost-forward's edge.rs): one idle connection at
-        // most, closed after 5 s unused.
-        let mut builder = reqwest::Client::builder()
-            .no_proxy()
-            .tcp_nodelay(true)
-            .pool_max_idle_per_host(POOL_MAX_IDLE)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT);
-        if let Some(block) = index.checked_div(config.edges_per_source_ip) {
-            let host =
-                u32::try_from(block + 1).ok().filter(|h| *h < 1 << 24).ok_or("too many source addresses")?;
-            builder = builder.local_address(IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | host)));
-        }
-        let http = builder.build().map_err(|e| format!("cannot build an HTTP client: {e}"))?;
+        // Pooled like a real edge's client (outpost-forward's edge.rs and client.rs): HTTP/2 with
+        // prior knowledge (the link, batches and reports are streams of one connection), HTTP/1.1
+        // for a central that does not speak it; one idle connection at most, closed after 5 s
+        // unused.
+        let local_address = match index.checked_div(config.edges_per_source_ip) {
+            Some(block) => {
+                let host = u32::try_from(block + 1)
+                    .ok()
+                    .filter(|h| *h < 1 << 24)
+                    .ok_or("too many source addresses")?;
+                Some(IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | host)))
+            }
+            None => None,
+        };
+        let builder = || {
+            reqwest::Client::builder()
+                .no_proxy()
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(POOL_MAX_IDLE)
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .local_address(local_address)
+        };
+        let built =
+            |b: reqwest::ClientBuilder| b.build().map_err(|e| format!("cannot build an HTTP client: {e}"));
+        // The HTTP/2 connection carries the link stream all the time: its pool must not drop it
+        // after 5 s without a new request (the next would open a second connection).
+        let http2 = if config.http1 {
+            None
+        } else {
+            Some(built(builder().http2_prior_knowledge().pool_idle_timeout(None))?)
+        };
+        let http1 = built(builder().http1_only())?;
         let id = config.edge_id(index);
         let ramp_share = if config.edges > 1 { index as f64 / config.edges as f64 } else { 0.0 };
         Ok(EdgeSpec {
             token: config.token_prefix.as_ref().map(|prefix| format!("{prefix}{id}")),
             central: config.centrals[index % config.centrals.len()].trim_end_matches('/').to_string(),
             queues: (0..config.queues_per_edge).map(|j| config.queue_name(index, j)).collect(),
-            http,
+            http2,
+            http1,
+            http1_only: AtomicBool::new(false),
             link_at: started + config.ramp.mul_f64(ramp_share),
             generation_start,
             generation_end,
@@ -81,9 +108,26 @@ impl EdgeSpec {
 }
 
 impl EdgeSpec {
+    /// The client of this edge's requests: HTTP/2 unless the central turned out not to speak it.
+    fn http(&self) -> &reqwest::Client {
+        match &self.http2 {
+            Some(http2) if !self.http1_only.load(Ordering::Relaxed) => http2,
+            _ => &self.http1,
+        }
+    }
+
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.request_on(self.http(), method, path)
+    }
+
+    fn request_on(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
         let mut request =
-            self.http.request(method, format!("{}{path}", self.central)).header("outpost-edge-id", &self.id);
+            http.request(method, format!("{}{path}", self.central)).header("outpost-edge-id", &self.id);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -360,12 +404,27 @@ impl Edge {
             "ping_interval_ms": self.config.ping_interval.as_millis() as u64,
             "report": self.report_body("transition_to_online", backlog),
         });
-        let request = self.spec.request(reqwest::Method::POST, "/v1/link").json(&hello);
         let timeout = self.config.request_timeout;
-        let response = tokio::time::timeout(timeout, request.send())
-            .await
-            .map_err(|_| format!("no answer to the handshake within {timeout:?}"))?
-            .map_err(|e| format!("handshake: {}", error_chain(&e)))?;
+        let handshake = |http: &reqwest::Client| {
+            let request = self.spec.request_on(http, reqwest::Method::POST, "/v1/link").json(&hello);
+            async move {
+                tokio::time::timeout(timeout, request.send())
+                    .await
+                    .map_err(|_| format!("no answer to the handshake within {timeout:?}"))?
+                    .map_err(|e| format!("handshake: {}", error_chain(&e)))
+            }
+        };
+        let response = match handshake(self.spec.http()).await {
+            Ok(response) => response,
+            // As a real edge: a handshake over HTTP/2 that failed goes again over HTTP/1.1, and if
+            // that is answered the central is HTTP/1.1-only.
+            Err(first) if self.spec.http2.is_some() && !self.spec.http1_only.load(Ordering::Relaxed) => {
+                let response = handshake(&self.spec.http1).await.map_err(|_| first)?;
+                self.spec.http1_only.store(true, Ordering::Relaxed);
+                response
+            }
+            Err(first) => return Err(first),
+        };
         if !response.status().is_success() {
             let status = response.status();
             let body = response.text().await.unwrap_or_default();

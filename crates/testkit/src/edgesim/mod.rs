@@ -28,10 +28,12 @@
 //!
 //! # Design constraints
 //!
-//! - **One process, not N.** Tasks per edge (an edge loop and a stream reader), one
-//!   `reqwest::Client` per edge (its own connections, like a real edge: one for the link stream,
-//!   one per batch in flight, one for a report sent while a batch is in flight; at most one idle,
-//!   closed after 5 s unused). Latencies go into shared lock-free histograms.
+//! - **One process, not N.** Tasks per edge (an edge loop and a stream reader), HTTP clients per
+//!   edge (its own connections, like a real edge: HTTP/2 with prior knowledge, so the link stream,
+//!   batches and reports are streams of one connection; HTTP/1.1 if the central does not speak
+//!   HTTP/2 or with [`SimConfig::http1`]: one for the link stream, one per batch in flight, one for
+//!   a report sent while a batch is in flight; at most one idle, closed after 5 s unused).
+//!   Latencies go into shared lock-free histograms.
 //! - **No node code.** Like the rest of testkit it shares nothing with the node: the batch frame
 //!   is encoded here ([`frame`]), link events are read as JSON by their `type`, and event types it
 //!   does not know (a newer central's) are counted and skipped, so protocol additions that keep
@@ -103,6 +105,9 @@ pub struct SimConfig {
     pub progress_every: Option<Duration>,
     /// The version the handshake announces (the central refuses another major version).
     pub version: String,
+    /// Speak HTTP/1.1 only, as edges did before the link was one HTTP/2 connection (the link
+    /// stream, one connection per batch in flight, one for a report during a batch).
+    pub http1: bool,
 }
 
 impl Default for SimConfig {
@@ -130,6 +135,7 @@ impl Default for SimConfig {
             verify: true,
             progress_every: None,
             version: outpost_core::VERSION.to_string(),
+            http1: false,
         }
     }
 }
