@@ -41,6 +41,8 @@ use crate::ApiState;
 
 /// Idle time before TCP keepalive probes on accepted connections (edge links are long-lived).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+/// How long a connection the single-write lane closes may take to shut down (TLS `close_notify`).
+const LANE_SHUTDOWN: Duration = Duration::from_secs(1);
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// HTTP/2 streams one connection may have open at once (a stream past it is refused). An edge uses
@@ -161,7 +163,12 @@ async fn serve_connection<IO>(
 {
     let unread = match &lane {
         Some(state) => match single_write::serve(&mut io, state, request_timeout, &mut stop).await {
-            LaneEnd::Closed => return,
+            LaneEnd::Closed => {
+                // As hyper does: a TLS connection ends with `close_notify`, not a bare close
+                // (bounded: a peer that reads nothing cannot hold the connection).
+                let _ = tokio::time::timeout(LANE_SHUTDOWN, tokio::io::AsyncWriteExt::shutdown(&mut io)).await;
+                return;
+            }
             LaneEnd::Handoff(unread) => unread,
         },
         None => Bytes::new(),

@@ -18,8 +18,15 @@
 //!
 //! The same limits hold as on hyper's path: a head must arrive within `limits.request_timeout`
 //! of the connection becoming idle (an idle keep-alive connection is closed then), its body within
-//! `request_timeout` of the head (else 408 and the connection is closed), and once the node stops
-//! an idle connection is closed and a busy one after its answer.
+//! `request_timeout` of the head (else 408 and the connection is closed), an answer must be taken
+//! within `request_timeout` (a client that pipelines and never reads is closed), and once the node
+//! stops a connection between requests or in the middle of a head is closed, one in a body or a
+//! commit after its answer. A request whose first line shows it is not a single write goes to hyper
+//! at once, so hyper's own head timeout starts about at its first byte; only a single write's head
+//! trickled past 16 KiB can have its deadline twice (the lane's, then hyper's). The body's buffer
+//! grows as the body arrives, not to its declared length at once, so a head alone cannot make the
+//! node allocate `max_message_bytes`. A connection the lane closes is shut down (a TLS
+//! `close_notify`) within a second.
 
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
@@ -46,6 +53,9 @@ const MAX_LANE_HEADERS: usize = 48;
 const READ_CHUNK: usize = 8 << 10;
 /// The longest error answer body the lane writes (they are a few hundred bytes).
 const MAX_ERROR_BODY_BYTES: usize = 64 << 10;
+/// The most the body's buffer grows by before each read: it follows what arrives, so a head that
+/// declares `max_message_bytes` and sends nothing costs no more than this.
+const MAX_BODY_RESERVE: usize = 256 << 10;
 
 /// How the lane left a connection.
 pub(crate) enum LaneEnd {
@@ -94,8 +104,9 @@ where
                 }
                 Parsed::Partial => {}
             }
-            let watch_stop = if buffer.is_empty() { Some(&mut *stop) } else { None };
-            match read_more(io, &mut buffer, &mut deadline, watch_stop).await {
+            // A stopping node closes a connection between requests and in a head alike (as hyper
+            // does): a partial head must not hold the stop for `request_timeout`.
+            match read_more(io, &mut buffer, &mut deadline, Some(&mut *stop)).await {
                 Read::Data => {}
                 Read::Eof | Read::TimedOut | Read::Failed | Read::Stopping => return LaneEnd::Closed,
             }
@@ -117,7 +128,7 @@ where
                 if whole {
                     let _ = buffer.split_to(request_bytes);
                 }
-                if !send_error(io, &mut answer, refusal, close).await || close {
+                if !send_error(io, &mut answer, refusal, close, request_timeout).await || close {
                     return LaneEnd::Closed;
                 }
                 continue;
@@ -127,7 +138,7 @@ where
         // The body: `request_timeout` from the end of the head.
         deadline.set(Instant::now() + request_timeout);
         while buffer.len() < request_bytes {
-            buffer.reserve(request_bytes - buffer.len());
+            buffer.reserve((request_bytes - buffer.len()).min(MAX_BODY_RESERVE));
             match read_more(io, &mut buffer, &mut deadline, None).await {
                 Read::Data => {}
                 Read::TimedOut => {
@@ -136,7 +147,7 @@ where
                         "request_timeout",
                         format!("the message: {}", BodyDeadlineElapsed(request_timeout)),
                     );
-                    send_error(io, &mut answer, late, true).await;
+                    send_error(io, &mut answer, late, true, request_timeout).await;
                     return LaneEnd::Closed;
                 }
                 Read::Eof | Read::Failed | Read::Stopping => return LaneEnd::Closed,
@@ -159,9 +170,9 @@ where
                     close,
                 );
                 answer.extend_from_slice(&json);
-                send(io, &answer).await
+                send(io, &answer, request_timeout).await
             }
-            Err(refusal) => send_error(io, &mut answer, refusal, close).await,
+            Err(refusal) => send_error(io, &mut answer, refusal, close, request_timeout).await,
         };
         if !sent || close {
             return LaneEnd::Closed;
@@ -188,6 +199,14 @@ fn recognize(buffer: &[u8], max_body: usize) -> Parsed {
     let mut request = httparse::Request::new(&mut lines);
     let head_bytes = match request.parse(buffer) {
         Ok(httparse::Status::Complete(n)) => n,
+        // What the first line already shows: a request that is not a single write goes to hyper
+        // now, so hyper's head timeout starts about at its first byte.
+        Ok(httparse::Status::Partial)
+            if request.method.is_some_and(|method| method != "POST")
+                || request.path.is_some_and(|path| lane_queue(path).is_none()) =>
+        {
+            return Parsed::Other
+        }
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
@@ -202,11 +221,7 @@ fn single_write(request: &httparse::Request<'_, '_>, max_body: usize) -> Option<
     if request.method != Some("POST") || request.version != Some(1) {
         return None;
     }
-    let queue = request.path?.strip_prefix("/v1/queues/")?.strip_suffix("/messages")?;
-    // Escapes, queries and further segments are the router's to decode.
-    if queue.is_empty() || queue.bytes().any(|b| matches!(b, b'/' | b'%' | b'?' | b'#')) {
-        return None;
-    }
+    let queue = lane_queue(request.path?)?;
     let mut content_length = None;
     let mut close = false;
     let mut headers = HeaderMap::new();
@@ -252,13 +267,23 @@ fn single_write(request: &httparse::Request<'_, '_>, max_body: usize) -> Option<
     Some(SingleWrite { queue: queue.to_string(), content_length, headers, close })
 }
 
+/// The queue of a single write's path (`/v1/queues/{queue}/messages`); `None` for any other path,
+/// and for escapes, queries and further segments, which are the router's to decode.
+fn lane_queue(path: &str) -> Option<&str> {
+    let queue = path.strip_prefix("/v1/queues/")?.strip_suffix("/messages")?;
+    if queue.is_empty() || queue.bytes().any(|b| matches!(b, b'/' | b'%' | b'?' | b'#')) {
+        return None;
+    }
+    Some(queue)
+}
+
 /// The outcome of one read.
 enum Read {
     Data,
     Eof,
     TimedOut,
     Failed,
-    /// The node stops (watched only while no byte of a next request has arrived).
+    /// The node stops (watched while a head is read, not while a body is).
     Stopping,
 }
 
@@ -352,7 +377,13 @@ fn write_head(
 }
 
 /// Writes `refusal` as the router would answer it; false when the connection failed.
-async fn send_error<IO>(io: &mut IO, out: &mut Vec<u8>, refusal: ApiError, close: bool) -> bool
+async fn send_error<IO>(
+    io: &mut IO,
+    out: &mut Vec<u8>,
+    refusal: ApiError,
+    close: bool,
+    timeout: Duration,
+) -> bool
 where
     IO: AsyncWrite + Unpin,
 {
@@ -362,14 +393,18 @@ where
         parts.headers.iter().map(|(name, value)| (name.clone(), value.clone())).collect();
     write_head(out, parts.status, &headers, body.len(), close);
     out.extend_from_slice(&body);
-    send(io, out).await
+    send(io, out, timeout).await
 }
 
-async fn send<IO>(io: &mut IO, bytes: &[u8]) -> bool
+/// Writes an answer; false when the connection failed or the client did not take it within
+/// `timeout` (a client that pipelines requests and never reads would otherwise hold the
+/// connection, and a stopping node, for ever).
+async fn send<IO>(io: &mut IO, bytes: &[u8], timeout: Duration) -> bool
 where
     IO: AsyncWrite + Unpin,
 {
-    io.write_all(bytes).await.is_ok() && io.flush().await.is_ok()
+    let written = async { io.write_all(bytes).await.is_ok() && io.flush().await.is_ok() };
+    tokio::time::timeout(timeout, written).await.unwrap_or(false)
 }
 
 /// Appends the `Date` header's value for now (RFC 9110 IMF-fixdate), formatted once a second per
@@ -450,6 +485,10 @@ mod tests {
         assert!(matches!(recognize(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 1024), Parsed::Other));
         assert!(matches!(recognize(b"\x16\x03\x01\x02\x00", 1024), Parsed::Other));
         assert!(matches!(recognize(b"POST /v1/queues/q/mess", 1024), Parsed::Partial));
+        // The first line alone decides: hyper takes other requests before their heads are done.
+        assert!(matches!(recognize(b"GET /v1/status HTTP/1.1\r\nHost: x\r\n", 1024), Parsed::Other));
+        assert!(matches!(recognize(b"POST /v1/queues/q/batch HTTP/1.1\r\n", 1024), Parsed::Other));
+        assert!(matches!(recognize(b"POST /v1/queues/q/messages HTTP/1.1\r\nHost", 1024), Parsed::Partial));
     }
 
     #[test]
