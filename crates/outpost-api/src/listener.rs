@@ -166,7 +166,8 @@ async fn serve_connection<IO>(
             LaneEnd::Closed => {
                 // As hyper does: a TLS connection ends with `close_notify`, not a bare close
                 // (bounded: a peer that reads nothing cannot hold the connection).
-                let _ = tokio::time::timeout(LANE_SHUTDOWN, tokio::io::AsyncWriteExt::shutdown(&mut io)).await;
+                let _ =
+                    tokio::time::timeout(LANE_SHUTDOWN, tokio::io::AsyncWriteExt::shutdown(&mut io)).await;
                 return;
             }
             LaneEnd::Handoff(unread) => unread,

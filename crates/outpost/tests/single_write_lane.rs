@@ -234,6 +234,24 @@ async fn refusals_answer_like_the_router_and_keep_the_connection_when_the_body_i
     assert_eq!(too_large.json()["error"]["code"], "too_large");
 }
 
+/// A partial head (here of a request the router serves) does not hold a stopping node for the
+/// request timeout: the lane closes it at once, as hyper does an idle connection. Found in review:
+/// it held the stop for the whole `request_timeout`.
+#[tokio::test]
+async fn a_partial_head_does_not_hold_a_stopping_node() {
+    let mut node = edge("[limits]\nrequest_timeout = \"60s\"\n").await;
+    let mut partial = Reader::connect(node.addr()).await;
+    partial.send(b"POST /v1/queues/partial/messages HTTP/1.1\r\nHost: x\r\nContent-Le").await;
+    // Another request answered: the node has taken the partial head's bytes by now.
+    node.client().get("/healthz").await.unwrap().expect_status(200);
+    let started = std::time::Instant::now();
+    let status = node.sigterm().await;
+    assert!(status.success(), "the node stopped with {status:?}");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "a partial head held the stopping node for {took:?}");
+    assert!(partial.closed_within(Duration::from_secs(5)).await);
+}
+
 /// `Connection: close` is honoured; once the node stops, an idle kept-alive connection is closed
 /// at once rather than at the request timeout.
 #[tokio::test]
