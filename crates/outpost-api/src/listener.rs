@@ -32,7 +32,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use outpost_tls::{PeerIdentity, ServerTls};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::time::Sleep;
 use tower_service::Service;
 
@@ -177,14 +177,29 @@ async fn serve_connection<IO>(
     let io = TokioIo::new(Prefixed { unread, io });
     let (activity_tx, mut activity) = watch::channel(Activity { in_progress: 0, idle_since: Instant::now() });
     let activity_tx = Arc::new(activity_tx);
+    let write_order = Arc::new(WriteOrder::default());
     let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
         let mut app = app.clone();
         let guard = InProgress::start(activity_tx.clone());
+        // Taken here, as the request arrives (hyper calls the service in stream order), not when
+        // its task first runs.
+        let turn = is_queue_write(&request).then(|| write_order.take_turn());
         let mut request = request.map(|body| Body::new(DeadlineBody::new(body, request_timeout)));
         if let Some(identity) = &identity {
             request.extensions_mut().insert(identity.clone());
         }
         async move {
+            let _answered = match turn {
+                Some((before, answered)) => {
+                    // Until the write before it on this connection has been answered: its sender
+                    // is dropped unsent then (or when that write is cancelled).
+                    if let Some(before) = before {
+                        let _ = before.await;
+                    }
+                    Some(answered)
+                }
+                None => None,
+            };
             let response = app.call(request).await.unwrap_or_else(|never| match never {});
             // The request is in progress until its answer has been sent (for an edge's link
             // stream: until the link closes).
@@ -240,6 +255,34 @@ async fn serve_connection<IO>(
             }
         }
     }
+}
+
+/// The order of a connection's queue writes (`POST /v1/queues/{q}/messages` and `…/batch`): each
+/// is handled once the one before it on the same connection has been answered. Over HTTP/1.1 that
+/// is how hyper serves a connection anyway; over HTTP/2 a connection's streams are served at once,
+/// and a route's window to this node sends its POSTs as streams in queue order, which the node
+/// must store in that order (CONTRACT section 4, order).
+#[derive(Default)]
+struct WriteOrder {
+    /// Resolves when the last write taken a turn has been answered.
+    last: std::sync::Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl WriteOrder {
+    /// A new write's turn: the answer of the write before (if any) to wait for, and what to drop
+    /// once this one is answered.
+    fn take_turn(&self) -> (Option<oneshot::Receiver<()>>, oneshot::Sender<()>) {
+        let (answered, next) = oneshot::channel();
+        let before = self.last.lock().unwrap_or_else(|p| p.into_inner()).replace(next);
+        (before, answered)
+    }
+}
+
+fn is_queue_write<B>(request: &hyper::Request<B>) -> bool {
+    let path = request.uri().path();
+    request.method() == hyper::Method::POST
+        && path.starts_with("/v1/queues/")
+        && (path.ends_with("/messages") || path.ends_with("/batch"))
 }
 
 /// A connection whose first bytes were already read (by the single-write lane): reads return
