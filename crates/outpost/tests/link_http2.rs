@@ -94,24 +94,33 @@ async fn wait_downlink(edge: &Node, queue: &str, count: u64) {
 async fn an_edge_forwards_over_one_cleartext_connection_to_its_central() {
     let central = Node::builder(BIN).role("central").arg("--node-id").arg("hq").start().await;
     let edge = start_edge("store-h2", &edge_config(&central.url(), "")).await;
-    wait_online(&edge).await;
+    // Two queues of batches, pings every second each answered by a report, and a downlink
+    // message read while batches go up: all of it on the link's one connection.
+    assert_everything_on_one_connection(&central, &edge, "store-h2", &["orders", "alarms"]).await;
+    assert_eq!(tcp_connections_to(edge.pid().unwrap(), central.addr().port()), 1);
+}
+
+/// Waits for `edge` (id `edge_id`) to be online with its link open, posts it a downlink message,
+/// forwards 3,000 messages over `queues` and reads the downlink meanwhile, and asserts it never
+/// held more than one connection to `central`.
+async fn assert_everything_on_one_connection(central: &Node, edge: &Node, edge_id: &str, queues: &[&str]) {
+    wait_online(edge).await;
     let port = central.addr().port();
     let pid = edge.pid().unwrap();
     wait_until_async(WAIT, "the edge's link open", || async { tcp_connections_to(pid, port) == 1 }).await;
-
-    // Two queues of batches, pings every second each answered by a report, and a downlink
-    // message read while batches go up: all of it on the link's one connection.
     central
         .client()
-        .post("/v1/edges/store-h2/queues/down/messages", Some("text/plain"), b"to the edge".to_vec())
+        .post(
+            &format!("/v1/edges/{edge_id}/queues/down/messages"),
+            Some("text/plain"),
+            b"to the edge".to_vec(),
+        )
         .await
         .expect("post downlink")
         .expect_status(202);
-    let most =
-        forward_and_count_connections(&edge, &central.client(), port, &["orders", "alarms"], 3_000).await;
-    wait_downlink(&edge, "down", 1).await;
+    let most = forward_and_count_connections(edge, &central.client(), port, queues, 3_000).await;
+    wait_downlink(edge, "down", 1).await;
     assert_eq!(most, 1, "connections the edge held to the central at once");
-    assert_eq!(tcp_connections_to(pid, port), 1);
 }
 
 /// An edge with nothing to send for longer than its client keeps an unused connection pooled
@@ -174,19 +183,7 @@ async fn an_edge_forwards_over_one_mtls_connection_to_its_central() {
         file("store-tls.key")
     );
     let edge = start_edge("store-tls", &edge_config(&central.url(), &upstream_tls)).await;
-    wait_online(&edge).await;
-    let port = central.addr().port();
-    let pid = edge.pid().unwrap();
-    wait_until_async(WAIT, "the edge's link open", || async { tcp_connections_to(pid, port) == 1 }).await;
-    central
-        .client()
-        .post("/v1/edges/store-tls/queues/down/messages", Some("text/plain"), b"to the edge".to_vec())
-        .await
-        .expect("post downlink")
-        .expect_status(202);
-    let most = forward_and_count_connections(&edge, &central.client(), port, &["orders"], 3_000).await;
-    wait_downlink(&edge, "down", 1).await;
-    assert_eq!(most, 1, "connections the edge held to the central at once");
+    assert_everything_on_one_connection(&central, &edge, "store-tls", &["orders"]).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,18 +201,7 @@ async fn http1_only_proxy(
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
-    let acceptor = tls.map(|(cert, key)| {
-        let chain = outpost_tls::load_certs("test", cert).unwrap();
-        let key = outpost_tls::load_key("test", key).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(outpost_tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
-    });
+    let acceptor = tls.map(|(cert, key)| testkit::tls::acceptor(cert, key, &[b"http/1.1"]));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let forwarded = Arc::new(AtomicU64::new(0));

@@ -108,16 +108,7 @@ impl Downstream {
         max_concurrent_streams: u32,
     ) -> Downstream {
         let shared = Arc::new(shared);
-        let chain = outpost_tls::load_certs("test", &certs.join("sink.pem")).unwrap();
-        let key = outpost_tls::load_key("test", &certs.join("sink.key")).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(outpost_tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = testkit::tls::acceptor(&certs.join("sink.pem"), &certs.join("sink.key"), alpn);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("https://localhost:{}/in", listener.local_addr().unwrap().port());
         let server_shared = shared.clone();

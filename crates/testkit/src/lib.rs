@@ -31,6 +31,7 @@ pub mod proxy;
 pub mod raw;
 pub mod rng;
 pub mod sockets;
+pub mod tls;
 pub mod wait;
 pub mod webdriver;
 

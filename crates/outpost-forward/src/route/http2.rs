@@ -347,16 +347,7 @@ mod tests {
     }
 
     fn acceptor(certs: &tempfile::TempDir, alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
-        let chain = outpost_tls::load_certs("test", &certs.path().join("sink.pem")).unwrap();
-        let key = outpost_tls::load_key("test", &certs.path().join("sink.key")).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(outpost_tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .unwrap();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+        testkit::tls::acceptor(&certs.path().join("sink.pem"), &certs.path().join("sink.key"), alpn)
     }
 
     /// An HTTP/2 server over TLS on 127.0.0.1:0, each stream handled in a task of its own (at
